@@ -1,0 +1,37 @@
+# Plain entry points; the README names these targets. Each one does its own set-up.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0   # CPU build; GPU clusters: `make setup TORCH=` keeps their CUDA torch
+NPROC   ?= 2
+RUN_DIR ?= runs/tiny
+
+.PHONY: setup demo test lint format clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(if $(strip $(TORCH)),$(BIN)/pip install -q "$(strip $(TORCH))")
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv and install the package (CPU torch pinned)
+
+demo: setup ## the main job: four tiny stages on CPU, synthetic data, SQLite MLflow store
+	DS_ACCELERATOR=cpu $(BIN)/python -m maven_dist.pipeline recipes/tiny --nproc $(NPROC) --set run_dir=$(RUN_DIR)
+
+test: setup ## the whole test suite (unit, distributed, integration)
+	bash tests/run_all.sh
+
+lint: setup
+	$(BIN)/ruff check maven_dist tools tests bench
+	$(BIN)/ruff format --check maven_dist tools tests bench
+
+format: setup
+	$(BIN)/ruff format maven_dist tools tests bench
+	$(BIN)/ruff check --fix maven_dist tools tests bench
+
+clean:
+	rm -rf runs .pytest_cache
