@@ -1,0 +1,63 @@
+"""Build random base models of a configured shape and save them as local HF directories.
+
+The tiny recipe has no pretrained weights to start from, so it builds them once (seeded) and
+then loads them through exactly the same local-directory path the 7B recipe uses for Vicuna and
+CLIP ViT-L/14-336.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+from maven_dist.config import LLMConfig, VisionConfig
+from maven_dist.data.image_transform import CLIP_MEAN, CLIP_STD
+
+
+def build_random_llm(cfg: LLMConfig, tokenizer, out_dir: Path, seed: int) -> Path:
+    """A LLaMA-architecture causal LM with the tokenizer's vocabulary, saved with the tokenizer."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_random_vision_tower(cfg: VisionConfig, out_dir: Path, seed: int) -> Path:
+    """A CLIP vision tower plus its image processor config, saved like openai/clip-vit-large-patch14-336."""
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        projection_dim=cfg.hidden_size,
+    )
+    out_dir = Path(out_dir)
+    CLIPVisionModel(config).save_pretrained(out_dir)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": cfg.image_size},
+        crop_size={"height": cfg.image_size, "width": cfg.image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    processor.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,112 @@
+"""The on-disk HF layout of a MaVEn model, and the exact mapping to the training module's names.
+
+A saved MaVEn directory::
+
+    config.json                  {"model_type": "maven", "spec": {...}, "vocab": {...}}
+    tokenizer files              the extended tokenizer (also inside llm/)
+    llm/                         a plain HF causal LM with the unified (padded) vocabulary:
+                                 AutoModelForCausalLM / AutoTokenizer load it as it is
+    vision_tower/                CLIPVisionModel + preprocessor_config.json
+    maven_modules.safetensors    selector.* and projector.*
+
+In training, the unified vocabulary's new rows live in ``vocab_new_rows.{embed,head}.weight``,
+apart from the LLM's text rows (so stage 2 can train exactly them, with no optimizer state for the
+text rows). On disk they are concatenated into ``model.embed_tokens.weight`` / ``lm_head.weight``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from maven_dist.model.vocab import VocabLayout
+
+LLM_DIR = "llm"
+TOWER_DIR = "vision_tower"
+MAVEN_MODULES_FILE = "maven_modules.safetensors"
+CONFIG_FILE = "config.json"
+
+_TOWER_PREFIX = "vision_tower.tower."
+_EMBED = "model.embed_tokens.weight"
+_HEAD = "lm_head.weight"
+_NEW_EMBED = "vocab_new_rows.embed.weight"
+_NEW_HEAD = "vocab_new_rows.head.weight"
+_SPLIT_ROWS = {_EMBED: _NEW_EMBED, _HEAD: _NEW_HEAD}
+
+
+def component_of(name: str) -> str:
+    """Which saved component a training parameter name belongs to."""
+    if name.startswith("llm.") or name.startswith("vocab_new_rows."):
+        return LLM_DIR
+    if name.startswith(_TOWER_PREFIX):
+        return TOWER_DIR
+    return MAVEN_MODULES_FILE
+
+
+def to_hf_layout(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Training state dict -> {component: HF-layout state dict}; new vocab rows joined to the text rows."""
+    out: dict[str, dict[str, torch.Tensor]] = {LLM_DIR: {}, TOWER_DIR: {}, MAVEN_MODULES_FILE: {}}
+    for name, tensor in state.items():
+        if name in (_NEW_EMBED, _NEW_HEAD):
+            continue
+        if name.startswith("llm."):
+            key = name.removeprefix("llm.")
+            if key in _SPLIT_ROWS:
+                tensor = torch.cat([tensor, state[_SPLIT_ROWS[key]]])
+            out[LLM_DIR][key] = tensor
+        elif name.startswith(_TOWER_PREFIX):
+            out[TOWER_DIR][name.removeprefix(_TOWER_PREFIX)] = tensor
+        else:
+            out[MAVEN_MODULES_FILE][name] = tensor
+    return out
+
+
+def from_hf_layout(component: str, key: str, tensor: torch.Tensor, layout: VocabLayout) -> dict[str, torch.Tensor]:
+    """One HF-layout tensor -> the training parameter(s) it holds (two for the split vocab rows)."""
+    if component == LLM_DIR:
+        if key in _SPLIT_ROWS:
+            if tensor.shape[0] not in (layout.text_size, layout.padded_size):
+                raise ValueError(
+                    f"{key} has {tensor.shape[0]} rows; expected {layout.text_size} (base LLM) "
+                    f"or {layout.padded_size} (MaVEn vocabulary)"
+                )
+            out = {f"llm.{key}": tensor[: layout.text_size]}
+            if tensor.shape[0] == layout.padded_size:
+                out[_SPLIT_ROWS[key]] = tensor[layout.text_size :]
+            return out
+        return {f"llm.{key}": tensor}
+    if component == TOWER_DIR:
+        return {_TOWER_PREFIX + key: tensor}
+    return {key: tensor}
+
+
+def iter_checkpoint_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (key, tensor) from a HF weights directory: safetensors (sharded or not), else
+    ``pytorch_model*.bin`` loaded with ``weights_only=True`` (never unpickles code)."""
+    directory = Path(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    yield key, f.get_tensor(key)
+        return
+    bins = sorted(directory.glob("pytorch_model*.bin"))
+    if not bins:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {directory}")
+    for file in bins:
+        yield from torch.load(file, map_location="cpu", weights_only=True).items()
+
+
+def read_maven_config(directory: Path) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {directory} is not a saved MaVEn model")
+    cfg = json.loads(path.read_text())
+    if cfg.get("model_type") != "maven":
+        raise ValueError(f"{path} has model_type={cfg.get('model_type')!r}, expected 'maven'")
+    return cfg

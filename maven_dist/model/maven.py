@@ -1,0 +1,355 @@
+"""MavenModel: LLM + unified vocabulary + CLIP tower + patch selector + projector.
+
+The model is written once; parallel backends wrap it (``maven_dist/parallel/``) and stages pick
+what trains (``maven_dist/train/parts.py``). Two forward paths, chosen by the stage's loss:
+
+* ``selector_bce`` (stage 1): tower features + h_eos -> selector logits -> BCE on patch labels.
+* ``lm`` (stages 2-4): images expanded into discrete and/or continuous tokens -> LLM -> next-token
+  cross-entropy on labelled positions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+
+from maven_dist.data.batch import Batch
+from maven_dist.model import hf_layout
+from maven_dist.model.projector import build_projector
+from maven_dist.model.selector import PatchSelector, select_top_patches, selector_bce, selector_metrics
+from maven_dist.model.sequence import assemble_sequences, num_kept_patches
+from maven_dist.model.vision import ContinuousEncoder
+from maven_dist.model.vocab import IGNORE_INDEX, VocabLayout, init_new_rows
+
+CopyFn = Callable[[nn.Parameter, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class MavenSpec:
+    """What MaVEn adds around the LLM and the tower; saved in config.json."""
+
+    select_layer: int = -2
+    keep_ratio: float = 0.25
+    selector_hidden_size: int = 1024
+    projector: str = "mlp2x_gelu"
+    num_codes: int = 32
+    eos_token_id: int = 2
+    label_threshold: float = 0.5
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor
+    """The scalar that backward runs on."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Detached values to log, keys namespaced (`loss/...`, `selector/...`, `model/...`)."""
+    num_tokens: int = 0
+    """Labelled target tokens (or labelled patches in stage 1) in this micro-batch."""
+
+
+class NewVocabRows(nn.Module):
+    """The unified vocabulary's new rows (specials, codes, padding) as parameters of their own.
+
+    Each is a module so ZeRO-3 gathers it through its own forward hooks.
+    """
+
+    def __init__(self, num_rows: int, hidden_size: int):
+        super().__init__()
+        self.embed = nn.Embedding(num_rows, hidden_size)
+        self.head = nn.Linear(hidden_size, num_rows, bias=False)
+
+
+class MavenModel(nn.Module):
+    def __init__(self, llm: nn.Module, tower: CLIPVisionModel, layout: VocabLayout, spec: MavenSpec):
+        super().__init__()
+        if getattr(llm.config, "tie_word_embeddings", False):
+            raise ValueError("LLMs with tied input/output embeddings are not supported (Vicuna/LLaMA-2 are untied)")
+        if llm.get_input_embeddings().num_embeddings != layout.text_size:
+            raise ValueError(
+                f"LLM has {llm.get_input_embeddings().num_embeddings} embedding rows but the vocabulary "
+                f"layout expects {layout.text_size} text rows"
+            )
+        self.layout = layout
+        self.spec = spec
+        self.llm = llm
+        hidden = llm.config.hidden_size
+        self.vocab_new_rows = NewVocabRows(layout.num_new_rows, hidden)
+        self.vision_tower = ContinuousEncoder(tower, spec.select_layer)
+        feature = self.vision_tower.hidden_size
+        self.selector = PatchSelector(feature, hidden, spec.selector_hidden_size)
+        self.projector = build_projector(spec.projector, feature, hidden)
+        self.image_processor_config: dict | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_configs(cls, llm_config, tower_config: CLIPVisionConfig, layout: VocabLayout, spec: MavenSpec) -> MavenModel:
+        """Random-initialised model of the given shapes (weights are loaded afterwards)."""
+        llm_config = _with_vocab_size(llm_config, layout.text_size)
+        llm = AutoModelForCausalLM.from_config(llm_config, dtype=torch.float32)
+        return cls(llm, CLIPVisionModel(tower_config), layout, spec)
+
+    @classmethod
+    def from_base(
+        cls,
+        llm_dir: Path,
+        tower_dir: Path,
+        layout: VocabLayout,
+        spec: MavenSpec,
+        seed: int = 0,
+        copy_fn: CopyFn | None = None,
+    ) -> MavenModel:
+        """Start of stage 1: base LLM and CLIP tower from local HF directories; new vocab rows drawn
+        from the text rows' mean and covariance; selector and projector freshly initialised."""
+        torch.manual_seed(seed)
+        model = cls.from_configs(AutoConfig.from_pretrained(llm_dir), CLIPVisionConfig.from_pretrained(tower_dir), layout, spec)
+        copy = copy_fn or _copy_param
+        loaded = model._load_component(hf_layout.LLM_DIR, Path(llm_dir), copy)
+        loaded |= model._load_component(hf_layout.TOWER_DIR, Path(tower_dir), copy)
+        generator = torch.Generator().manual_seed(seed)
+        embed = model.llm.get_input_embeddings().weight
+        head = model.llm.get_output_embeddings().weight
+        copy(model.vocab_new_rows.embed.weight, init_new_rows(_full(embed), layout.num_new_rows, generator))
+        copy(model.vocab_new_rows.head.weight, init_new_rows(_full(head), layout.num_new_rows, generator))
+        loaded |= {"vocab_new_rows.embed.weight", "vocab_new_rows.head.weight"}
+        expected = {n for n, _ in model.named_parameters() if n.startswith(("llm.", "vision_tower.", "vocab_new_rows."))}
+        _check_complete(expected, loaded, f"base models {llm_dir} and {tower_dir}")
+        model.image_processor_config = _read_processor_config(Path(tower_dir))
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, spec_overrides: dict | None = None, copy_fn: CopyFn | None = None
+    ) -> MavenModel:
+        """Load a saved MaVEn directory (see ``hf_layout``). `spec_overrides` may change settings that
+        do not affect weight shapes (keep_ratio, select_layer, label_threshold)."""
+        directory = Path(directory)
+        cfg = hf_layout.read_maven_config(directory)
+        spec = MavenSpec(**(cfg["spec"] | (spec_overrides or {})))
+        layout = VocabLayout(**cfg["vocab"])
+        model = cls.from_configs(
+            AutoConfig.from_pretrained(directory / hf_layout.LLM_DIR),
+            CLIPVisionConfig.from_pretrained(directory / hf_layout.TOWER_DIR),
+            layout,
+            spec,
+        )
+        copy = copy_fn or _copy_param
+        loaded = set()
+        for component in (hf_layout.LLM_DIR, hf_layout.TOWER_DIR):
+            loaded |= model._load_component(component, directory / component, copy)
+        loaded |= model._load_component(hf_layout.MAVEN_MODULES_FILE, directory / hf_layout.MAVEN_MODULES_FILE, copy)
+        _check_complete({n for n, _ in model.named_parameters()}, loaded, str(directory))
+        model.image_processor_config = _read_processor_config(directory / hf_layout.TOWER_DIR)
+        return model
+
+    def _load_component(self, component: str, path: Path, copy: CopyFn) -> set[str]:
+        params = dict(self.named_parameters())
+        buffers = dict(self.named_buffers())
+        source = path.parent if component == hf_layout.MAVEN_MODULES_FILE else path
+        files = [path] if component == hf_layout.MAVEN_MODULES_FILE else None
+        loaded = set()
+        for key, tensor in _iter_component(source, files):
+            for name, value in hf_layout.from_hf_layout(component, key, tensor, self.layout).items():
+                target = params.get(name)
+                if target is None:
+                    if name in buffers:  # e.g. rotary inv_freq or CLIP position_ids: recomputed, not loaded
+                        continue
+                    raise ValueError(f"{path}: tensor {key!r} matches no parameter of the model ({name})")
+                copy(target, value)
+                loaded.add(name)
+        return loaded
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(
+        self,
+        out_dir: str | Path,
+        tokenizer=None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        max_shard_size: str | int = "5GB",
+    ) -> Path:
+        """Write the HF layout atomically (a temporary sibling directory renamed into place).
+
+        `state_dict` lets a parallel backend pass gathered full tensors (ZeRO-3 keeps only shards).
+        """
+        from huggingface_hub import save_torch_state_dict
+
+        out_dir = Path(out_dir)
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        parts = hf_layout.to_hf_layout(state_dict if state_dict is not None else self.state_dict())
+        llm_dir = tmp / hf_layout.LLM_DIR
+        tower_dir = tmp / hf_layout.TOWER_DIR
+        llm_dir.mkdir()
+        tower_dir.mkdir()
+        save_torch_state_dict(parts[hf_layout.LLM_DIR], llm_dir, max_shard_size=max_shard_size)
+        _with_vocab_size(self.llm.config, self.layout.padded_size).save_pretrained(llm_dir)
+        save_torch_state_dict(parts[hf_layout.TOWER_DIR], tower_dir, max_shard_size=max_shard_size)
+        self.vision_tower.tower.config.save_pretrained(tower_dir)
+        if self.image_processor_config is not None:
+            (tower_dir / "preprocessor_config.json").write_text(json.dumps(self.image_processor_config, indent=2))
+        save_file({k: v.contiguous() for k, v in parts[hf_layout.MAVEN_MODULES_FILE].items()}, tmp / hf_layout.MAVEN_MODULES_FILE)
+        config = {"model_type": "maven", "spec": asdict(self.spec), "vocab": self.layout.to_dict()}
+        (tmp / hf_layout.CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(llm_dir)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+        return out_dir
+
+    # ------------------------------------------------------------------ pieces of the forward
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Unified-vocabulary embedding lookup: text rows from the LLM, new rows from vocab_new_rows."""
+        text_size = self.layout.text_size
+        is_text = (ids < text_size).unsqueeze(-1)
+        text = self.llm.get_input_embeddings()(ids.clamp(max=text_size - 1))
+        new = self.vocab_new_rows.embed((ids - text_size).clamp(min=0))
+        return torch.where(is_text, text, new)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Unified-vocabulary output head: [*, d] -> [*, padded_size]."""
+        return torch.cat([self.llm.get_output_embeddings()(hidden), self.vocab_new_rows.head(hidden)], dim=-1)
+
+    def discrete_ids(self, image_codes: torch.Tensor) -> torch.Tensor:
+        """[N, K] codes -> [N, K + 2] token ids `<img> c_1 .. c_K </img>`."""
+        n = image_codes.shape[0]
+        start = image_codes.new_full((n, 1), self.layout.img_start_id)
+        end = image_codes.new_full((n, 1), self.layout.img_end_id)
+        return torch.cat([start, self.layout.code_to_token_id(image_codes), end], dim=1)
+
+    @torch.no_grad()
+    def eos_states(self, image_codes: torch.Tensor) -> torch.Tensor:
+        """h_eos [N, d]: the LLM's last-layer (final-norm) state at `<EOS>` after each image's
+        discrete block. One gradient-free pass batched over all images (paper §3.2)."""
+        ids = self.discrete_ids(image_codes)
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], 1), self.spec.eos_token_id)], dim=1)
+        hidden = self.llm.model(inputs_embeds=self.embed_tokens(ids), use_cache=False).last_hidden_state
+        return hidden[:, -1]
+
+    def selector_logits(self, pixel_values: torch.Tensor, image_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch features [N, P, f] and selector logits [N, P]."""
+        features = self.vision_tower(pixel_values)
+        return features, self.selector(features, self.eos_states(image_codes))
+
+    @property
+    def num_kept(self) -> int:
+        return num_kept_patches(self.vision_tower.num_patches, self.spec.keep_ratio)
+
+    def visual_embeds(self, pixel_values: torch.Tensor, image_codes: torch.Tensor, views: Sequence[str]) -> torch.Tensor:
+        """[N, V, d]: each image's discrete block then its kept, projected patches (per `views`)."""
+        blocks = []
+        if "discrete" in views:
+            blocks.append(self.embed_tokens(self.discrete_ids(image_codes)))
+        if "continuous" in views:
+            features, scores = self.selector_logits(pixel_values, image_codes)
+            keep = select_top_patches(scores, self.num_kept)
+            kept = features.gather(1, keep.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+            blocks.append(self.projector(kept.to(self.projector_dtype)))
+        return torch.cat(blocks, dim=1)
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, batch: Batch, views: Sequence[str] = ("discrete", "continuous"), loss: str = "lm") -> ModelOutput:
+        if loss == "selector_bce":
+            return self.selector_forward(batch)
+        return self.lm_forward(batch, views)
+
+    def selector_forward(self, batch: Batch) -> ModelOutput:
+        if batch.patch_labels is None:
+            raise ValueError(f"stage-1 batch without patch labels (samples {batch.sample_ids[:4]}): run tools/make_pseudo_labels.py")
+        _, logits = self.selector_logits(batch.pixel_values, batch.image_codes)
+        loss = selector_bce(logits, batch.patch_labels)
+        metrics = {"loss/selector_bce": loss.detach()}
+        metrics |= selector_metrics(logits, batch.patch_labels, self.spec.label_threshold)
+        return ModelOutput(loss, metrics, num_tokens=batch.patch_labels.numel())
+
+    def lm_forward(self, batch: Batch, views: Sequence[str]) -> ModelOutput:
+        pixel_values, image_codes = batch.pixel_values, batch.image_codes
+        has_images = pixel_values.shape[0] > 0
+        if not has_images:
+            # Every rank must run the same modules under ZeRO-3 (parameter gathers are collective), so a
+            # text-only micro-batch still runs the visual path on one blank image and adds it with weight 0.
+            pixel_values = pixel_values.new_zeros(1, *pixel_values.shape[1:])
+            image_codes = image_codes.new_zeros(1, image_codes.shape[1])
+        visual = self.visual_embeds(pixel_values, image_codes, views)
+        embeds, labels, mask = assemble_sequences(
+            batch.input_ids, batch.labels, batch.attention_mask, self.embed_tokens, visual if has_images else visual[:0]
+        )
+        hidden = self.llm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        logits = self.logits(hidden[:, :-1]).float()
+        targets = labels[:, 1:]
+        token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        labelled = targets != IGNORE_INDEX
+        num_tokens = int(labelled.sum())
+        loss = token_loss.sum() / max(num_tokens, 1)
+        if not has_images:
+            loss = loss + 0.0 * visual.sum()
+        metrics = {"loss/lm": loss.detach(), "model/visual_tokens_per_image": torch.tensor(float(visual.shape[1] - 2 * ("discrete" in views)))}
+        is_visual = targets >= self.layout.text_size
+        for name, sel in (("lm_text", labelled & ~is_visual), ("lm_visual_codes", labelled & is_visual)):
+            if sel.any():
+                metrics[f"loss/{name}"] = token_loss[sel].mean().detach()
+        return ModelOutput(loss, metrics, num_tokens=num_tokens)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _with_vocab_size(config, vocab_size: int):
+    config = config.__class__.from_dict(config.to_dict())
+    config.vocab_size = vocab_size
+    return config
+
+
+def _copy_param(param: nn.Parameter, value: torch.Tensor) -> None:
+    if param.shape != value.shape:
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs saved {tuple(value.shape)}")
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+def _full(param: nn.Parameter) -> torch.Tensor:
+    """The full tensor of a parameter (ZeRO-3 partitions are gathered by the caller's context)."""
+    return param.detach()
+
+
+def _iter_component(source: Path, files: list[Path] | None):
+    if files is None:
+        yield from hf_layout.iter_checkpoint_tensors(source)
+        return
+    from safetensors import safe_open
+
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing")
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                yield key, f.get_tensor(key)
+
+
+def _check_complete(expected: set[str], loaded: set[str], where: str) -> None:
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"{where} lacks {len(missing)} parameters, e.g. {missing[:5]}")
+
+
+def _read_processor_config(tower_dir: Path) -> dict | None:
+    path = tower_dir / "preprocessor_config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
