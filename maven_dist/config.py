@@ -190,6 +190,8 @@ class DataConfig:
     """Image-decoding worker processes per rank."""
     shuffle: bool = True
     """Shuffle deterministically per epoch and seed."""
+    group_by_length: bool = True
+    """Batch samples of similar modality (image count) and length together, so batches pad less."""
     t2i_fraction: float = 0.5
     """Stage 2: fraction of samples rendered as text -> image codes (the rest image -> text)."""
     strict: bool = False
@@ -262,6 +264,8 @@ class StageConfig:
     """Next-token cross-entropy on labelled tokens, or BCE of selector scores on patch labels."""
     init_from: str = ""
     """Where weights come from: a previous stage's name (its export), a local directory, or empty for the base models."""
+    init_missing: Literal["error", "base"] = "error"
+    """If `init_from` names a stage with no export yet: stop (`error`) or start from the base models with a warning (`base`)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """Optimizer settings."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -54,6 +54,8 @@ class ModelOutput:
     """Detached values to log, keys namespaced (`loss/...`, `selector/...`, `model/...`)."""
     num_tokens: int = 0
     """Labelled target tokens (or labelled patches in stage 1) in this micro-batch."""
+    num_input_tokens: int = 0
+    """Sequence positions the LLM processed (throughput and MFU)."""
 
 
 class NewVocabRows(nn.Module):
@@ -112,14 +114,22 @@ class MavenModel(nn.Module):
         from the text rows' mean and covariance; selector and projector freshly initialised."""
         torch.manual_seed(seed)
         model = cls.from_configs(AutoConfig.from_pretrained(llm_dir), CLIPVisionConfig.from_pretrained(tower_dir), layout, spec)
-        copy = copy_fn or _copy_param
-        loaded = model._load_component(hf_layout.LLM_DIR, Path(llm_dir), copy)
+        copy = copy_fn or copy_param
+        text_rows: dict[str, torch.Tensor] = {}
+
+        def copy_and_keep_text_rows(param: nn.Parameter, value: torch.Tensor) -> None:
+            # Keep the text rows as read from disk: under ZeRO-3 the parameters are partitioned.
+            if param is model.llm.get_input_embeddings().weight:
+                text_rows["embed"] = value
+            elif param is model.llm.get_output_embeddings().weight:
+                text_rows["head"] = value
+            copy(param, value)
+
+        loaded = model._load_component(hf_layout.LLM_DIR, Path(llm_dir), copy_and_keep_text_rows)
         loaded |= model._load_component(hf_layout.TOWER_DIR, Path(tower_dir), copy)
         generator = torch.Generator().manual_seed(seed)
-        embed = model.llm.get_input_embeddings().weight
-        head = model.llm.get_output_embeddings().weight
-        copy(model.vocab_new_rows.embed.weight, init_new_rows(_full(embed), layout.num_new_rows, generator))
-        copy(model.vocab_new_rows.head.weight, init_new_rows(_full(head), layout.num_new_rows, generator))
+        for kind, module in (("embed", model.vocab_new_rows.embed), ("head", model.vocab_new_rows.head)):
+            copy(module.weight, init_new_rows(text_rows[kind], layout.num_new_rows, generator))
         loaded |= {"vocab_new_rows.embed.weight", "vocab_new_rows.head.weight"}
         expected = {n for n, _ in model.named_parameters() if n.startswith(("llm.", "vision_tower.", "vocab_new_rows."))}
         _check_complete(expected, loaded, f"base models {llm_dir} and {tower_dir}")
@@ -142,7 +152,7 @@ class MavenModel(nn.Module):
             layout,
             spec,
         )
-        copy = copy_fn or _copy_param
+        copy = copy_fn or copy_param
         loaded = set()
         for component in (hf_layout.LLM_DIR, hf_layout.TOWER_DIR):
             loaded |= model._load_component(component, directory / component, copy)
@@ -278,7 +288,8 @@ class MavenModel(nn.Module):
         loss = selector_bce(logits, batch.patch_labels)
         metrics = {"loss/selector_bce": loss.detach()}
         metrics |= selector_metrics(logits, batch.patch_labels, self.spec.label_threshold)
-        return ModelOutput(loss, metrics, num_tokens=batch.patch_labels.numel())
+        codes = batch.image_codes
+        return ModelOutput(loss, metrics, num_tokens=batch.patch_labels.numel(), num_input_tokens=codes.shape[0] * (codes.shape[1] + 3))
 
     def lm_forward(self, batch: Batch, views: Sequence[str]) -> ModelOutput:
         pixel_values, image_codes = batch.pixel_values, batch.image_codes
@@ -306,7 +317,7 @@ class MavenModel(nn.Module):
         for name, sel in (("lm_text", labelled & ~is_visual), ("lm_visual_codes", labelled & is_visual)):
             if sel.any():
                 metrics[f"loss/{name}"] = token_loss[sel].mean().detach()
-        return ModelOutput(loss, metrics, num_tokens=num_tokens)
+        return ModelOutput(loss, metrics, num_tokens=num_tokens, num_input_tokens=int(mask.sum()))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -318,16 +329,12 @@ def _with_vocab_size(config, vocab_size: int):
     return config
 
 
-def _copy_param(param: nn.Parameter, value: torch.Tensor) -> None:
+def copy_param(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Copy a saved tensor into a parameter, checking the shape."""
     if param.shape != value.shape:
         raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs saved {tuple(value.shape)}")
     with torch.no_grad():
         param.copy_(value.to(param.dtype))
-
-
-def _full(param: nn.Parameter) -> torch.Tensor:
-    """The full tensor of a parameter (ZeRO-3 partitions are gathered by the caller's context)."""
-    return param.detach()
 
 
 def _iter_component(source: Path, files: list[Path] | None):

@@ -1,0 +1,129 @@
+"""ZeRO-3 backend: the HF-based MavenModel under DeepSpeed stage 3.
+
+The model is constructed inside ``deepspeed.zero.Init`` so no rank ever holds the full 7B/13B
+weights; pretrained tensors are streamed from disk and copied into each partitioned parameter
+under ``GatheredParameters`` (rank 0 writes, DeepSpeed re-partitions). Frozen parts are left out
+of the optimizer's parameter groups, so ZeRO keeps no fp32 master copy or Adam moments for them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+from maven_dist.config import Config
+from maven_dist.data.batch import Batch
+from maven_dist.model.maven import MavenModel, ModelOutput, copy_param
+from maven_dist.parallel.dims import ParallelDims
+from maven_dist.train.engine import build_optimizer
+from maven_dist.train.parts import apply_trainable
+
+CHECKPOINT_TAG = "zero"
+
+
+def build_ds_config(cfg: Config, dims: ParallelDims, accumulation: int) -> dict:
+    """DeepSpeed config generated from the recipe (one source of truth for batch sizes and precision)."""
+    stage = cfg.stage
+    bf16 = stage.dtype == "bf16" and torch.cuda.is_available()  # CPU runs are always fp32
+    return {
+        "train_micro_batch_size_per_gpu": stage.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": stage.micro_batch_size * accumulation * dims.dp,
+        "gradient_clipping": stage.optimizer.grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": torch.cuda.is_available(),
+            "contiguous_gradients": True,
+            "reduce_bucket_size": 5e8,
+            "stage3_prefetch_bucket_size": 5e8,
+            "stage3_param_persistence_threshold": 1e5,
+            "stage3_max_live_parameters": 1e9,
+            "stage3_max_reuse_distance": 1e9,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+        # We pass a torch AdamW over the trainable groups; DeepSpeed wraps it in its ZeRO-3 optimizer.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def zero3_copy(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Copy a full tensor into a ZeRO-3 partitioned parameter (rank 0 writes, then re-partition)."""
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            copy_param(param, value)
+
+
+class _WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, but loading with ``weights_only=True``: a checkpoint
+    can hold tensors and plain containers, never code to execute."""
+
+    def load(self, path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class Zero3Engine:
+    def __init__(
+        self,
+        build_model: Callable[..., MavenModel],
+        cfg: Config,
+        dims: ParallelDims,
+        total_steps: int,
+        accumulation: int,
+    ):
+        self.cfg = cfg.stage
+        self.ds_config = build_ds_config(cfg, dims, accumulation)
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+            model = build_model(copy_fn=zero3_copy)
+        apply_trainable(model, cfg.stage.trainable)
+        if cfg.stage.gradient_checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer, scheduler = build_optimizer(model, cfg.stage, total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
+        self.engine.checkpoint_engine = _WeightsOnlyCheckpointEngine()
+        self.module: MavenModel = self.engine.module
+        self._grad_norm = math.nan
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        return self.engine(batch, views=self.cfg.views, loss=self.cfg.loss)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> bool:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if boundary:
+            norm = self.engine.get_global_grad_norm()
+            self._grad_norm = float(norm) if norm is not None else math.nan
+        return boundary
+
+    @property
+    def grad_norm(self) -> float:
+        return self._grad_norm
+
+    def learning_rates(self) -> dict[str, float]:
+        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+
+    def save_state(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load_state(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {directory}/{CHECKPOINT_TAG}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        state = self.engine._zero3_consolidated_16bit_state_dict()
+        return state if dist.get_rank() == 0 else None

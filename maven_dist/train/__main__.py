@@ -1,0 +1,38 @@
+"""`python -m maven_dist.train RECIPE [--set key=value ...] [--force]`: run one stage.
+
+Under torchrun (or the Slurm launcher) every rank runs this; a plain `python` run is one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m maven_dist.train", description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/stage4.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set stage.max_steps=10 (repeatable)")
+    parser.add_argument("--force", action="store_true", help="resume even if the checkpoint's recipe or world size differ")
+    args = parser.parse_args(argv)
+
+    from maven_dist.config import ConfigError, load_config
+    from maven_dist.parallel.distributed import destroy
+    from maven_dist.train.trainer import run_stage
+
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = run_stage(cfg, force=args.force)
+    finally:
+        destroy()
+    print(f"[{cfg.stage.name}] done: {result.steps} steps, final loss {result.final_loss:.4f}, export {result.export_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

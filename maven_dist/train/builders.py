@@ -1,0 +1,129 @@
+"""Builders for one stage: where weights come from, the tokenizer, the loader and the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+from transformers import AutoTokenizer
+
+from maven_dist.config import Config, ConfigError
+from maven_dist.data.image_transform import ImageTransform
+from maven_dist.model import hf_layout
+from maven_dist.model.maven import MavenModel, MavenSpec
+from maven_dist.model.vocab import VocabLayout, extend_tokenizer
+from maven_dist.parallel.dims import ParallelDims
+from maven_dist.parallel.distributed import DistEnv, print0
+from maven_dist.train.engine import Engine, LocalEngine
+from maven_dist.train.parts import apply_trainable
+
+STAGE_NAMES = ("stage1", "stage2", "stage3", "stage4")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a stage's starting weights live."""
+
+    kind: Literal["base", "maven"]
+    """`base`: a base LLM + CLIP tower (stage 1); `maven`: a saved MaVEn directory (a stage export)."""
+    path: Path
+    """The MaVEn directory, or the base LLM directory."""
+    tower_dir: Path
+    """The vision tower directory (its preprocessor config defines the image transform)."""
+    tokenizer_dir: Path
+
+
+def resolve_model_source(cfg: Config, env: DistEnv) -> ModelSource:
+    """`init_from` -> a directory: empty = base models, a stage name = that stage's export, else a path."""
+    init = cfg.stage.init_from
+    if init in STAGE_NAMES:
+        export = Path(cfg.run_dir) / init / "export"
+        if (export / hf_layout.CONFIG_FILE).is_file():
+            return _maven_source(export)
+        if cfg.stage.init_missing == "error":
+            raise FileNotFoundError(
+                f"stage.init_from={init}: {export} does not exist. Run {init} first "
+                f"(python -m maven_dist.pipeline), or set stage.init_from to a MaVEn directory"
+            )
+        print0(f"[{cfg.stage.name}] WARNING: {export} not found; starting from the base models (stage.init_missing=base)")
+    elif init:
+        path = Path(init)
+        if not (path / hf_layout.CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"stage.init_from={init} is not a saved MaVEn directory (no {hf_layout.CONFIG_FILE})")
+        return _maven_source(path)
+    llm_dir = cfg.resolve_path(cfg.model.llm.path)
+    tower_dir = cfg.resolve_path(cfg.model.vision.path)
+    tokenizer_dir = cfg.resolve_path(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else llm_dir
+    for what, path in (("model.llm.path", llm_dir), ("model.vision.path", tower_dir)):
+        if not path.is_dir():
+            raise FileNotFoundError(f"{what}={path} does not exist: point it at a local HF model directory")
+    return ModelSource("base", llm_dir, tower_dir, tokenizer_dir)
+
+
+def _maven_source(path: Path) -> ModelSource:
+    return ModelSource("maven", path, path / hf_layout.TOWER_DIR, path)
+
+
+def load_stage_tokenizer(cfg: Config, source: ModelSource):
+    """The tokenizer extended with the visual vocabulary, and its layout (checked against a saved model's)."""
+    tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir)
+    layout = extend_tokenizer(tokenizer, cfg.model.discrete.codebook_size, cfg.model.vocab.pad_to_multiple_of)
+    if source.kind == "maven":
+        saved = VocabLayout(**hf_layout.read_maven_config(source.path)["vocab"])
+        if saved != layout:
+            raise ConfigError(
+                f"the recipe's vocabulary {layout} differs from the one saved in {source.path} ({saved}); "
+                "model.discrete.codebook_size and model.vocab.pad_to_multiple_of must match across stages"
+            )
+    return tokenizer, layout
+
+
+def build_stage_loader(cfg: Config, tokenizer, layout: VocabLayout, source: ModelSource, dp_rank: int, dp_size: int):
+    from maven_dist.data.loader import build_loader
+
+    transform = ImageTransform.from_pretrained(source.tower_dir)
+    return build_loader(cfg, tokenizer, layout, transform=transform, dp_rank=dp_rank, dp_size=dp_size)
+
+
+def model_spec(cfg: Config, tokenizer) -> MavenSpec:
+    m = cfg.model
+    return MavenSpec(
+        select_layer=m.vision.select_layer,
+        keep_ratio=m.selector.keep_ratio,
+        selector_hidden_size=m.selector.hidden_size,
+        projector=m.projector.kind,
+        num_codes=m.discrete.num_codes,
+        eos_token_id=tokenizer.eos_token_id,
+        label_threshold=m.selector.label_threshold,
+    )
+
+
+def model_builder(cfg: Config, source: ModelSource, layout: VocabLayout, spec: MavenSpec):
+    """A callable `(copy_fn=None) -> MavenModel`, so a backend can construct it in its own context."""
+    if source.kind == "base":
+        return partial(MavenModel.from_base, source.path, source.tower_dir, layout, spec, cfg.seed)
+    # Settings that do not change weight shapes follow the recipe (e.g. an alpha ablation at stage 4).
+    overrides = {"keep_ratio": spec.keep_ratio, "select_layer": spec.select_layer, "label_threshold": spec.label_threshold}
+    return partial(MavenModel.from_pretrained, source.path, overrides)
+
+
+def build_engine(
+    cfg: Config, dims: ParallelDims, env: DistEnv, source: ModelSource, layout: VocabLayout, tokenizer,
+    total_steps: int, accumulation: int,
+) -> Engine:
+    """World of one: the plain PyTorch engine (ZeRO over one rank shards nothing). Otherwise the
+    recipe's backend."""
+    build = model_builder(cfg, source, layout, model_spec(cfg, tokenizer))
+    if cfg.parallel.backend == "3d":
+        raise NotImplementedError("parallel.backend=3d is not implemented yet (issue 5); use zero3")
+    if env.world_size > 1:
+        from maven_dist.parallel.zero3 import Zero3Engine
+
+        return Zero3Engine(build, cfg, dims, total_steps, accumulation)
+    model = build()
+    apply_trainable(model, cfg.stage.trainable)
+    if cfg.stage.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return LocalEngine(model.to(env.device), cfg.stage, total_steps, accumulation)

@@ -1,0 +1,65 @@
+"""Stages are data: map the parts a stage names to parameters and freeze everything else."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from torch import nn
+
+# Each part is a parameter-name prefix of MavenModel. `vocab_new_rows` holds the unified
+# vocabulary's new rows apart from the LLM's text rows, so stage 2 trains exactly those.
+PART_PREFIXES: dict[str, str] = {
+    "llm": "llm.",
+    "vocab_new_rows": "vocab_new_rows.",
+    "projector": "projector.",
+    "selector": "selector.",
+    "vision_tower": "vision_tower.",
+}
+
+
+def part_of(name: str) -> str:
+    for part, prefix in PART_PREFIXES.items():
+        if name.startswith(prefix):
+            return part
+    raise KeyError(f"parameter {name!r} belongs to no known part {list(PART_PREFIXES)}")
+
+
+def apply_trainable(model: nn.Module, parts: Iterable[str]) -> list[str]:
+    """Set requires_grad on exactly the parameters of `parts`; return the trainable names."""
+    wanted = set(parts)
+    unknown = wanted - set(PART_PREFIXES)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; allowed: {list(PART_PREFIXES)}")
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(part_of(name) in wanted)
+        if param.requires_grad:
+            trainable.append(name)
+    return trainable
+
+
+def trainable_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    """Norm weights and biases are 1-D: decaying them only hurts (LLaVA, nanoGPT, torchtitan)."""
+    return len(getattr(param, "ds_shape", param.shape)) < 2 or name.endswith(".bias")
+
+
+def build_param_groups(model: nn.Module, lr: float, weight_decay: float, part_lr: dict[str, float]) -> list[dict]:
+    """AdamW groups per (part, decay): per-part learning rates where the stage sets them, no decay
+    on norms and biases. Frozen parameters are left out, so they get no optimizer state."""
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, param in trainable_named_parameters(model):
+        part = part_of(name)
+        decay = not _no_decay(name, param)
+        group = groups.setdefault(
+            (part, decay),
+            {"params": [], "lr": part_lr.get(part, lr), "weight_decay": weight_decay if decay else 0.0,
+             "name": f"{part}/{'decay' if decay else 'no_decay'}"},
+        )
+        group["params"].append(param)
+    if not groups:
+        raise ValueError("the stage trains no parameters; check stage.trainable")
+    return list(groups.values())
