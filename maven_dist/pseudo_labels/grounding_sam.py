@@ -95,6 +95,24 @@ class GroundingSam:
         )
         return [m.reshape(-1, *m.shape[-2:]).any(dim=0).numpy() for m in masks]
 
+    def _detect_by_size(self, images: list, prompts: list[str]) -> list[np.ndarray]:
+        """Detect in batches of equally sized images only.
+
+        Grounding DINO pads a batch to its largest image, and the Swin backbone sees the padding,
+        so an image's boxes would depend on what it was batched with. Grouping by size keeps every
+        image's result identical to running it alone (tested); SAM needs no grouping, it pads
+        every image to the same square anyway.
+        """
+        groups: dict[tuple[int, int], list[int]] = {}
+        for k, image in enumerate(images):
+            groups.setdefault(image.size, []).append(k)
+        boxes: list[np.ndarray] = [np.zeros((0, 4), np.float32)] * len(images)
+        for members in groups.values():
+            found = self.detect([images[k] for k in members], [prompts[k] for k in members])
+            for k, b in zip(members, found, strict=True):
+                boxes[k] = b
+        return boxes
+
     def masks(self, requests: list[MaskRequest]) -> list[MaskResult]:
         results: list[MaskResult | None] = [None] * len(requests)
         images, prompts, where = [], [], []
@@ -107,7 +125,7 @@ class GroundingSam:
             prompts.append(grounding_prompt(phrases))
             where.append(i)
         if images:
-            boxes = self.detect(images, prompts)
+            boxes = self._detect_by_size(images, prompts)
             found = [k for k, b in enumerate(boxes) if len(b)]
             for k, b in enumerate(boxes):
                 if not len(b):
