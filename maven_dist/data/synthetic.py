@@ -32,6 +32,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from maven_dist.data.templates import LLAMA_2_SYSTEM, VICUNA_SYSTEM
+
 SHAPES = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -294,5 +296,7 @@ def generate_synthetic(out_dir: Path, num_images: int, seed: int, image_size: in
     texts = [
         t["value"].replace("<image>\n", "") for s in captions + conversations for t in s["conversations"]
     ]
+    # The templates' fixed text is part of every training sequence, so the tokenizer should learn it too.
+    texts += [VICUNA_SYSTEM, LLAMA_2_SYSTEM, "USER: ASSISTANT:", "[INST] <<SYS>> <</SYS>> [/INST]"]
     out.captions_txt.write_text("\n".join(texts) + "\n")
     return out

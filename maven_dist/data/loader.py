@@ -1,0 +1,323 @@
+"""The resumable, data-parallel shard loader.
+
+Design: the main process owns the *plan* and workers only decode. From a small index (each
+sample's length and image count, read from the memory-mapped shards) it computes, for every
+(seed, epoch), the same global list of optimizer-step groups on every rank; rank r takes its slice
+of each group. Resuming is "start at batch k of epoch e": workers are handed batch indices, never
+iterator state, so the position is exact whatever ``num_workers`` was or is.
+
+Per epoch:
+
+1. permute all samples with ``numpy.random.default_rng([seed, epoch])`` (or keep file order);
+2. if ``data.group_by_length``: cut the permutation into windows of ``GROUP_STEPS`` steps and sort
+   each window by (number of images, length, descending) so a step's samples share a modality and
+   a length — less padding, and ranks get balanced work at each step (LLaVA's
+   ``group_by_modality_length`` does the same within megabatches); then shuffle the order of the
+   steps so long and short steps interleave;
+3. drop the incomplete last step (every rank must take the same number of steps).
+
+Shards are read with ``pyarrow.memory_map``: a worker touches only the pages of the rows it decodes.
+Samples that fail at load time (an undecodable image, a missing code list, too long for this stage)
+are logged with shard, row and id, counted in ``num_skipped`` and left out of their batch, or stop
+the run when ``data.strict`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from PIL import Image
+
+from maven_dist.data.batch import Batch
+from maven_dist.data.image_transform import ImageTransform
+from maven_dist.data.shards import list_shards, read_shard
+from maven_dist.data.views import BadSample, DataError, ViewSpec, collate, make_example
+from maven_dist.model.vocab import VocabLayout
+
+logger = logging.getLogger(__name__)
+
+GROUP_STEPS = 8
+"""Steps per length-grouping window: larger groups pad less, smaller ones stay closer to random."""
+
+
+class ShardIndex:
+    """Where every sample lives and the two numbers the plan needs (length, image count)."""
+
+    def __init__(self, shards_dir: str | Path) -> None:
+        self.paths = list_shards(shards_dir)
+        if not self.paths:
+            raise DataError(f"no shards (shard-*.arrow) in {shards_dir}: run tools/prepare_data.py first")
+        lengths, images, rows, columns = [], [], [], None
+        for path in self.paths:
+            table = read_shard(path)
+            if columns is None:
+                columns = table.column_names
+            elif table.num_rows and set(table.column_names) != set(columns):
+                raise DataError(
+                    f"{path} has columns {table.column_names}, other shards {columns}; re-run the tool that added them"
+                )
+            rows.append(table.num_rows)
+            lengths.append(table["num_tokens"].to_numpy(zero_copy_only=False))
+            images.append(pc.list_value_length(table["images"]).to_numpy(zero_copy_only=False))
+        self.column_names: list[str] = list(columns or [])
+        self.offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+        self.lengths = np.concatenate(lengths).astype(np.int64)
+        self.num_images = np.concatenate(images).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global sample index -> (shard number, row)."""
+        shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return shard, int(index - self.offsets[shard])
+
+
+def plan_epoch(
+    index: ShardIndex,
+    seed: int,
+    epoch: int,
+    micro_batch_size: int,
+    dp_size: int,
+    shuffle: bool,
+    group_by_length: bool,
+) -> list[list[int]]:
+    """Every step of the epoch as the global sample indices of all ranks (dp_size * micro each)."""
+    n, per_step = len(index), micro_batch_size * dp_size
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    num_steps = n // per_step
+    order = order[: num_steps * per_step]
+    if group_by_length:
+        window = per_step * GROUP_STEPS
+        for start in range(0, len(order), window):
+            chunk = order[start : start + window]
+            # lexsort: last key is primary -> by image count, then by length, longest first.
+            keys = np.lexsort((-index.lengths[chunk], index.num_images[chunk]))
+            order[start : start + window] = chunk[keys]
+    steps = [order[s * per_step : (s + 1) * per_step].tolist() for s in range(num_steps)]
+    if group_by_length and shuffle:
+        steps = [steps[k] for k in rng.permutation(num_steps)]
+    return steps
+
+
+class _BatchReader:
+    """Decodes one planned batch; lives in the DataLoader workers (each opens shards lazily)."""
+
+    def __init__(
+        self, index: ShardIndex, spec: ViewSpec, tokenizer, layout, transform, pad_id: int, strict: bool
+    ):
+        self.paths, self.offsets = index.paths, index.offsets
+        self.spec, self.tokenizer, self.layout, self.transform = spec, tokenizer, layout, transform
+        self.pad_id, self.strict = pad_id, strict
+        self._tables: dict[int, object] = {}
+
+    def _table(self, shard: int):
+        if shard not in self._tables:
+            self._tables[shard] = read_shard(self.paths[shard]).select(self.spec.columns)
+        return self._tables[shard]
+
+    def __call__(self, indices: list[int]) -> tuple[Batch | None, list[str]]:
+        examples, skipped = [], []
+        for g in indices:
+            shard = int(np.searchsorted(self.offsets, g, side="right") - 1)
+            row_number = g - int(self.offsets[shard])
+            row = self._table(shard).slice(row_number, 1).to_pylist()[0]
+            try:
+                examples.append(make_example(self.spec, row, self.tokenizer, self.layout, self.transform))
+            except (BadSample, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                message = f"{self.paths[shard].name} row {row_number} (id {row['id']!r}): {err}"
+                if self.strict:
+                    raise DataError(f"bad sample (data.strict is set): {message}") from err
+                skipped.append(message)
+        batch = collate(examples, self.pad_id, self.transform.image_size) if examples else None
+        return batch, skipped
+
+
+class _PlannedBatches(torch.utils.data.Dataset):
+    def __init__(self, batches: list[list[int]], reader: _BatchReader) -> None:
+        self.batches, self.reader = batches, reader
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> tuple[Batch | None, list[str]]:
+        return self.reader(self.batches[k])
+
+
+def _unchanged(item):
+    return item
+
+
+class ShardLoader:
+    """Iterates :class:`Batch` es of ``micro_batch_size`` samples forever, epoch after epoch.
+
+    ``state_dict()`` taken after the k-th yielded batch resumes, via ``load_state_dict``, at batch
+    k+1 exactly, with any ``num_workers``.
+    """
+
+    def __init__(
+        self,
+        shards_dir: str | Path,
+        spec: ViewSpec,
+        tokenizer,
+        layout: VocabLayout | None,
+        transform: ImageTransform,
+        micro_batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        group_by_length: bool = True,
+        num_workers: int = 2,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        strict: bool = False,
+    ) -> None:
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        self.index = ShardIndex(shards_dir)
+        spec.check_columns(self.index.column_names, f"shards in {shards_dir}")
+        self.spec, self.transform = spec, transform
+        self.micro_batch_size, self.seed, self.shuffle = micro_batch_size, seed, shuffle
+        self.group_by_length, self.num_workers = group_by_length, num_workers
+        self.dp_rank, self.dp_size, self.strict = dp_rank, dp_size, strict
+        self.batches_per_epoch = len(self.index) // (micro_batch_size * dp_size)
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"{len(self.index)} samples in {shards_dir} cannot fill one step of "
+                f"micro_batch_size={micro_batch_size} x dp={dp_size}; lower the batch size or add data"
+            )
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+        self._reader = _BatchReader(self.index, spec, tokenizer, layout, transform, pad_id, strict)
+        self.epoch, self.next_batch, self.num_skipped = 0, 0, 0
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of `epoch` as global sample indices."""
+        steps = plan_epoch(
+            self.index,
+            self.seed,
+            epoch,
+            self.micro_batch_size,
+            self.dp_size,
+            self.shuffle,
+            self.group_by_length,
+        )
+        lo = self.dp_rank * self.micro_batch_size
+        return [step[lo : lo + self.micro_batch_size] for step in steps]
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            batches = self.epoch_batches(self.epoch)[self.next_batch :]
+            loader = torch.utils.data.DataLoader(
+                _PlannedBatches(batches, self._reader),
+                batch_size=None,
+                shuffle=False,
+                num_workers=self.num_workers,
+                collate_fn=_unchanged,
+                multiprocessing_context="fork" if self.num_workers else None,
+                prefetch_factor=4 if self.num_workers else None,
+            )
+            for batch, skipped in loader:
+                self.next_batch += 1
+                if self.next_batch == self.batches_per_epoch:
+                    self.epoch, self.next_batch = self.epoch + 1, 0
+                for message in skipped:
+                    logger.warning("skipped bad sample %s", message)
+                self.num_skipped += len(skipped)
+                if batch is not None:
+                    yield batch
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "next_batch": self.next_batch,
+            "num_skipped": self.num_skipped,
+            "seed": self.seed,
+            "num_samples": len(self.index),
+            "micro_batch_size": self.micro_batch_size,
+            "dp_size": self.dp_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at exactly the batch after the one the state was taken at."""
+        current = self.state_dict()
+        for key in ("seed", "num_samples", "micro_batch_size", "dp_size"):
+            if state[key] != current[key]:
+                raise ValueError(
+                    f"data loader state has {key}={state[key]} but this loader has {current[key]}: the batch "
+                    "order would differ, so the run cannot resume exactly; restore the original data and settings"
+                )
+        self.epoch, self.next_batch, self.num_skipped = (
+            state["epoch"],
+            state["next_batch"],
+            state["num_skipped"],
+        )
+
+
+def _default_transform(cfg) -> ImageTransform:
+    tower = cfg.resolve_path(cfg.model.vision.path)
+    if (tower / "preprocessor_config.json").is_file():
+        return ImageTransform.from_pretrained(tower)
+    return ImageTransform(cfg.model.vision.image_size)
+
+
+def _check_prepared_size(shards_dir: Path, transform: ImageTransform) -> None:
+    manifest = shards_dir / "manifest.json"
+    if not manifest.is_file():
+        return
+    resize = json.loads(manifest.read_text()).get("options", {}).get("resize", 0)
+    if resize and resize != transform.image_size:
+        raise DataError(
+            f"{shards_dir} stores images resized to {resize} px but the tower takes {transform.image_size} px; "
+            f"re-run tools/prepare_data.py with --resize {transform.image_size} (or without --resize)"
+        )
+
+
+def build_loader(
+    cfg,
+    tokenizer,
+    layout: VocabLayout | None,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    transform: Callable | None = None,
+) -> ShardLoader:
+    """The loader for ``cfg.data`` / ``cfg.stage`` on data-parallel rank `dp_rank` of `dp_size`.
+
+    `transform` defaults to ``ImageTransform.from_pretrained(model.vision.path)`` when that tower
+    directory exists, else ``ImageTransform(model.vision.image_size)``.
+    """
+    transform = transform or _default_transform(cfg)
+    shards_dir = cfg.resolve_path(cfg.data.path)
+    _check_prepared_size(shards_dir, transform)
+    grid = transform.image_size // cfg.model.vision.patch_size
+    spec = ViewSpec(
+        name=cfg.data.view,
+        template=cfg.data.template,
+        max_length=cfg.data.max_length,
+        num_codes=cfg.model.discrete.num_codes,
+        num_patches=grid * grid,
+        keep_ratio=cfg.model.selector.keep_ratio,
+        views=tuple(cfg.stage.views),
+        t2i_fraction=cfg.data.t2i_fraction,
+        seed=cfg.seed,
+    )
+    return ShardLoader(
+        shards_dir,
+        spec,
+        tokenizer,
+        layout,
+        transform,
+        micro_batch_size=cfg.stage.micro_batch_size,
+        seed=cfg.seed,
+        shuffle=cfg.data.shuffle,
+        group_by_length=cfg.data.group_by_length,
+        num_workers=cfg.data.num_workers,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        strict=cfg.data.strict,
+    )

@@ -1,0 +1,217 @@
+"""Each stage's view of the same shards: one shard row -> one :class:`Example`; examples -> :class:`Batch`.
+
+======================  ========================================================================
+view (``data.view``)    what a sample becomes
+======================  ========================================================================
+``patch_labels``        stage 1: its images, their codes and patch labels; no text
+``discrete_alignment``  stage 2: image -> caption (``plain`` template), or, for a deterministic
+                        ``data.t2i_fraction`` of single-image samples, caption -> ``<img>`` codes
+                        ``</img>`` as literal tokens (the targets) with no image input
+``captions``            stage 3: image -> caption (``plain`` template)
+``conversations``       stage 4: the whole conversation with ``data.template``, multi-image allowed
+======================  ========================================================================
+
+The caption is the sample's first answer. A sample whose expanded length exceeds ``data.max_length``
+raises :class:`BadSample`, which the loader counts and skips (preparation already rejected samples
+too long for the longest view, so this only fires when a stage is configured longer than the data
+was prepared for).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from maven_dist.data.batch import Batch
+from maven_dist.data.templates import check_turns, render
+from maven_dist.model.sequence import visual_tokens_per_image
+from maven_dist.model.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER, VocabLayout
+
+DATA_VIEWS = ("patch_labels", "discrete_alignment", "captions", "conversations")
+
+
+class BadSample(ValueError):
+    """A sample that cannot be turned into training input; the loader logs it and skips it."""
+
+
+class DataError(RuntimeError):
+    """The shards cannot serve this view at all (e.g. a column is missing); the message says what to run."""
+
+
+@dataclass
+class Example:
+    sample_id: str
+    pixel_values: list[torch.Tensor] = field(default_factory=list)
+    """One [3, S, S] tensor per image, in placeholder order."""
+    image_codes: list[list[int]] = field(default_factory=list)
+    """One code list per image (empty lists when the view does not need codes)."""
+    input_ids: list[int] | None = None
+    labels: list[int] | None = None
+    patch_labels: list[list[int]] | None = None
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Everything a worker needs to turn a row into an example (picklable, no model objects)."""
+
+    name: str
+    template: str = "vicuna_v1"
+    max_length: int = 2048
+    num_codes: int = 32
+    num_patches: int = 576
+    keep_ratio: float = 0.25
+    views: tuple[str, ...] = ("discrete", "continuous")
+    t2i_fraction: float = 0.5
+    seed: int = 0
+
+    @property
+    def needs_codes(self) -> bool:
+        return self.name in ("patch_labels", "discrete_alignment") or "discrete" in self.views
+
+    @property
+    def needs_patch_labels(self) -> bool:
+        return self.name == "patch_labels"
+
+    @property
+    def tokens_per_image(self) -> int:
+        # Stage 2 feeds only the discrete view whatever stage.views says.
+        views = ("discrete",) if self.name == "discrete_alignment" else self.views
+        return visual_tokens_per_image(self.num_codes, self.num_patches, self.keep_ratio, views)
+
+    @property
+    def columns(self) -> list[str]:
+        cols = ["id", "conversations", "images"]
+        if self.needs_codes:
+            cols.append("image_codes")
+        if self.needs_patch_labels:
+            cols.append("patch_labels")
+        return cols
+
+    def check_columns(self, column_names: Sequence[str], where: str) -> None:
+        """Raise DataError naming the tool to run when the shards lack a column this view needs."""
+        if self.needs_codes and "image_codes" not in column_names:
+            raise DataError(
+                f"{where} has no 'image_codes' column, which view {self.name!r} with views {list(self.views)} "
+                "needs: run tools/tokenize_images.py on the shards first"
+            )
+        if self.needs_patch_labels and "patch_labels" not in column_names:
+            raise DataError(
+                f"{where} has no 'patch_labels' column, which stage 1 needs: "
+                "run tools/make_pseudo_labels.py on the shards first"
+            )
+
+    def is_text_to_image(self, sample_id: str, num_images: int) -> bool:
+        """Stage 2's per-sample direction, fixed by (seed, id) so it never depends on order or workers."""
+        if self.name != "discrete_alignment" or num_images != 1:
+            return False
+        digest = hashlib.sha256(f"{self.seed}:{sample_id}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.t2i_fraction
+
+
+def decode_image(data: bytes, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    with Image.open(io.BytesIO(data)) as image:
+        return transform(image)
+
+
+def make_example(
+    spec: ViewSpec,
+    row: dict,
+    tokenizer,
+    layout: VocabLayout | None,
+    transform: Callable[[Image.Image], torch.Tensor],
+) -> Example:
+    """One shard row (a dict of ``spec.columns``) -> Example; raises BadSample with the reason."""
+    sample_id, images = row["id"], row["images"]
+    codes = row.get("image_codes") if spec.needs_codes else None
+    if spec.needs_codes and (codes is None or any(c is None for c in codes)):
+        raise BadSample("image_codes is null for this sample: re-run tools/tokenize_images.py")
+    if codes is not None:
+        for c in codes:
+            if len(c) != spec.num_codes:
+                raise BadSample(f"an image has {len(c)} codes, model.discrete.num_codes is {spec.num_codes}")
+    example = Example(
+        sample_id, image_codes=[list(c) for c in codes] if codes is not None else [[] for _ in images]
+    )
+
+    if spec.name == "patch_labels":
+        labels = row.get("patch_labels")
+        if labels is None or any(lab is None for lab in labels):
+            raise BadSample("patch_labels is null for this sample: re-run tools/make_pseudo_labels.py")
+        for lab in labels:
+            if len(lab) != spec.num_patches:
+                raise BadSample(
+                    f"patch_labels has {len(lab)} entries, the tower has {spec.num_patches} patches"
+                )
+        example.patch_labels = [list(lab) for lab in labels]
+        example.pixel_values = [decode_image(b, transform) for b in images]
+        return example
+
+    turns = row["conversations"]
+    if spec.is_text_to_image(sample_id, len(images)):
+        if layout is None:
+            raise DataError("view 'discrete_alignment' needs the VocabLayout to spell codes as tokens")
+        caption = check_turns(turns)[0][1]
+        prompt = [tokenizer.bos_token_id] + tokenizer.encode(caption, add_special_tokens=False)
+        target = [
+            layout.img_start_id,
+            *layout.code_to_token_id(torch.tensor(codes[0])).tolist(),
+            layout.img_end_id,
+        ]
+        example.input_ids = prompt + target
+        example.labels = [IGNORE_INDEX] * len(prompt) + target
+        example.image_codes = []  # the codes are in the text; this sample contributes no image input
+        length = len(example.input_ids)
+    else:
+        template = spec.template if spec.name == "conversations" else "plain"
+        if template == "plain":
+            question, answer = check_turns(turns)[0]
+            turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+            if question.count(IMAGE_PLACEHOLDER) != len(images):
+                raise BadSample(
+                    f"the first question has {question.count(IMAGE_PLACEHOLDER)} <image> but the sample has "
+                    f"{len(images)} images; view {spec.name!r} uses the first round only"
+                )
+        rendered = render(turns, template, tokenizer)
+        example.input_ids, example.labels = rendered.input_ids, rendered.labels
+        example.pixel_values = [decode_image(b, transform) for b in images]
+        length = rendered.expanded_length(spec.tokens_per_image)
+    if length > spec.max_length:
+        raise BadSample(f"{length} tokens after image expansion > data.max_length {spec.max_length}")
+    return example
+
+
+def collate(examples: Sequence[Example], pad_id: int, image_size: int) -> Batch:
+    """Right-pad text, stack images sample-major (the k-th placeholder is image k)."""
+    pixels = [p for e in examples for p in e.pixel_values]
+    codes = [c for e in examples for c in e.image_codes]
+    pixel_values = torch.stack(pixels) if pixels else torch.zeros(0, 3, image_size, image_size)
+    width = max((len(c) for c in codes), default=0)
+    image_codes = (
+        torch.tensor(codes, dtype=torch.long)
+        if codes and width
+        else torch.zeros(len(codes), 0, dtype=torch.long)
+    )
+    batch = Batch(
+        pixel_values=pixel_values, image_codes=image_codes, sample_ids=[e.sample_id for e in examples]
+    )
+    if examples and examples[0].patch_labels is not None:
+        batch.patch_labels = torch.tensor(
+            [lab for e in examples for lab in e.patch_labels], dtype=torch.float32
+        )
+    if examples and examples[0].input_ids is not None:
+        length = max(len(e.input_ids) for e in examples)
+        input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for b, e in enumerate(examples):
+            n = len(e.input_ids)
+            input_ids[b, :n] = torch.tensor(e.input_ids)
+            labels[b, :n] = torch.tensor(e.labels)
+            mask[b, :n] = 1
+        batch.input_ids, batch.labels, batch.attention_mask = input_ids, labels, mask
+    return batch

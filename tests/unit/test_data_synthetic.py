@@ -1,0 +1,106 @@
+"""Synthetic shapes set (exact masks, COCO annotations, LLaVA JSON) and the tiny recipe's tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+from transformers import AutoTokenizer
+
+from maven_dist.data.synthetic import COLOURS, SHAPES, caption, generate_synthetic
+from maven_dist.data.tokenizer_training import BYTE_TOKENS, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return generate_synthetic(tmp_path_factory.mktemp("synth"), num_images=9, seed=3, image_size=64)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_deterministic_per_seed(synth, tmp_path):
+    again = generate_synthetic(tmp_path / "a", num_images=9, seed=3, image_size=64)
+    assert _files(again.root) == _files(synth.root)
+    other = generate_synthetic(tmp_path / "b", num_images=9, seed=4, image_size=64)
+    assert _files(other.root)["captions.json"] != _files(synth.root)["captions.json"]
+
+
+def test_coco_annotations_decode_to_the_exact_masks_and_pixels(synth):
+    coco = COCO(str(synth.instances_json))
+    assert [c["name"] for c in coco.dataset["categories"]] == list(SHAPES)
+    kinds = set()
+    for index, info in enumerate(coco.dataset["images"]):
+        image = synth.images[index]
+        assert (info["file_name"], info["width"], info["height"]) == (
+            image.file_name,
+            image.width,
+            image.height,
+        )
+        pixels = np.asarray(Image.open(synth.image_root / image.file_name).convert("RGB"))
+        assert pixels.shape == (image.height, image.width, 3)
+        masks = synth.masks(index)
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=info["id"]))
+        assert len(anns) == len(masks) == len(image.objects)
+        for ann, mask, obj in zip(anns, masks, image.objects, strict=True):
+            kinds.add(type(ann["segmentation"]).__name__)
+            np.testing.assert_array_equal(coco.annToMask(ann).astype(bool), mask)
+            assert ann["area"] == mask.sum() > 0
+            assert coco.cats[ann["category_id"]]["name"] == obj.shape and ann["colour"] == obj.colour
+            assert (pixels[mask] == COLOURS[obj.colour]).all()
+        overlap = masks.sum(0)
+        assert overlap.max() <= 1  # objects never hide each other
+    assert kinds == {"list", "dict"}  # polygons and RLE both occur
+    assert {(i.width == i.height) for i in synth.images} == {True, False}  # letterboxing matters
+
+
+def test_llava_json_matches_the_objects(synth):
+    captions = json.loads(synth.captions_json.read_text())
+    assert len(captions) == len(synth.images)
+    for record, image in zip(captions, synth.images, strict=True):
+        assert record["image"] == image.file_name
+        assert record["conversations"][0]["value"].startswith("<image>\n")
+        assert record["conversations"][1]["value"] == caption(image)
+    conversations = json.loads(synth.conversations_json.read_text())
+    pairs = [c for c in conversations if isinstance(c["image"], list)]
+    assert len(pairs) == len(synth.images) // 2
+    by_name = {i.file_name: i for i in synth.images}
+    for record in pairs:
+        question, answer = (t["value"] for t in record["conversations"])
+        assert question.count("<image>") == 2
+        words = question.rstrip("?").split()
+        colour, shape = words[-2], words[-1][:-1]
+        na, nb = (by_name[name].count(shape, colour) for name in record["image"])
+        expected = "Both" if na == nb else ("The first" if na > nb else "The second")
+        assert answer.startswith(expected), (question, answer, na, nb)
+    assert len({c["id"] for c in captions + conversations}) == len(captions) + len(conversations)
+
+
+def test_tokenizer_layout_roundtrip_and_determinism(synth, tmp_path):
+    texts = synth.captions_txt.read_text().splitlines()
+    tok = train_tokenizer(texts, tmp_path / "tok", vocab_size=400)
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert [loaded.unk_token_id, loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id] == [
+        0,
+        1,
+        2,
+        0,
+    ]
+    assert loaded.convert_ids_to_tokens(list(range(3, 259))) == BYTE_TOKENS
+    assert len(loaded) <= 400
+    for text in ["A red circle on a striped background.", "Ünïcødé 日本語 ✓ and\ttabs\nnewlines"]:
+        ids = loaded(text).input_ids
+        assert ids[0] == 1 and loaded.unk_token_id not in ids
+        assert loaded.decode(ids, skip_special_tokens=True) == text
+    # Learned pieces make in-domain text shorter than bytes.
+    assert len(loaded.encode(texts[1], add_special_tokens=False)) < len(texts[1].encode()) / 2
+    again = train_tokenizer(texts, tmp_path / "tok2", vocab_size=400)
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == (
+        tmp_path / "tok2" / "tokenizer.json"
+    ).read_bytes()
+    assert again.get_vocab() == tok.get_vocab()
