@@ -367,6 +367,44 @@ class TrackingConfig:
     """MLflow experiment (one per recipe family)."""
     enabled: bool = True
     """Log to MLflow at all."""
+    flush_interval_s: float = 5.0
+    """Seconds between background sends of buffered metrics (one log_batch of up to 1000 values each)."""
+    flush_timeout_s: float = 30.0
+    """Longest end_stage/close wait for the store; what is still unsent then goes to {run_dir}/mlflow_spool."""
+    max_buffered_metrics: int = 200_000
+    """Metric values kept in memory while the store is unreachable (~40 MB); the oldest are dropped beyond."""
+    system_metrics_interval_s: float = 30.0
+    """Seconds between psutil CPU/memory (and CUDA memory) samples logged as system/*; 0 disables."""
+    http_timeout_s: float = 10.0
+    """Per-request HTTP timeout against a tracking server (MLFLOW_HTTP_REQUEST_TIMEOUT unless set)."""
+
+    def validate(self) -> None:
+        for name in ("flush_interval_s", "http_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"tracking.{name}={getattr(self, name)} must be > 0")
+        for name in ("flush_timeout_s", "system_metrics_interval_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"tracking.{name}={getattr(self, name)} must be >= 0 (0 disables)")
+        if self.max_buffered_metrics < 1000:
+            raise ConfigError(
+                f"tracking.max_buffered_metrics={self.max_buffered_metrics} must be >= 1000 "
+                "(one full log_batch)"
+            )
+        if not self.experiment.strip():
+            raise ConfigError("tracking.experiment is empty; name the recipe family, e.g. maven-7b")
+
+
+@dataclass
+class EmbeddedConfig:
+    enabled: bool = False
+    """Before training, build whatever of the embedded default is missing: synthetic images, tokenizer,
+    random base models, shards, patch labels and visual codes (the tiny recipe; see maven_dist/data/embedded.py)."""
+    num_images: int = 160
+    """Synthetic images to generate."""
+    image_size: int = 112
+    """Side of the larger dimension of each synthetic image."""
+    tokenizer_vocab_size: int = 512
+    """Text vocabulary of the tokenizer trained on the synthetic texts."""
 
 
 @dataclass
@@ -387,6 +425,8 @@ class Config:
     """Checkpointing."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment tracking."""
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    """The embedded default data and base models (CPU demo and tests)."""
 
     def validate(self) -> None:
         self.model.validate()
@@ -394,6 +434,7 @@ class Config:
         self.stage.validate()
         self.parallel.validate()
         self.checkpoint.validate()
+        self.tracking.validate()
         tp = self.parallel.tp
         if self.model.vocab.pad_to_multiple_of % (128 * tp):
             raise ConfigError(
@@ -416,7 +457,7 @@ class Config:
     def fingerprint(self) -> str:
         """Hash of everything that changes what training computes (not where it writes or logs)."""
         d = self.to_dict()
-        for volatile in ("run_dir", "tracking", "checkpoint"):
+        for volatile in ("run_dir", "tracking", "checkpoint", "embedded"):
             d.pop(volatile)
         d["stage"].pop("log_every")
         d["data"].pop("num_workers")  # the loader resumes exactly with any worker count
@@ -454,11 +495,14 @@ def _load_yaml_with_inherit(path: Path, seen: tuple[Path, ...]) -> dict[str, Any
         raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping at top level, got {type(data).__name__}")
-    parent = data.pop("inherit", None)
-    if parent is None:
+    parents = data.pop("inherit", None)
+    if parents is None:
         return data
-    base = _load_yaml_with_inherit(path.parent / parent, seen + (path.resolve(),))
-    return _deep_merge(base, data)
+    merged: dict[str, Any] = {}
+    # A list of parents merges left to right, then this file on top.
+    for parent in parents if isinstance(parents, list) else [parents]:
+        merged = _deep_merge(merged, _load_yaml_with_inherit(path.parent / parent, seen + (path.resolve(),)))
+    return _deep_merge(merged, data)
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -490,13 +534,13 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        where = prefix or "top level"
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!r} in {where}; allowed: {sorted(fields)}")
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' in {where}; allowed: {sorted(fields)}")
     kwargs = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in fields if name in raw}
     return cls(**kwargs)
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from maven_dist.config import Config, save_config
+from maven_dist.data.embedded import maybe_prepare_embedded
 from maven_dist.launch.preemption import REQUEUE_EXIT_CODE, install_preemption_handler, preemption_requested
 from maven_dist.parallel.dims import ParallelDims
 from maven_dist.parallel.distributed import DistEnv, all_reduce_max, barrier, init_distributed, print0
@@ -74,6 +75,7 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
         stage_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, stage_dir / "resolved_recipe.yaml")
 
+    maybe_prepare_embedded(cfg, env)
     source = resolve_model_source(cfg, env)
     tokenizer, layout = load_stage_tokenizer(cfg, source)
     dp_rank = env.rank // (dims.tp * dims.pp)

@@ -1,0 +1,101 @@
+"""The embedded default: everything the tiny recipe needs, built on this machine, once.
+
+    {run_dir}/data/synthetic/        images, masks, captions.json, conversations.json, instances.json
+    {run_dir}/base/llm/              tokenizer trained on the synthetic texts + a random tiny LLaMA
+    {run_dir}/base/vision_tower/     a random tiny CLIP tower + its image processor config
+    {run_dir}/base/kmeans_tokenizer/ the small VQ tokenizer, k-means over the tower's pooled features
+    {run_dir}/data/captions/         shards of captions.json with patch labels and visual codes
+    {run_dir}/data/conversations/    shards of conversations.json with visual codes
+
+Each step runs the same tools a user runs on real data (tools/prepare_data.py,
+tools/make_pseudo_labels.py, tools/tokenize_images.py, as functions) and is skipped when its
+output exists, so calling this before every stage costs nothing after the first time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from maven_dist.config import Config
+from maven_dist.parallel.distributed import DistEnv, barrier, print0
+
+_DONE = ".done"
+
+
+def maybe_prepare_embedded(cfg: Config, env: DistEnv) -> None:
+    """Build what is missing on rank 0 while the other ranks wait."""
+    if not cfg.embedded.enabled:
+        return
+    if env.is_main:
+        prepare_embedded(cfg)
+    barrier()
+
+
+def prepare_embedded(cfg: Config) -> None:
+    from maven_dist.data.prepare import PrepareOptions, prepare
+    from maven_dist.data.synthetic import generate_synthetic
+    from maven_dist.data.tokenizer_training import train_tokenizer
+    from maven_dist.model.build import build_random_llm, build_random_vision_tower
+    from maven_dist.model.discrete_kmeans import train_kmeans_tokenizer
+    from maven_dist.pseudo_labels.make_labels import make_patch_labels
+    from maven_dist.pseudo_labels.shard_jobs import tokenize_shards
+
+    run = Path(cfg.run_dir)
+    synthetic_dir = run / "data" / "synthetic"
+    if not (synthetic_dir / _DONE).exists():
+        print0(f"[embedded] generating {cfg.embedded.num_images} synthetic images in {synthetic_dir}")
+        generate_synthetic(synthetic_dir, cfg.embedded.num_images, cfg.seed, cfg.embedded.image_size)
+        (synthetic_dir / _DONE).touch()
+
+    llm_dir = cfg.resolve_path(cfg.model.llm.path)
+    if cfg.model.llm.init == "random" and not (llm_dir / "config.json").is_file():
+        print0(f"[embedded] training the tokenizer and building a random LLM in {llm_dir}")
+        texts = (synthetic_dir / "captions.txt").read_text().splitlines()
+        tokenizer = train_tokenizer(texts, llm_dir, vocab_size=cfg.embedded.tokenizer_vocab_size)
+        build_random_llm(cfg.model.llm, tokenizer, llm_dir, cfg.seed)
+    tower_dir = cfg.resolve_path(cfg.model.vision.path)
+    if cfg.model.vision.init == "random" and not (tower_dir / "config.json").is_file():
+        print0(f"[embedded] building a random vision tower in {tower_dir}")
+        build_random_vision_tower(cfg.model.vision, tower_dir, cfg.seed)
+
+    shard_sets = {"captions": synthetic_dir / "captions.json", "conversations": synthetic_dir / "conversations.json"}
+    for name, source in shard_sets.items():
+        out = run / "data" / name
+        if not (out / "manifest.json").is_file():
+            print0(f"[embedded] preparing shards {out}")
+            options = PrepareOptions(
+                image_root=synthetic_dir / "images",
+                out_dir=out,
+                tokenizer_dir=llm_dir,
+                template="plain" if name == "captions" else "vicuna_v1",
+                max_length=cfg.data.max_length,
+                num_codes=cfg.model.discrete.num_codes,
+                num_patches=cfg.model.vision.num_patches,
+                keep_ratio=cfg.model.selector.keep_ratio,
+                shard_size=64,
+                num_workers=0,
+                progress=False,
+            )
+            prepare([source], options)
+
+    make_patch_labels(
+        run / "data" / "captions",
+        "coco",
+        grid=cfg.model.vision.image_size // cfg.model.vision.patch_size,
+        annotations=[synthetic_dir / "instances.json"],
+        progress=False,
+    )
+
+    kmeans_dir = cfg.resolve_path(cfg.model.discrete.path)
+    if not (kmeans_dir / "config.json").is_file():
+        print0(f"[embedded] training the k-means visual tokenizer in {kmeans_dir}")
+        train_kmeans_tokenizer(
+            run / "data" / "captions",
+            tower_dir,
+            kmeans_dir,
+            codebook_size=cfg.model.discrete.codebook_size,
+            num_codes=cfg.model.discrete.num_codes,
+            seed=cfg.seed,
+        )
+    for name in shard_sets:
+        tokenize_shards(run / "data" / name, "kmeans", kmeans_dir, progress=False)

@@ -1,0 +1,45 @@
+"""Project-wide fixtures: tiny random base models saved to disk and loaded back like real ones."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass(frozen=True)
+class TinyBase:
+    llm_dir: Path
+    tower_dir: Path
+
+
+TEXTS = [
+    "a red circle and a blue square on a striped background",
+    "which image has more green triangles ?",
+    "two yellow squares above a purple circle",
+    "USER: what colour is the circle ? ASSISTANT: the circle is red .",
+] * 20
+
+
+def build_tiny_base(root: Path, image_size: int = 56, vocab_size: int = 320) -> TinyBase:
+    from maven_dist.config import LLMConfig, VisionConfig
+    from maven_dist.data.tokenizer_training import train_tokenizer
+    from maven_dist.model.build import build_random_llm, build_random_vision_tower
+
+    tokenizer = train_tokenizer(TEXTS, root / "llm", vocab_size=vocab_size)
+    llm = LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_position_embeddings=1024)
+    vision = VisionConfig(image_size=image_size, patch_size=14, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    build_random_llm(llm, tokenizer, root / "llm", seed=0)
+    build_random_vision_tower(vision, root / "tower", seed=0)
+    return TinyBase(root / "llm", root / "tower")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> TinyBase:
+    """A tokenizer, a 2-layer LLaMA and a 2-layer CLIP tower (56 px, 4x4 patches) on disk."""
+    return build_tiny_base(tmp_path_factory.mktemp("tiny_base"))
