@@ -94,15 +94,16 @@ class ViewSpec:
 
     def check_columns(self, column_names: Sequence[str], where: str) -> None:
         """Raise DataError naming the tool to run when the shards lack a column this view needs."""
+        missing = []
         if self.needs_codes and "image_codes" not in column_names:
-            raise DataError(
-                f"{where} has no 'image_codes' column, which view {self.name!r} with views {list(self.views)} "
-                "needs: run tools/tokenize_images.py on the shards first"
+            missing.append(
+                f"'image_codes' (view {self.name!r} with views {list(self.views)}): run tools/tokenize_images.py"
             )
         if self.needs_patch_labels and "patch_labels" not in column_names:
+            missing.append("'patch_labels' (stage 1 targets): run tools/make_pseudo_labels.py")
+        if missing:
             raise DataError(
-                f"{where} has no 'patch_labels' column, which stage 1 needs: "
-                "run tools/make_pseudo_labels.py on the shards first"
+                f"{where} lacks columns this stage needs: {'; '.join(missing)} on the shards first"
             )
 
     def is_text_to_image(self, sample_id: str, num_images: int) -> bool:

@@ -1,0 +1,295 @@
+"""The shard loader: round trip against direct decoding, exact resume (ranks, worker counts), stage views."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoTokenizer
+
+from maven_dist.config import Config
+from maven_dist.data.image_transform import ImageTransform
+from maven_dist.data.loader import GROUP_STEPS, ShardIndex, build_loader, plan_epoch
+from maven_dist.data.prepare import PrepareOptions, prepare
+from maven_dist.data.shards import list_shards, read_shard, update_shard_columns
+from maven_dist.data.synthetic import generate_synthetic
+from maven_dist.data.templates import render
+from maven_dist.data.tokenizer_training import train_tokenizer
+from maven_dist.data.views import DataError
+from maven_dist.model.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, extend_tokenizer
+from maven_dist.pseudo_labels.patch_labels import mask_to_patch_labels
+
+SIZE, PATCH, NUM_CODES, CODEBOOK = 32, 8, 8, 64
+GRID = SIZE // PATCH
+
+
+def _codes_for(data: bytes) -> list[int]:
+    """Stand-in visual codes: a fixed function of the image, so tests can recompute them."""
+    digest = hashlib.sha256(data).digest()
+    return [b % CODEBOOK for b in digest[:NUM_CODES]]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    synth = generate_synthetic(root / "synth", num_images=12, seed=1, image_size=48)
+    train_tokenizer(synth.captions_txt.read_text().splitlines(), root / "tok", vocab_size=400)
+    masks = {img.file_name: synth.masks(i).any(0) for i, img in enumerate(synth.images)}
+    dirs = {}
+    for name, resize in (("raw", 0), ("resized", SIZE)):
+        out = root / name
+        options = PrepareOptions(
+            image_root=synth.image_root, out_dir=out, tokenizer_dir=root / "tok", num_codes=NUM_CODES,
+            num_patches=GRID * GRID, resize=resize, shard_size=8, num_workers=0, progress=False,
+        )  # fmt: skip
+        prepare([synth.captions_json, synth.conversations_json], options)
+        for shard in list_shards(out):
+            table = read_shard(shard)
+            paths = table["image_paths"].to_pylist()
+            originals = [[(synth.image_root / p).read_bytes() for p in row] for row in paths]
+            codes = pa.array([[_codes_for(b) for b in row] for row in originals])
+            labels = pa.array([[mask_to_patch_labels(masks[p], GRID).tolist() for p in row] for row in paths])
+            del table
+            update_shard_columns(
+                shard, {"image_codes": lambda _t, c=codes: c, "patch_labels": lambda _t, v=labels: v}
+            )
+        dirs[name] = out
+    records = json.loads(synth.captions_json.read_text()) + json.loads(synth.conversations_json.read_text())
+    return {"synth": synth, "tok": root / "tok", "dirs": dirs, "records": {r["id"]: r for r in records}}
+
+
+def _cfg(
+    world, view="conversations", views=("discrete", "continuous"), data="raw", micro=5, workers=0, **data_kw
+):
+    cfg = Config()
+    cfg.seed = 7
+    cfg.data.path = str(world["dirs"][data])
+    cfg.data.view = view
+    cfg.data.num_workers = workers
+    for k, v in data_kw.items():
+        setattr(cfg.data, k, v)
+    cfg.stage.views = list(views)
+    cfg.stage.micro_batch_size = micro
+    cfg.model.vision.image_size, cfg.model.vision.patch_size = SIZE, PATCH
+    cfg.model.discrete.num_codes, cfg.model.discrete.codebook_size = NUM_CODES, CODEBOOK
+    cfg.model.vocab.pad_to_multiple_of = 128
+    return cfg
+
+
+def _loader(world, dp_rank=0, dp_size=1, **kw):
+    tokenizer = AutoTokenizer.from_pretrained(str(world["tok"]))
+    layout = extend_tokenizer(tokenizer, CODEBOOK, 128)
+    cfg = _cfg(world, **kw)
+    return (
+        build_loader(cfg, tokenizer, layout, dp_rank, dp_size, transform=ImageTransform(SIZE)),
+        tokenizer,
+        layout,
+    )
+
+
+def _take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def _split(batch):
+    """Per sample: (id, input_ids, labels, pixel tensors, codes), following the placeholder order."""
+    out, image = [], 0
+    for b, sample_id in enumerate(batch.sample_ids):
+        ids = batch.input_ids[b][batch.attention_mask[b].bool()]
+        labels = batch.labels[b][batch.attention_mask[b].bool()]
+        n = int((ids == IMAGE_PLACEHOLDER_ID).sum())
+        out.append((sample_id, ids.tolist(), labels.tolist(), batch.pixel_values[image : image + n],
+                    batch.image_codes[image : image + n]))  # fmt: skip
+        image += n
+    assert image == batch.num_images
+    return out
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("data", ["raw", "resized"])
+def test_round_trip_equals_direct_decoding(world, data):
+    loader, tokenizer, _ = _loader(world, data=data, workers=2)
+    assert loader.batches_per_epoch == len(world["records"]) // 5 == 6
+    transform = ImageTransform(SIZE)
+    seen = set()
+    for batch in _take(loader, loader.batches_per_epoch):
+        assert batch.pixel_values.shape[1:] == (3, SIZE, SIZE)
+        for sample_id, ids, labels, pixels, codes in _split(batch):
+            record = world["records"][sample_id]
+            direct = render(record["conversations"], "vicuna_v1", tokenizer)
+            assert ids == direct.input_ids and labels == direct.labels
+            paths = record.get("image", [])
+            paths = [paths] if isinstance(paths, str) else paths
+            expected = [transform(Image.open(world["synth"].image_root / p)) for p in paths]
+            assert [_digest(p) for p in pixels] == [_digest(e) for e in expected]
+            raw = [(world["synth"].image_root / p).read_bytes() for p in paths]
+            assert codes.tolist() == [_codes_for(b) for b in raw]
+            seen.add(sample_id)
+    assert seen == set(world["records"])  # one epoch = every sample once
+    assert loader.state_dict()["epoch"] == 1 and loader.num_skipped == 0
+
+
+def _signature(batches):
+    return [
+        (b.sample_ids, b.input_ids.tolist(), _digest(b.pixel_values), b.image_codes.tolist()) for b in batches
+    ]
+
+
+@pytest.mark.parametrize("dp_size", [1, 2])
+def test_resume_is_exact_with_other_worker_counts(world, dp_size):
+    micro = 3
+    for rank in range(dp_size):
+        full, _, _ = _loader(world, dp_rank=rank, dp_size=dp_size, micro=micro, workers=2)
+        per_epoch = full.batches_per_epoch
+        assert per_epoch == len(world["records"]) // (micro * dp_size)
+        total = per_epoch + 3  # crosses an epoch boundary
+        expected = _signature(_take(full, total))
+        stop = per_epoch - 1
+        first, _, _ = _loader(world, dp_rank=rank, dp_size=dp_size, micro=micro, workers=0)
+        head = _signature(_take(first, stop))
+        state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
+        second, _, _ = _loader(world, dp_rank=rank, dp_size=dp_size, micro=micro, workers=1)
+        second.load_state_dict(state)
+        tail = _signature(_take(second, total - stop))
+        assert head + tail == expected
+        assert second.state_dict()["epoch"] == 1
+    if dp_size == 2:  # ranks see disjoint halves of every epoch
+        r0, _, _ = _loader(world, dp_rank=0, dp_size=2, micro=micro)
+        r1, _, _ = _loader(world, dp_rank=1, dp_size=2, micro=micro)
+        for epoch in range(2):
+            a = {i for b in r0.epoch_batches(epoch) for i in b}
+            b = {i for b in r1.epoch_batches(epoch) for i in b}
+            assert not a & b and len(a) == len(b) == r0.batches_per_epoch * micro
+        assert r0.epoch_batches(0) != r0.epoch_batches(1)  # reshuffled per epoch
+    with pytest.raises(ValueError, match="dp_size"):
+        other, _, _ = _loader(world, dp_size=dp_size + 1, micro=micro)
+        other.load_state_dict(state)
+
+
+def test_plan_groups_by_modality_and_length(world):
+    index = ShardIndex(world["dirs"]["raw"])
+    steps = plan_epoch(
+        index, seed=0, epoch=0, micro_batch_size=2, dp_size=1, shuffle=True, group_by_length=True
+    )
+    assert steps == plan_epoch(index, 0, 0, 2, 1, True, True)
+    flat = [i for s in steps for i in s]
+    assert len(flat) == len(set(flat)) == len(index) // 2 * 2
+    for step in steps:
+        keys = [(index.num_images[i], -index.lengths[i]) for i in step]
+        assert keys == sorted(keys)
+    # Grouping pads less than a plain shuffle.
+    plain = plan_epoch(index, 0, 0, 2, 1, True, False)
+
+    def padding(plan):
+        return sum(max(index.lengths[s]) * len(s) - sum(index.lengths[s]) for s in plan)
+
+    assert padding(steps) < padding(plain)
+    assert GROUP_STEPS >= 1
+    ordered = plan_epoch(index, 0, 0, 2, 1, False, False)
+    assert [i for s in ordered for i in s] == list(range(len(index) // 2 * 2))
+
+
+def test_stage_views(world):
+    # Stage 1: images, codes and patch labels, no text.
+    loader, _, _ = _loader(world, view="patch_labels", data="resized", micro=4)
+    batch = _take(loader, 1)[0]
+    assert batch.input_ids is None
+    assert batch.patch_labels.shape == (batch.num_images, GRID * GRID)
+    assert batch.image_codes.shape == (batch.num_images, NUM_CODES)
+    assert set(batch.patch_labels.unique().tolist()) <= {0.0, 1.0}
+
+    # Stage 2: image -> caption, or caption -> <img> codes </img> as the only targets.
+    loader, tokenizer, layout = _loader(
+        world, view="discrete_alignment", views=("discrete",), micro=4, t2i_fraction=0.5
+    )
+    directions = []
+    for batch in _take(loader, loader.batches_per_epoch):
+        assert (
+            (batch.input_ids == IMAGE_PLACEHOLDER_ID).sum() == batch.num_images == batch.image_codes.shape[0]
+        )
+        for sample_id, ids, labels, pixels, _codes in _split(batch):
+            trained = [lab for lab in labels if lab != IGNORE_INDEX]
+            if IMAGE_PLACEHOLDER_ID in ids:
+                directions.append("i2t")
+                assert tokenizer.decode(trained).endswith("\n")
+            else:
+                directions.append("t2i")
+                record = world["records"][sample_id]
+                raw = (world["synth"].image_root / record["image"]).read_bytes()
+                codes = layout.code_to_token_id(torch.tensor(_codes_for(raw))).tolist()
+                assert trained == [layout.img_start_id, *codes, layout.img_end_id]
+                assert tokenizer.decode(ids[1 : -len(trained)]) == record["conversations"][1]["value"]
+                assert len(pixels) == 0
+    assert "t2i" in directions and "i2t" in directions
+    again, _, _ = _loader(world, view="discrete_alignment", views=("discrete",), micro=4, t2i_fraction=0.5)
+    assert _signature(_take(again, 2)) == _signature(
+        _take(_loader(world, view="discrete_alignment", views=("discrete",), micro=4, t2i_fraction=0.5)[0], 2)
+    )
+
+    # Stage 3: plain captions of the first round, continuous view only (codes not needed).
+    loader, tokenizer, _ = _loader(world, view="captions", views=("continuous",), micro=4)
+    batch = _take(loader, 1)[0]
+    for sample_id, ids, labels, _pixels, _codes in _split(batch):
+        answer = world["records"][sample_id]["conversations"][1]["value"]
+        assert tokenizer.decode([lab for lab in labels if lab != IGNORE_INDEX]) == answer + "\n"
+        assert ids[0] == tokenizer.bos_token_id
+
+
+def test_missing_columns_say_which_tool_to_run(world, tmp_path):
+    bare = tmp_path / "bare"
+    options = PrepareOptions(
+        image_root=world["synth"].image_root, out_dir=bare, tokenizer_dir=world["tok"], num_codes=NUM_CODES,
+        num_patches=GRID * GRID, shard_size=64, num_workers=0, progress=False,
+    )  # fmt: skip
+    prepare([world["synth"].captions_json], options)
+    world = {**world, "dirs": {"bare": bare}}
+    with pytest.raises(DataError, match="tools/tokenize_images.py"):
+        _loader(world, data="bare")
+    with pytest.raises(DataError, match="tools/make_pseudo_labels.py"):
+        _loader(world, data="bare", view="patch_labels")
+    loader, _, _ = _loader(world, data="bare", view="captions", views=("continuous",), micro=4)
+    assert _take(loader, 1)[0].image_codes.shape[1] == 0  # not needed, not required
+
+
+def test_bad_samples_are_counted_and_skipped_or_stop_strict(world, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(world["dirs"]["raw"], broken)
+    first = list_shards(broken)[0]
+
+    def corrupt(table):
+        images = table["images"].to_pylist()
+        images[0] = [b"\x89PNG\r\n\x1a\n garbage"]
+        return pa.array(images, pa.list_(pa.binary()))
+
+    bad_id = read_shard(first)["id"][0].as_py()
+    update_shard_columns(first, {"images": corrupt})
+    world = {**world, "dirs": {"broken": broken}}
+    loader, _, _ = _loader(
+        world, data="broken", view="captions", views=("continuous",), micro=5, shuffle=False
+    )
+    seen = [i for b in _take(loader, loader.batches_per_epoch) for i in b.sample_ids]
+    assert loader.num_skipped == 1 and bad_id not in seen and len(seen) == len(world["records"]) - 1
+    strict, _, _ = _loader(world, data="broken", view="captions", views=("continuous",), micro=5, shuffle=False,
+                           strict=True)  # fmt: skip
+    with pytest.raises(DataError, match=f"shard-00000.arrow row 0 \\(id '{bad_id}'\\)"):
+        _take(strict, strict.batches_per_epoch)
+
+
+def test_shards_are_memory_mapped_not_read(world):
+    shard = list_shards(world["dirs"]["raw"])[0]
+    before = pa.total_allocated_bytes()
+    table = read_shard(shard)
+    assert table.nbytes > 10_000
+    assert pa.total_allocated_bytes() - before < 1_000  # buffers point into the map, nothing copied
+    assert np.asarray(table["num_tokens"]).size == table.num_rows
