@@ -64,6 +64,11 @@ def preemption_signal() -> int | None:
     return _received[0] if _received else None
 
 
+def received_signals() -> tuple[int, ...]:
+    """Every preemption signal received so far, in order (submitit's ``_interrupt`` sends TERM, then USR2)."""
+    return tuple(_received)
+
+
 def previous_handler(sig: signal.Signals | int) -> object | None:
     """The handler that :func:`install_preemption_handler` replaced for ``sig``, if any."""
     return _previous.get(int(sig))
