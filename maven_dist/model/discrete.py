@@ -9,10 +9,13 @@ training never runs a tokenizer.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from maven_dist.model.discrete_seed import SeedConfig
 
 TokenizerKind = Literal["seed", "kmeans"]
 
@@ -37,13 +40,15 @@ def load_discrete_tokenizer(
     *,
     eva_path: str | Path | None = None,
     tower_path: str | Path | None = None,
+    seed_config: SeedConfig | None = None,
     device: str = "",
     dtype: torch.dtype = torch.float32,
 ) -> DiscreteTokenizer:
     """Load a tokenizer from local files only (safetensors or ``torch.load(weights_only=True)``).
 
     * ``seed``: `path` is ``seed_quantizer.pt`` (or a directory holding it); `eva_path` is the EVA
-      ViT-g weights (``eva_vit_g.pth``) unless the quantizer file carries ``visual_encoder.*`` itself.
+      ViT-g weights (``eva_vit_g.pth``) unless the quantizer file carries ``visual_encoder.*`` itself;
+      `seed_config` defaults to the official shapes (EVA ViT-g, BERT-base Q-Former, 8192 x 32).
     * ``kmeans``: `path` is the directory :func:`train_kmeans_tokenizer` wrote; `tower_path`
       overrides the CLIP tower directory recorded in it.
     """
@@ -51,7 +56,7 @@ def load_discrete_tokenizer(
     if kind == "seed":
         from maven_dist.model.discrete_seed import load_seed_tokenizer
 
-        return load_seed_tokenizer(path, eva_path=eva_path, device=device, dtype=dtype)
+        return load_seed_tokenizer(path, eva_path=eva_path, cfg=seed_config, device=device, dtype=dtype)
     if kind == "kmeans":
         from maven_dist.model.discrete_kmeans import KMeansTokenizer
 
