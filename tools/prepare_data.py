@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--tower", type=Path, help="vision tower dir: take --resize and the pad colour from it")
     p.add_argument("--keep-original", action="store_true", help="also store the original image bytes")
+    p.add_argument("--image-format", choices=["png", "ppm"], default="png",
+                   help="encoding of re-encoded (e.g. resized) images: png is compact, ppm decodes fastest")  # fmt: skip
     p.add_argument("--shard-size", type=int, default=1024, help="records per shard")
     p.add_argument("--workers", type=int, default=2, help="worker processes (0: in this process)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         resize=resize,
         pad_mean=pad_mean,
         keep_original=args.keep_original,
+        image_format=args.image_format,
         shard_size=args.shard_size,
         num_workers=args.workers,
         strict=args.strict,

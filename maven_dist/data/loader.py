@@ -56,7 +56,7 @@ class ShardIndex:
         lengths, images, rows, columns = [], [], [], None
         for path in self.paths:
             table = read_shard(path)
-            if columns is None:
+            if table.num_rows and columns is None:
                 columns = table.column_names
             elif table.num_rows and set(table.column_names) != set(columns):
                 raise DataError(
@@ -159,7 +159,8 @@ class ShardLoader:
     """Iterates :class:`Batch` es of ``micro_batch_size`` samples forever, epoch after epoch.
 
     ``state_dict()`` taken after the k-th yielded batch resumes, via ``load_state_dict``, at batch
-    k+1 exactly, with any ``num_workers``.
+    k+1 exactly, with any ``num_workers``. Call ``load_state_dict`` before ``iter()``, and iterate
+    with one iterator at a time (they share the position).
     """
 
     def __init__(

@@ -24,10 +24,12 @@ import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 
 from maven_dist.data.batch import Batch
+from maven_dist.data.image_transform import ImageTransform
 from maven_dist.data.templates import check_turns, render
 from maven_dist.model.sequence import visual_tokens_per_image
 from maven_dist.model.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER, VocabLayout
@@ -114,8 +116,24 @@ class ViewSpec:
         return int.from_bytes(digest[:8], "big") / 2**64 < self.t2i_fraction
 
 
+def _normalize_square(image: Image.Image, transform: ImageTransform) -> torch.Tensor:
+    """``transform(image)`` for an RGB image already at the tower's size, computed on contiguous memory.
+
+    Same float32 operations in the same order as ``ImageTransform.__call__`` (so bit-identical; the
+    loader round-trip test checks it), but normalising after the HWC -> CHW copy instead of on the
+    strided view, which is ~3x cheaper per image.
+    """
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    mean = torch.tensor(transform.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(transform.std, dtype=torch.float32).view(3, 1, 1)
+    return pixels.sub_(mean).div_(std)
+
+
 def decode_image(data: bytes, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
     with Image.open(io.BytesIO(data)) as image:
+        size = getattr(transform, "image_size", None)
+        if type(transform) is ImageTransform and image.mode == "RGB" and image.size == (size, size):
+            return _normalize_square(image, transform)
         return transform(image)
 
 

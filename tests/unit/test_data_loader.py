@@ -41,11 +41,12 @@ def world(tmp_path_factory):
     train_tokenizer(synth.captions_txt.read_text().splitlines(), root / "tok", vocab_size=400)
     masks = {img.file_name: synth.masks(i).any(0) for i, img in enumerate(synth.images)}
     dirs = {}
-    for name, resize in (("raw", 0), ("resized", SIZE)):
+    for name, resize, image_format in (("raw", 0, "png"), ("resized", SIZE, "png"), ("ppm", SIZE, "ppm")):
         out = root / name
         options = PrepareOptions(
             image_root=synth.image_root, out_dir=out, tokenizer_dir=root / "tok", num_codes=NUM_CODES,
-            num_patches=GRID * GRID, resize=resize, shard_size=8, num_workers=0, progress=False,
+            num_patches=GRID * GRID, resize=resize, image_format=image_format, shard_size=8, num_workers=0,
+            progress=False,
         )  # fmt: skip
         prepare([synth.captions_json, synth.conversations_json], options)
         for shard in list_shards(out):
@@ -115,7 +116,7 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
-@pytest.mark.parametrize("data", ["raw", "resized"])
+@pytest.mark.parametrize("data", ["raw", "resized", "ppm"])
 def test_round_trip_equals_direct_decoding(world, data):
     loader, tokenizer, _ = _loader(world, data=data, workers=2)
     assert loader.batches_per_epoch == len(world["records"]) // 5 == 6

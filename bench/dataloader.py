@@ -1,0 +1,164 @@
+"""Samples/s of our shard loader against a LLaVA-style loader, on the same synthetic set, in one run.
+
+The LLaVA-style loader is what ``llava/train/train.py`` does: ``json.load`` the whole file, then per
+sample open the image with PIL, ``expand2square`` + the CLIP processor (here the identical
+``ImageTransform``), render the conversation, and collate; a ``torch.utils.data.DataLoader`` with the
+same number of workers and batch size runs it. Ours reads prepared Arrow shards (images stored at
+the tower's size, ``--resize``) and decodes whole planned batches in the workers. Both produce the
+same tensors for the same sample (the loader tests check that); preparation is a one-off cost and is
+reported separately.
+
+    python bench/dataloader.py --num-images 512 --image-size 640 --tower-size 336 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoTokenizer
+
+from maven_dist.data.image_transform import ImageTransform
+from maven_dist.data.loader import ShardLoader
+from maven_dist.data.prepare import PrepareOptions, prepare
+from maven_dist.data.synthetic import generate_synthetic
+from maven_dist.data.templates import render
+from maven_dist.data.tokenizer_training import train_tokenizer
+from maven_dist.data.views import Example, ViewSpec, collate
+
+
+class LlavaStyleDataset(torch.utils.data.Dataset):
+    """LLaVA's LazySupervisedDataset, reduced to what matters for speed: json + PIL per sample."""
+
+    def __init__(self, json_path: Path, image_root: Path, tokenizer, transform: ImageTransform) -> None:
+        with open(json_path) as f:
+            self.records = json.load(f)
+        self.image_root, self.tokenizer, self.transform = image_root, tokenizer, transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Example:
+        record = self.records[i]
+        paths = record.get("image", [])
+        paths = [paths] if isinstance(paths, str) else paths
+        pixels = [self.transform(Image.open(self.image_root / p).convert("RGB")) for p in paths]
+        rendered = render(record["conversations"], "vicuna_v1", self.tokenizer)
+        return Example(record["id"], pixels, [[] for _ in paths], rendered.input_ids, rendered.labels)
+
+
+def _hardware() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs visible, torch {torch.__version__}"
+
+
+def _rate(batches, total_samples: int) -> tuple[float, int]:
+    start, seen = time.perf_counter(), 0
+    for batch in batches:
+        seen += len(batch.sample_ids)
+        if seen >= total_samples:
+            break
+    return seen / (time.perf_counter() - start), seen
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-images", type=int, default=384)
+    p.add_argument("--image-size", type=int, default=640, help="source images (larger side), like COCO's 640")
+    p.add_argument("--tower-size", type=int, default=336, help="what the vision tower takes")
+    p.add_argument(
+        "--format", choices=["png", "jpeg"], default="jpeg", help="source image files, LLaVA's are JPEG"
+    )
+    p.add_argument(
+        "--image-format", choices=["png", "ppm"], default="ppm", help="how shards store resized images"
+    )
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--work-dir", type=Path, default=None, help="keep the data here (default: a temp dir)")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work_dir or Path(tmp)
+        synth = generate_synthetic(work / "synth", args.num_images, seed=0, image_size=args.image_size)
+        source = synth.conversations_json
+        if args.format == "jpeg":  # re-encode the set as JPEG, as LLaVA's data is
+            records = json.loads(source.read_text())
+            for path in synth.image_root.glob("*.png"):
+                Image.open(path).save(path.with_suffix(".jpg"), quality=90)
+            for r in records:
+                r["image"] = (
+                    [i.replace(".png", ".jpg") for i in r["image"]]
+                    if isinstance(r["image"], list)
+                    else (r["image"].replace(".png", ".jpg"))
+                )
+            source = work / "conversations_jpeg.json"
+            source.write_text(json.dumps(records))
+        tokenizer_dir = work / "tok"
+        train_tokenizer(synth.captions_txt.read_text().splitlines(), tokenizer_dir, vocab_size=512)
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        transform = ImageTransform(args.tower_size)
+        num_samples = len(json.loads(source.read_text()))
+
+        start = time.perf_counter()
+        options = PrepareOptions(
+            image_root=synth.image_root, out_dir=work / "shards", tokenizer_dir=tokenizer_dir,
+            resize=args.tower_size, image_format=args.image_format, num_workers=args.workers, shard_size=256,
+            progress=False,
+        )  # fmt: skip
+        prepare([source], options)
+        prepare_s = time.perf_counter() - start
+
+        spec = ViewSpec("conversations", views=("continuous",))
+        ours = ShardLoader(work / "shards", spec, tokenizer, None, transform, args.batch_size,
+                           num_workers=args.workers)  # fmt: skip
+        usable = ours.batches_per_epoch * args.batch_size
+
+        def llava_batches():
+            dataset = LlavaStyleDataset(source, synth.image_root, tokenizer, transform)
+            yield from torch.utils.data.DataLoader(
+                dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True,
+                collate_fn=lambda ex: collate(ex, tokenizer.pad_token_id, args.tower_size),
+                multiprocessing_context="fork" if args.workers else None,
+            )  # fmt: skip
+
+        # Warm the page cache for both (same files on the same disk), then time one epoch each.
+        for path in list(synth.image_root.iterdir()) + list((work / "shards").iterdir()):
+            path.read_bytes()
+        llava_rate, llava_n = _rate(llava_batches(), usable)
+        ours_rate, ours_n = _rate(iter(ours), usable)
+
+    result = {
+        "hardware": _hardware(),
+        "samples": num_samples,
+        "timed_samples": {"ours": ours_n, "llava_style": llava_n},
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "source_images": f"{args.format}, larger side {args.image_size}px",
+        "tower_size": args.tower_size,
+        "shard_image_format": args.image_format,
+        "prepare_seconds_one_off": round(prepare_s, 2),
+        "ours_samples_per_s": round(ours_rate, 1),
+        "llava_style_samples_per_s": round(llava_rate, 1),
+        "ratio": round(ours_rate / llava_rate, 2),
+    }
+    print(json.dumps(result, indent=1))
+    print(f"ours / llava-style = {result['ratio']}x (target >= 3x with 2 workers) on {result['hardware']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
