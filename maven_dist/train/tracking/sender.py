@@ -39,6 +39,7 @@ TRANSIENT_ERROR_CODES = frozenset(
     {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
 )
 HEAD_OP_MAX_TRIES = 3
+MAX_REFUSALS_LOGGED = 5
 PARENT_KIND = "launch"
 STAGE_KIND = "stage"
 
@@ -84,6 +85,8 @@ class Sender:
         self._dropped_metrics = 0  # since the current outage began (buffer full)
         self.delivered_metrics = 0
         self.dropped_ops = 0
+        self._permanent_failures = 0
+        self._warned_full = False
         self._client: Any = None
         self._experiment_ids: dict[str, str] = {}
         self._run_ids: dict[tuple[str, str, str], str] = {}
@@ -245,6 +248,7 @@ class Sender:
             )
             self._offline_since = None
             self._dropped_metrics = 0
+            self._warned_full = False
         self._consecutive_failures = 0
         self._remove(batch)
 
@@ -267,16 +271,22 @@ class Sender:
 
     def _on_permanent_failure(self, batch: list[Op], exc: BaseException) -> None:
         self.dropped_ops += len(batch)
+        self._permanent_failures += 1
         op = batch[0]
-        logger.warning(
-            "MLflow store %s refused a %r op for launch %s stage %s; dropping it (%d ops): %s",
-            self.uri,
-            op.kind,
-            op.launch_id,
-            op.stage or "-",
-            len(batch),
-            _short(exc),
-        )
+        # The first few refusals are logged in full; after that one line per hundred, so a store that
+        # refuses everything (a deleted experiment, a wrong URI) cannot flood the training log.
+        if self._permanent_failures <= MAX_REFUSALS_LOGGED or self._permanent_failures % 100 == 0:
+            logger.warning(
+                "MLflow store %s refused a %r op for launch %s stage %s; dropping it (%d ops, %d refusals "
+                "so far): %s",
+                self.uri,
+                op.kind,
+                op.launch_id,
+                op.stage or "-",
+                len(batch),
+                self._permanent_failures,
+                _short(exc),
+            )
         self._remove(batch)
 
     def _head_op_is_stuck(self, exc: BaseException) -> bool:
@@ -298,7 +308,7 @@ class Sender:
                 self._dropped_metrics += op.num_metrics
                 continue
             kept.append(op)
-        if self._dropped_metrics and not getattr(self, "_warned_full", False):
+        if self._dropped_metrics and not self._warned_full:
             self._warned_full = True
             logger.warning(
                 "MLflow tracking buffer is full (%d metric values); dropping the oldest values until the "

@@ -1,0 +1,193 @@
+"""A real ``mlflow server`` on 127.0.0.1: four nested stage runs under one parent, and an outage mid-stage.
+
+The server is killed (SIGKILL, as a crashed or rebooted host would be) twice while the stand-in training
+loop keeps logging, and restarted on the same port and store:
+
+* mid stage 2, back mid stage 2: the tracker buffers in memory and flushes when the server returns;
+* mid stage 3, back only after stage 3 finished: stage 3 ends without waiting long, spills what it could
+  not send to the run directory's spool, and stage 4's tracker delivers it first.
+
+Either way every metric logged during an outage must be in the store at the end. The lead's end-to-end
+trainer test covers the same path through the real trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from maven_dist.config import Config
+from maven_dist.train.tracking import MLflowTracker, build_tracker
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+STAGES = ("stage1", "stage2", "stage3", "stage4")
+STEPS = 40
+KILL_AT, RESTART_AT = 10, 30  # stage 2's steps [10, 30) are logged while the server is down
+SPILL_FROM = 20  # stage 3's steps [20, 40) are logged while it is down, and stage 3 ends before it returns
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """``mlflow server`` in its own process group (it forks a uvicorn worker) so a kill takes all of it."""
+
+    def __init__(self, root: Path, port: int) -> None:
+        self.root = root
+        self.port = port
+        self.uri = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        mlflow_bin = Path(sys.executable).with_name("mlflow")
+        cmd = [
+            str(mlflow_bin),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'server.db'}",
+            "--artifacts-destination",
+            str(self.root / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
+        # The job runner (an extra process pool for GenAI jobs) is not needed and slows start-up.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        log = (self.root / "server.log").open("ab")
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=log, env=env, cwd=self.root, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"mlflow server exited with {self.proc.returncode}; see {self.root / 'server.log'}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"mlflow server not healthy after {timeout} s; see {self.root / 'server.log'}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.proc = None
+        # The port must really be dead before the test counts on an outage.
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", self.port)) != 0
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "server"
+    root.mkdir()
+    srv = MlflowServer(root, free_port())
+    srv.start()
+    yield srv
+    srv.kill()
+
+
+def test_four_nested_stages_and_a_server_outage_mid_stage(server, tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("MAVEN_LAUNCH_ID", raising=False)  # the launch id file in run_dir links the stages
+    cfg = Config(run_dir=str(tmp_path / "run"))
+    cfg.tracking.uri = server.uri
+    cfg.tracking.experiment = "maven-it"
+    cfg.tracking.flush_interval_s = 0.2
+    cfg.tracking.flush_timeout_s = 30.0
+    cfg.tracking.system_metrics_interval_s = 0.0
+
+    caplog.set_level(logging.INFO, logger="maven_dist.train.tracking")
+    spool_dir = tmp_path / "run" / "mlflow_spool"
+    for stage in STAGES:
+        if stage == "stage4":
+            assert len(list(spool_dir.glob("*.jsonl"))) == 1, "stage 3 spilled what it could not send"
+            server.start()
+        # One tracker per stage: the pipeline runs each stage as its own process.
+        tracker = build_tracker(cfg, rank=0, world_size=2)
+        assert isinstance(tracker, MLflowTracker)
+        tracker.start_stage(stage, params={"trainer.stage_index": STAGES.index(stage)})
+        tracker.log_dict({"train_micro_batch_size_per_gpu": 1}, "deepspeed_config.json")
+        for step in range(STEPS):
+            if (stage, step) in (("stage2", KILL_AT), ("stage3", SPILL_FROM)):
+                assert tracker.flush(timeout=30), "steps before an outage reach the live server"
+                server.kill()
+            if (stage, step) == ("stage2", RESTART_AT):
+                wait_until(lambda t=tracker: t.sender.offline, timeout=10)  # it noticed, and kept going
+                server.start()
+            tracker.log_metrics({"loss/lm": 4.0 - 0.01 * step, "perf/tokens_per_s": 1000.0 + step}, step=step)
+            time.sleep(0.02)  # a training step
+        started = time.monotonic()
+        tracker.end_stage("FINISHED")
+        tracker.close()
+        if stage == "stage3":
+            assert time.monotonic() - started < 10, (
+                "an unreachable server must not hold up the end of a stage"
+            )
+        else:
+            assert not tracker.sender.offline
+            assert not list(spool_dir.glob("*.jsonl")), "everything was delivered"
+
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("is unreachable" in m for m in messages) == 2  # once per outage
+    assert sum("reachable again" in m for m in messages) == 1  # stage 2 recovered in-process
+    assert sum("replaying" in m for m in messages) == 1  # stage 4 delivered stage 3's spool
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=server.uri)
+    exp = client.get_experiment_by_name("maven-it")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("maven.run_kind") == "launch"]
+    stage_runs = {r.data.tags["maven.stage"]: r for r in runs if r.data.tags.get("maven.run_kind") == "stage"}
+    assert len(parents) == 1 and len(runs) == 5
+    assert sorted(stage_runs) == list(STAGES)
+    for stage, run in stage_runs.items():
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.info.status == "FINISHED"
+        assert run.data.params["trainer.stage_index"] == str(STAGES.index(stage))
+        assert run.data.params["parallel.world_size"] == "2"
+        history = client.get_metric_history(run.info.run_id, "loss/lm")
+        assert sorted(m.step for m in history) == list(range(STEPS)), stage
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"loss_curve.png", "resolved_recipe.yaml", "deepspeed_config.json"} <= artifacts
+
+    # The outages' metrics carry the time they were logged, not the time they were flushed.
+    for stage, lo, hi in (("stage2", KILL_AT, RESTART_AT), ("stage3", SPILL_FROM, STEPS)):
+        outage = sorted(
+            (
+                m
+                for m in client.get_metric_history(stage_runs[stage].info.run_id, "perf/tokens_per_s")
+                if lo <= m.step < hi
+            ),
+            key=lambda m: m.step,
+        )
+        assert [m.value for m in outage] == [1000.0 + s for s in range(lo, hi)], stage
+        assert all(a.timestamp < b.timestamp for a, b in zip(outage, outage[1:], strict=False)), stage
+
+
+def wait_until(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.05)
