@@ -297,6 +297,10 @@ def load_image(path: Path) -> tuple[Image.Image, bytes, str]:
         raise _RecordRejected(
             "unreadable_image", f"image {path} is not an image format PIL can identify"
         ) from err
+    except Image.DecompressionBombError as err:
+        raise _RecordRejected(
+            "unreadable_image", f"image {path} is too large to decode safely ({err})"
+        ) from err
     except (OSError, SyntaxError, ValueError) as err:
         reason = "truncated_image" if "truncat" in str(err).lower() else "unreadable_image"
         raise _RecordRejected(reason, f"image {path} cannot be decoded ({err})") from err
@@ -367,6 +371,21 @@ def _write_json_atomic(obj: object, path: Path, lines: bool = False) -> None:
     os.replace(tmp, path)
 
 
+def _measure(rec: Record, options: PrepareOptions, tokenizer) -> int:
+    """Sequence length with images expanded, as the stage views will render the record."""
+    turns = rec.conversations
+    if options.template == "plain":
+        # `plain` (stages 2-3) renders only the first round, so its images must all be asked about there.
+        turns = turns[:2]
+        asked = turns[0]["value"].count(IMAGE_PLACEHOLDER)
+        if asked != len(rec.images):
+            raise _RecordRejected(
+                "image_count_mismatch",
+                f"template plain uses the first round, which has {asked} {IMAGE_PLACEHOLDER} of {len(rec.images)} images",
+            )
+    return render(turns, options.template, tokenizer).expanded_length(options.tokens_per_image)
+
+
 def _build_shard(task: tuple[int, list[Record], str]) -> ShardResult:
     index, records, fingerprint = task
     options: PrepareOptions = _WORKER["options"]
@@ -383,9 +402,7 @@ def _build_shard(task: tuple[int, list[Record], str]) -> ShardResult:
                 originals.append(data)
                 sizes.append(list(image.size))
                 modes.append(mode)
-            length = render(rec.conversations, options.template, tokenizer).expanded_length(
-                options.tokens_per_image
-            )
+            length = _measure(rec, options, tokenizer)
             if length > options.max_length:
                 raise _RecordRejected(
                     "too_long",
@@ -513,6 +530,7 @@ def prepare(sources: Sequence[Path], options: PrepareOptions) -> dict:
             "images": sum(r.images for r in results),
         },
         "shards": [{"name": shard_name(r.index), "rows": r.rows} for r in results],
+        "rejects_file": "rejects.jsonl",
         "resumed_shards": sum(r.skipped for r in results),
     }
     _write_json_atomic(

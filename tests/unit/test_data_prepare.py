@@ -231,3 +231,26 @@ def test_cli(corpus, tmp_path, monkeypatch, capsys):
         runpy.run_path(str(REPO / "tools" / "prepare_data.py"), run_name="__main__")
     assert code.value.code == 1
     assert "too_long" in capsys.readouterr().err
+
+
+def test_plain_template_measures_the_first_round(corpus, tmp_path):
+    """Stages 2-3 render only the first round: its images must all be there, later rounds are ignored."""
+    records = [
+        {
+            "id": "late-image",
+            "image": "00000.png",
+            "conversations": _turns("Hi?", "Hello.") + _turns("<image>\nAnd?"),
+        },
+        {
+            "id": "multi-round",
+            "image": "00000.png",
+            "conversations": _turns("<image>\nWhat?") + _turns("More?"),
+        },
+    ]
+    source = tmp_path / "rounds.json"
+    source.write_text(json.dumps(records))
+    manifest = prepare([source], _options(corpus, tmp_path / "out", template="plain"))
+    assert manifest["counts"]["rejected_by_reason"] == {"image_count_mismatch": 1}
+    assert [r["id"] for r in _rows(tmp_path / "out")] == ["multi-round"]
+    reject = json.loads((tmp_path / "out" / "rejects.jsonl").read_text())
+    assert reject["id"] == "late-image" and "first round" in reject["message"]

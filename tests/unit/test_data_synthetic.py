@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import runpy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +106,20 @@ def test_tokenizer_layout_roundtrip_and_determinism(synth, tmp_path):
         tmp_path / "tok2" / "tokenizer.json"
     ).read_bytes()
     assert again.get_vocab() == tok.get_vocab()
+
+
+def test_cli_writes_the_same_set(synth, tmp_path, monkeypatch):
+    script = Path(__file__).resolve().parents[2] / "tools" / "make_synthetic.py"
+    argv = [
+        "make_synthetic.py",
+        str(tmp_path / "cli"),
+        "--num-images",
+        "9",
+        "--seed",
+        "3",
+        "--image-size",
+        "64",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    assert _files(tmp_path / "cli") == _files(synth.root)
