@@ -16,7 +16,9 @@ class RunSummary:
     run_id: str
     """MLflow run id."""
     label: str
-    """Column header: ``<launch id>/<stage>`` (or the run name for runs not written by the tracker)."""
+    """``<launch id>/<stage>`` (or the run name for runs not written by the tracker)."""
+    stage: str
+    """The ``maven.stage`` tag, or empty."""
     experiment: str
     """Experiment name."""
     status: str
@@ -81,6 +83,7 @@ def find_runs(
             RunSummary(
                 run_id=run.info.run_id,
                 label=label,
+                stage=tags.get("maven.stage", ""),
                 experiment=names[exp_id],
                 status=run.info.status,
                 metrics=dict(run.data.metrics),
@@ -108,16 +111,25 @@ def format_table(
         metric_keys = [k for k in metric_keys if k.startswith(tuple(metric_prefixes))]
     param_keys = sorted({k for r in runs for k in r.params}) if all_params else differing_params(runs)
 
-    rows: list[list[str]] = [["run"] + [r.label for r in runs]]
+    # Column headers: just the stage when every run is from one launch, else launch/stage.
+    launches = {r.label.rpartition("/")[0] for r in runs}
+    one_launch = len(launches) == 1 and all(r.stage for r in runs)
+    rows: list[list[str]] = [["run"] + [r.stage if one_launch else r.label for r in runs]]
     rows.append(["experiment"] + [r.experiment for r in runs])
     rows.append(["status"] + [r.status for r in runs])
     rows.append(["[final metrics]"] + [""] * len(runs))
     rows += [[k] + [_fmt(r.metrics.get(k)) for r in runs] for k in metric_keys]
     rows.append(["[params that differ]" if not all_params else "[params]"] + [""] * len(runs))
     rows += [[k] + [r.params.get(k, "-") for r in runs] for k in param_keys]
+    if not param_keys:
+        rows.append(["(none)"] + [""] * len(runs))
 
     key_width = max(len(row[0]) for row in rows)
-    cells = [[row[0].ljust(key_width)] + [_cut(c, width).ljust(width) for c in row[1:]] for row in rows]
+    # Run labels keep their tail (the stage and the distinguishing end of the launch id).
+    cells = [
+        [rows[0][0].ljust(key_width)] + [_cut(c, width, keep_end=True).ljust(width) for c in rows[0][1:]]
+    ]
+    cells += [[row[0].ljust(key_width)] + [_cut(c, width).ljust(width) for c in row[1:]] for row in rows[1:]]
     return "\n".join("  ".join(row).rstrip() for row in cells)
 
 
@@ -125,5 +137,7 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.6g}"
 
 
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _cut(text: str, width: int, keep_end: bool = False) -> str:
+    if len(text) <= width:
+        return text
+    return "…" + text[-(width - 1) :] if keep_end else text[: width - 1] + "…"

@@ -6,6 +6,7 @@ keys 250), so nothing here can make a logging call fail.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -142,6 +143,7 @@ def clip_tags(tags: Mapping[str, Any]) -> dict[str, str]:
     return {clip_key(k): clip_value(param_str(v), MAX_TAG_VALUE_LENGTH) for k, v in tags.items()}
 
 
+@functools.cache
 def git_sha(repo: Path | None = None) -> str:
     """HEAD of the checkout the code runs from, with ``-dirty`` when tracked files differ; ``unknown`` outside git."""
     repo = repo or Path(__file__).resolve().parents[3]

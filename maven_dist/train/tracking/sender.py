@@ -182,7 +182,10 @@ class Sender:
                     return
                 self._flush_requested = False
             last_attempt = time.monotonic()
-            self.deliver_pending()
+            try:
+                self.deliver_pending()
+            except Exception:  # a bug here must not silently end tracking for the rest of the run
+                logger.exception("MLflow sender: unexpected error; continuing")
 
     def deliver_pending(self) -> bool:
         """Deliver queued ops in order until the queue is empty (True) or the store is unreachable (False)."""
