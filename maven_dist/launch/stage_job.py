@@ -16,6 +16,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 from dataclasses import dataclass, field, replace
 
 import submitit
@@ -27,6 +28,9 @@ from maven_dist.launch.preemption import (
     reset_preemption,
 )
 from maven_dist.launch.slurm_env import DistEnv, dist_env_from_slurm, port_for_job
+
+USR2_GRACE_S = 3.0
+"""How long a task that saved after TERM waits for the USR2 that may follow before just exiting."""
 
 
 def dist_env_from_submitit(job_env: submitit.JobEnvironment) -> DistEnv:
@@ -98,6 +102,11 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def _after_save(self, dist: DistEnv, submitit_handler: object) -> int:
         """The trainer saved and asked for a requeue: who requeues depends on which signal came."""
+        # submitit's _interrupt() and Slurm's preemption of submitit jobs send TERM, then USR2;
+        # a trainer that saved between the two must still see the USR2 to requeue.
+        deadline = time.monotonic() + USR2_GRACE_S
+        while signal.SIGUSR2 not in received_signals() and time.monotonic() < deadline:
+            time.sleep(0.05)
         if signal.SIGUSR2 not in received_signals() or not callable(submitit_handler):
             # TERM only: Slurm itself is cancelling or requeueing the job; nothing to add.
             raise SystemExit(REQUEUE_EXIT_CODE)

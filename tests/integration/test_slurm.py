@@ -1,0 +1,461 @@
+"""The Slurm path on a real single-node Slurm (slurm/local/start.sh): sbatch scripts, requeue on
+preemption, the submitit launcher (Slurm and --local), the chained recipe, clear errors.
+
+A session fixture starts Slurm with the project's script and stops it at the end (only if it was
+not already running). The stage tests run the real trainer on recipes/tiny; the plumbing tests of
+the launcher itself run this file as a stand-in task (see ``standin_main`` at the bottom), which
+reports its torch.distributed variables and handles USR2 through maven_dist.launch.preemption.
+
+Run alone: ``.venv/bin/pytest tests/integration/test_slurm.py -m integration`` (as root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+TINY = "recipes/tiny"
+# Small enough for 2 cores, long enough to interrupt mid-stage: 12 steps, a checkpoint every 4.
+STAGE_SETS = ["--set", "stage.max_steps=12", "--set", "checkpoint.every_steps=4"]
+JOB_TIMEOUT_S = 600
+
+pytestmark = pytest.mark.integration
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _scontrol_ping() -> bool:
+    if shutil.which("scontrol") is None:
+        return False
+    out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    return "is UP" in out.stdout
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[None]:
+    """A running single-node Slurm, started with slurm/local/start.sh (installs it if needed)."""
+    if os.geteuid() != 0:
+        pytest.skip("starting the single-node Slurm needs root (slurm/local/start.sh)")
+    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
+        pytest.skip("no Slurm and no apt-get to install it")
+    was_up = _scontrol_ping()
+    t0 = time.monotonic()
+    out = subprocess.run(
+        ["bash", str(REPO / "slurm/local/start.sh")], capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, f"slurm/local/start.sh failed:\n{out.stderr[-3000:]}"
+    print(f"Slurm up in {time.monotonic() - t0:.1f} s (already running: {was_up})")
+    yield
+    if not was_up:
+        subprocess.run(
+            ["bash", str(REPO / "slurm/local/stop.sh")], capture_output=True, text=True, timeout=120
+        )
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """The environment of `source slurm/env.local.sh` (CPU node, partition debug)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "MAVEN_"))}
+    env.update(
+        MAVEN_SLURM_ENV=str(REPO / "slurm/env.local.sh"),
+        MAVEN_PYTHON=PYTHON,
+        SBATCH_PARTITION=os.environ.get("MAVEN_SLURM_PARTITION", "debug"),
+        SBATCH_TIMELIMIT="00:30:00",
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+    )
+    env.update(extra)
+    return env
+
+
+def sbatch(
+    cwd: Path, script: str, *args: str, sbatch_opts: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> str:
+    # two CPU tasks on the node: what slurm/env.local.sh would ask for
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        *sbatch_opts,
+        str(REPO / script),
+        *args,
+    ]
+    out = subprocess.run(cmd, cwd=cwd, env=env or job_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"{' '.join(cmd)}: {out.stderr}"
+    return out.stdout.strip().split(";")[0]
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def wait_state(
+    job_id: str, states: tuple[str, ...], timeout: float = JOB_TIMEOUT_S, log: Path | None = None
+) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    info: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        info = job_info(job_id)
+        if info.get("JobState") in states:
+            return info
+        time.sleep(0.5)
+    tail = log.read_text()[-4000:] if log and log.exists() else ""
+    raise AssertionError(
+        f"job {job_id} not in {states} after {timeout} s: {info.get('JobState')} {info.get('Reason')}\n{tail}"
+    )
+
+
+def wait_until(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def stage_log(cwd: Path, stage: str, job_id: str) -> Path:
+    return cwd / f"maven-{stage}-{job_id}.out"
+
+
+def latest_step(run_dir: Path, stage: str) -> int:
+    latest = run_dir / stage / "checkpoints" / "latest"
+    if not latest.exists():
+        return 0
+    return int(re.sub(r"\D", "", latest.read_text()) or 0)
+
+
+def export_tensors(run_dir: Path, stage: str) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted((run_dir / stage / "export").rglob("*.safetensors"))
+    assert files, f"no exported weights under {run_dir / stage / 'export'}"
+    out = {}
+    for f in files:
+        for k, v in load_file(f).items():
+            out[f"{f.name}/{k}"] = v
+    return out
+
+
+def assert_same_weights(a: Path, b: Path, stage: str = "stage4") -> None:
+    import torch
+
+    ta, tb = export_tensors(a, stage), export_tensors(b, stage)
+    assert ta.keys() == tb.keys()
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
+
+
+def mlflow_stage_runs(run_dir: Path, stage: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    db = run_dir / "mlflow.db"
+    assert db.exists(), f"no MLflow store at {db}"
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return [r for r in client.search_runs(experiments) if r.data.tags.get("stage") == stage]
+
+
+# ------------------------------------------------------------------------------------------ plumbing
+
+
+def test_plumbing_ranks_rendezvous_and_usr2_requeue(slurm: None, tmp_path: Path) -> None:
+    """slurm/launch.sh with a stand-in task: 2 ranks, their env, USR2 -> save -> requeue -> resume."""
+    from maven_dist.launch.slurm_env import port_for_job
+
+    run = tmp_path / "run"
+    env = job_env(MAVEN_TRAIN_CMD=f"{PYTHON} {__file__}", STANDIN_STEPS="40")
+    jid = sbatch(tmp_path, "slurm/stage4.sh", f"{TINY}/stage4.yaml", "--set", f"run_dir={run}", env=env)
+    log = stage_log(tmp_path, "stage4", jid)
+    wait_until(lambda: len(list(run.glob("env*.0.json"))) == 2, 120, "both stand-in ranks to start")
+    subprocess.run(["scancel", "--batch", "--signal=USR2", jid], check=True)
+    wait_state(jid, ("COMPLETED",), 180, log)
+    text = log.read_text()
+    assert "USR2: asking the trainer to save and stop" in text
+    assert f"scontrol requeue {jid}" in text and "restart 1" in text
+    for rank in (0, 1):
+        first = json.loads((run / f"env{rank}.0.json").read_text())
+        again = json.loads((run / f"env{rank}.1.json").read_text())
+        assert first["RANK"] == str(rank) and first["LOCAL_RANK"] == str(rank)
+        assert first["WORLD_SIZE"] == first["LOCAL_WORLD_SIZE"] == "2"
+        assert first["MASTER_ADDR"] == "localhost" and first["MASTER_PORT"] == str(port_for_job(jid))
+        assert first["MAVEN_LAUNCHER"] == "sbatch" and again["MAVEN_REQUEUE_COUNT"] == "1"
+        saved = int((run / f"saved{rank}").read_text())
+        assert 0 < saved < 40
+        assert (run / f"step{rank}").read_text() == "40"  # resumed from `saved`, not from 0
+        assert (run / f"resumed{rank}").read_text() == str(saved)
+
+
+def test_plumbing_submitit_local_requeue(tmp_path: Path) -> None:
+    """StageJob under submitit's local executor: the time-out USR2 -> save -> requeue (exit 144) -> resume."""
+    import submitit
+
+    from maven_dist.launch.stage_job import StageJob
+
+    run = tmp_path / "run"
+    ex = submitit.LocalExecutor(folder=tmp_path / "submitit" / "%j")
+    # a 15 s limit, USR2 8 s before it: the stand-in (20 x 0.5 s) is interrupted once
+    ex.update_parameters(tasks_per_node=2, timeout_min=0.25, signal_delay_s=8)
+    os.environ["STANDIN_STEPS"] = "20"
+    try:
+        job = ex.submit(StageJob(str(REPO / TINY / "stage4.yaml"), [f"run_dir={run}"], entry=__file__))
+        assert job.results() == [0, 0]
+    finally:
+        del os.environ["STANDIN_STEPS"]
+    for rank in (0, 1):
+        saved = int((run / f"saved{rank}").read_text())
+        assert 0 < saved < 20 and (run / f"resumed{rank}").read_text() == str(saved)
+        assert (run / f"step{rank}").read_text() == "20"
+        assert json.loads((run / f"env{rank}.0.json").read_text())["MAVEN_LAUNCHER"] == "submitit-local"
+
+
+# ------------------------------------------------------------------------------------------ clear errors
+
+
+@pytest.mark.parametrize(
+    ("args", "sbatch_opts", "env_file", "message"),
+    [
+        (["recipes/tiny/nope.yaml"], (), "env.local.sh", "recipe recipes/tiny/nope.yaml does not exist"),
+        (
+            [f"{TINY}/stage4.yaml", "--set", "parallel.backend=3d", "--set", "parallel.tp=2"],
+            ("--ntasks-per-node=1",),
+            "env.local.sh",
+            "world size 1 (1 node(s) x 1 task(s)) is not a multiple of parallel.tp * parallel.pp = 2 * 1 = 2",
+        ),
+        (
+            [],
+            (),
+            "env.local.sh",
+            "recipes/maven-7b/stage4.yaml trains a ~6.7B-parameter LLM, which needs GPUs",
+        ),
+        ([f"{TINY}/stage4.yaml"], (), "env.sh", "env.sh asks for 8 GPU(s) per node but this job has none"),
+    ],
+)
+def test_sbatch_clear_errors(
+    slurm: None, tmp_path: Path, args: list[str], sbatch_opts: tuple[str, ...], env_file: str, message: str
+) -> None:
+    env = job_env(MAVEN_SLURM_ENV=str(REPO / "slurm" / env_file))
+    jid = sbatch(
+        tmp_path,
+        "slurm/stage4.sh",
+        *args,
+        "--set",
+        f"run_dir={tmp_path / 'run'}",
+        sbatch_opts=sbatch_opts,
+        env=env,
+    )
+    log = stage_log(tmp_path, "stage4", jid)
+    info = wait_state(jid, ("FAILED", "COMPLETED"), 120, log)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0"
+    assert message in log.read_text()
+    assert not (tmp_path / "run" / "stage4" / "checkpoints").exists()
+
+
+def test_submit_mode_refuses_before_queueing(slurm: None, tmp_path: Path) -> None:
+    out = subprocess.run(
+        ["bash", str(REPO / "slurm/stage4.sh"), "recipes/tiny/nope.yaml"],
+        cwd=tmp_path,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "recipe recipes/tiny/nope.yaml does not exist" in out.stderr
+    out = subprocess.run(
+        ["bash", str(REPO / "slurm/recipe.sh"), "recipes/nope"],
+        cwd=tmp_path,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "recipe directory recipes/nope does not exist" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------ real stages
+
+
+@pytest.fixture(scope="session")
+def reference_stage4(slurm: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """`sbatch slurm/stage4.sh recipes/tiny/stage4.yaml`, uninterrupted: (cwd, run_dir, job id)."""
+    cwd = tmp_path_factory.mktemp("reference")
+    run = cwd / "run"
+    jid = sbatch(cwd, "slurm/stage4.sh", f"{TINY}/stage4.yaml", "--set", f"run_dir={run}", *STAGE_SETS)
+    wait_state(
+        jid, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), JOB_TIMEOUT_S, stage_log(cwd, "stage4", jid)
+    )
+    return cwd, run, jid
+
+
+def test_sbatch_stage4_runs_two_tasks_and_writes_checkpoints_and_mlflow(
+    reference_stage4: tuple[Path, Path, str],
+) -> None:
+    cwd, run, jid = reference_stage4
+    log = stage_log(cwd, "stage4", jid)
+    info = job_info(jid)
+    assert info["JobState"] == "COMPLETED", log.read_text()[-4000:]
+    assert info["NumTasks"] == "2" or "1 node(s) x 2 task(s)" in log.read_text()
+    assert "world size 2" in log.read_text()
+    assert latest_step(run, "stage4") == 12
+    assert (run / "stage4" / "export").is_dir()
+    runs = mlflow_stage_runs(run, "stage4")
+    assert runs, "no MLflow stage run tagged stage=stage4"
+    assert any(r.data.tags.get("slurm_job_id") == jid for r in runs)
+
+
+@pytest.mark.parametrize("how", ["scontrol_requeue", "usr2"])
+def test_sbatch_preemption_resumes_to_the_same_weights(
+    reference_stage4: tuple[Path, Path, str], tmp_path: Path, how: str
+) -> None:
+    _, reference_run, _ = reference_stage4
+    run = tmp_path / "run"
+    jid = sbatch(tmp_path, "slurm/stage4.sh", f"{TINY}/stage4.yaml", "--set", f"run_dir={run}", *STAGE_SETS)
+    log = stage_log(tmp_path, "stage4", jid)
+    wait_until(lambda: latest_step(run, "stage4") >= 4, JOB_TIMEOUT_S, "the first checkpoint")
+    if how == "scontrol_requeue":
+        subprocess.run(["scontrol", "requeue", jid], check=True)
+    else:  # what --signal=B:USR2@120 does before the time limit
+        subprocess.run(["scancel", "--batch", "--signal=USR2", jid], check=True)
+    wait_until(lambda: job_info(jid).get("Restarts", "0") != "0", 120, "the requeue")
+    info = wait_state(jid, ("COMPLETED", "FAILED", "CANCELLED"), JOB_TIMEOUT_S, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert "restart 1" in text and "resumed from" in text
+    assert latest_step(run, "stage4") == 12
+    assert_same_weights(reference_run, run)
+
+
+def test_submitit_slurm_stage_resumes_after_interrupt(
+    reference_stage4: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    """The launcher's executor and callable on Slurm; job._interrupt() (TERM + USR2) -> requeue -> resume."""
+    from maven_dist.launch.__main__ import build_executor, build_parser
+    from maven_dist.launch.checks import Layout
+    from maven_dist.launch.stage_job import StageJob
+
+    _, reference_run, _ = reference_stage4
+    run = tmp_path / "run"
+    sets = [f"run_dir={run}", "stage.max_steps=12", "checkpoint.every_steps=4"]
+    args = build_parser().parse_args([f"{TINY}/stage4.yaml", "--tasks-per-node", "2", "--partition", "debug"])
+    executor = build_executor(args, Layout(1, 2, 0), tmp_path / "submitit", "maven-stage4")
+    old = dict(os.environ)
+    os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    try:
+        job = executor.submit(StageJob(str(REPO / TINY / "stage4.yaml"), sets))
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    wait_until(lambda: latest_step(run, "stage4") >= 4, JOB_TIMEOUT_S, "the first checkpoint")
+    job._interrupt()
+    # Without accounting, submitit cannot tell a dead job from a slow one: wait for the result
+    # files ourselves, bounded, before asking for them.
+    results = lambda: list((tmp_path / "submitit" / job.job_id).glob(f"{job.job_id}_*_result.pkl"))  # noqa: E731
+    wait_until(lambda: len(results()) == 2, JOB_TIMEOUT_S, f"job {job.job_id}'s results")
+    assert job.results() == [0, 0]
+    assert job_info(job.job_id).get("Restarts") == "1"
+    assert latest_step(run, "stage4") == 12
+    assert_same_weights(reference_run, run)
+    runs = mlflow_stage_runs(run, "stage4")
+    assert any(r.data.tags.get("slurm_job_id") == job.job_id for r in runs)
+
+
+def test_launch_cli_local_runs_the_stage(reference_stage4: tuple[Path, Path, str], tmp_path: Path) -> None:
+    _, reference_run, _ = reference_stage4
+    run = tmp_path / "run"
+    out = subprocess.run(
+        [PYTHON, "-m", "maven_dist.launch", f"{TINY}/stage4.yaml", "--local", "--tasks-per-node", "2",
+         "--set", f"run_dir={run}", *STAGE_SETS],
+        cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "submitted stage4 locally" in out.stdout
+    assert latest_step(run, "stage4") == 12
+    assert_same_weights(reference_run, run)
+
+
+def test_recipe_sh_runs_the_four_chained_stages(slurm: None, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    out = subprocess.run(
+        ["bash", str(REPO / "slurm/recipe.sh"), TINY, "--set", f"run_dir={run}", "--set", "stage.max_steps=4"],
+        cwd=tmp_path, env=job_env(MAVEN_LOG_DIR=str(tmp_path / "logs")), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    jobs = dict(line.split() for line in out.stdout.splitlines())
+    assert list(jobs) == ["stage1", "stage2", "stage3", "stage4"]
+    assert f"afterok:{jobs['stage3']}" in job_info(jobs["stage4"]).get("Dependency", "")
+    for stage, jid in jobs.items():
+        info = wait_state(
+            jid,
+            ("COMPLETED", "FAILED", "CANCELLED"),
+            JOB_TIMEOUT_S,
+            tmp_path / "logs" / f"maven-{stage}-{jid}.out",
+        )
+        assert info["JobState"] == "COMPLETED", (tmp_path / "logs" / f"maven-{stage}-{jid}.out").read_text()[
+            -4000:
+        ]
+        assert (run / stage / "export").is_dir() and latest_step(run, stage) == 4
+    starts = [job_info(j)["StartTime"] for j in jobs.values()]
+    ends = [job_info(j)["EndTime"] for j in jobs.values()]
+    assert all(ends[i] <= starts[i + 1] for i in range(3)), (starts, ends)  # one after the other
+
+
+# ------------------------------------------------------------------------------------------ stand-in
+
+
+def standin_main(argv: list[str]) -> int:
+    """A task for the launcher's plumbing tests ONLY: `RECIPE --set run_dir=DIR ...`.
+
+    Records its torch.distributed variables, counts to $STANDIN_STEPS (0.5 s per step) and, on a
+    preemption signal, saves its step and exits with REQUEUE_EXIT_CODE like the trainer does.
+    """
+    from maven_dist.launch.preemption import (
+        REQUEUE_EXIT_CODE,
+        install_preemption_handler,
+        preemption_requested,
+    )
+
+    install_preemption_handler()
+    run = Path([a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")][-1])
+    run.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ["RANK"])
+    keys = (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "MAVEN_LAUNCHER",
+        "MAVEN_REQUEUE_COUNT",
+    )
+    attempt = os.environ.get("MAVEN_REQUEUE_COUNT", "0")
+    (run / f"env{rank}.{attempt}.json").write_text(json.dumps({k: os.environ.get(k) for k in keys}))
+    state = run / f"step{rank}"
+    step = int(state.read_text()) if state.exists() else 0
+    if step:
+        (run / f"resumed{rank}").write_text(str(step))
+    while step < int(os.environ.get("STANDIN_STEPS", "20")):
+        time.sleep(0.5)
+        step += 1
+        if preemption_requested():
+            state.write_text(str(step))
+            (run / f"saved{rank}").write_text(str(step))
+            return REQUEUE_EXIT_CODE
+    state.write_text(str(step))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(standin_main(sys.argv[1:]))
