@@ -85,12 +85,19 @@ def make_patch_labels(
     progress: bool = True,
 ) -> JobReport:
     """Write ``patch_labels`` into every shard of `shards_dir` (skipping done shards unless `overwrite`)."""
-    if isinstance(source, str):
-        source = build_mask_source(source, annotations=annotations, vg_select=vg_select, grounding=grounding)
+
+    def build_compute():
+        mask_source = source
+        if isinstance(mask_source, str):
+            mask_source = build_mask_source(
+                mask_source, annotations=annotations, vg_select=vg_select, grounding=grounding
+            )
+        return lambda items: label_images(mask_source, items, grid, threshold)
+
     return run_column_job(
         shards_dir,
         "patch_labels",
-        lambda items: label_images(source, items, grid, threshold),
+        build_compute,
         batch_size=batch_size,
         overwrite=overwrite,
         progress=progress,

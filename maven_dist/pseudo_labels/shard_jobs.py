@@ -13,15 +13,19 @@ before its atomic rewrite, so after a crash anywhere each shard's rejects appear
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import torch
+from PIL import Image
 from tqdm import tqdm
 
 from maven_dist.data.shards import list_shards, read_shard, update_shard_columns
+from maven_dist.model.discrete import DiscreteTokenizer, TokenizerKind, load_discrete_tokenizer
 
 
 @dataclass(frozen=True)
@@ -92,20 +96,27 @@ def _batches(items: Iterator[ImageItem], size: int) -> Iterator[list[ImageItem]]
 def run_column_job(
     shards_dir: str | Path,
     column: str,
-    compute: Callable[[list[ImageItem]], list[list[int] | ItemFailure]],
+    build_compute: Callable[[], Callable[[list[ImageItem]], list[list[int] | ItemFailure]]],
     *,
     batch_size: int = 16,
     overwrite: bool = False,
     progress: bool = True,
 ) -> JobReport:
-    """Fill `column` of every shard with ``compute(batch of images)`` -> one value or failure each."""
+    """Fill `column` of every shard with ``compute(batch of images)`` -> one value or failure each.
+
+    ``build_compute()`` makes `compute` (loads models, reads annotations); it is called only when
+    some shard needs work, so a finished job costs nothing to rerun.
+    """
     shards = list_shards(shards_dir)
     if not shards:
         raise FileNotFoundError(f"no shard-*.arrow files in {shards_dir}: run tools/prepare_data.py first")
     todo = [s for s in shards if overwrite or column not in read_shard(s).schema.names]
     report = JobReport(column, rejects_path=Path(shards_dir) / f"{column}_rejects.jsonl")
     report.shards_skipped = [s.name for s in shards if s not in todo]
+    if not todo:
+        return report
     _drop_rejects(report.rejects_path, {s.name for s in todo})
+    compute = build_compute()
     for shard in tqdm(todo, desc=column, unit="shard", disable=not progress):
         table = read_shard(shard)
         values: list[list[list[int] | None]] = [
@@ -174,3 +185,51 @@ def _drop_rejects(path: Path, shards: set[str]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)
+
+
+def tokenize_shards(
+    shards_dir: str | Path,
+    tokenizer: TokenizerKind | DiscreteTokenizer,
+    path: str | Path | None = None,
+    *,
+    eva_path: str | Path | None = None,
+    device: str = "",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 32,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> JobReport:
+    """Write every image's discrete codes into the shards' ``image_codes`` column.
+
+    `tokenizer` is a loaded :class:`DiscreteTokenizer` or a kind (``seed``/``kmeans``) loaded from
+    `path` (see :func:`load_discrete_tokenizer`) only if a shard needs codes. Images are the
+    original bytes when the shards kept them (``--keep-original``), else the stored ones.
+    """
+
+    def build_compute():
+        tok = tokenizer
+        if isinstance(tok, str):
+            if path is None:
+                raise ValueError(f"tokenizer={tok!r} needs the path of its weights")
+            tok = load_discrete_tokenizer(tok, path, eva_path=eva_path, device=device, dtype=dtype)
+        return lambda items: encode_items(tok, items)
+
+    return run_column_job(
+        shards_dir,
+        "image_codes",
+        build_compute,
+        batch_size=batch_size,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def encode_items(tokenizer: DiscreteTokenizer, items: list[ImageItem]) -> list[list[int] | ItemFailure]:
+    """Codes per image; raises on an undecodable image (the job then isolates it)."""
+    images = [Image.open(io.BytesIO(item.image_bytes)).convert("RGB") for item in items]
+    codes = tokenizer.encode(images)
+    if tuple(codes.shape) != (len(items), tokenizer.num_codes):
+        raise RuntimeError(f"tokenizer returned codes of shape {list(codes.shape)} for {len(items)} images")
+    if len(codes) and (codes.min() < 0 or codes.max() >= tokenizer.codebook_size):
+        raise RuntimeError(f"tokenizer returned codes outside [0, {tokenizer.codebook_size})")
+    return codes.tolist()
