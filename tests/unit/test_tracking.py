@@ -378,3 +378,29 @@ def test_buffer_is_bounded_and_keeps_the_newest_values(tmp_path, empty_store, mo
     steps = [row[3] for op in ops if op.kind == "metrics" for row in op.payload["metrics"]]
     assert 900 <= len(steps) <= 1000
     assert steps == list(range(5000 - len(steps), 5000))
+
+
+# --------------------------------------------------------------------------- system metrics
+
+
+def test_system_metrics_sample_node_cpu_and_memory():
+    from maven_dist.train.tracking.system_metrics import sample_system_metrics
+
+    sample = sample_system_metrics()
+    assert 0.0 <= sample["system/memory_percent"] <= 100.0
+    assert 0.0 < sample["system/process_rss_gb"] < sample["system/memory_used_gb"] + 1.0
+    assert sample["system/cpu_percent"] >= 0.0
+
+
+@pytest.mark.gpu
+def test_system_metrics_report_this_process_cuda_memory():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from maven_dist.train.tracking.system_metrics import sample_system_metrics
+
+    block = torch.empty(256 * 1024**2, dtype=torch.uint8, device="cuda")  # 0.25 GiB
+    sample = sample_system_metrics()
+    assert sample["memory/gpu_allocated_gb"] >= 0.25
+    assert sample["memory/gpu_max_allocated_gb"] >= sample["memory/gpu_allocated_gb"]
+    del block
