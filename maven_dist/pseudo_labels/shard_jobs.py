@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -117,7 +118,10 @@ def run_column_job(
         return report
     _drop_rejects(report.rejects_path, {s.name for s in todo})
     compute = build_compute()
-    for shard in tqdm(todo, desc=column, unit="shard", disable=not progress):
+    total = sum(pc.sum(pc.list_value_length(read_shard(s)["images"])).as_py() or 0 for s in todo)
+    bar = tqdm(total=total, desc=column, unit="img", disable=not progress)
+    for shard in todo:
+        bar.set_postfix_str(shard.name)
         table = read_shard(shard)
         values: list[list[list[int] | None]] = [
             [None] * n for n in table["images"].combine_chunks().value_lengths().to_pylist()
@@ -130,12 +134,14 @@ def run_column_job(
                     rejects.append(_reject_record(item, column, result.reason))
                 else:
                     values[item.row][item.index] = result
+            bar.update(len(batch))
         del table  # release the memory map before the shard is replaced
         with report.rejects_path.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rejects)
         update_shard_columns(shard, {column: lambda _t, v=values: pa.array(v)})
         report.rejected += len(rejects)
         report.shards_done.append(shard.name)
+    bar.close()
     return report
 
 
