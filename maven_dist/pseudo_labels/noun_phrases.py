@@ -45,16 +45,23 @@ def _is_breaker(word: str) -> bool:
 def extract_noun_phrases(text: str, max_words: int = 3, max_phrases: int = 16) -> list[str]:
     """Noun-phrase-like chunks of `text`, in order of first appearance, without duplicates."""
     phrases: list[str] = []
+
+    def close(run: list[str]) -> None:
+        phrase = " ".join(run[-max_words:])
+        if run and phrase not in phrases:
+            phrases.append(phrase)
+
     for clause in re.split(r"[^a-z0-9' -]+", text.lower()):
         run: list[str] = []
         for word in [*re.findall(r"[a-z0-9]+(?:'[a-z]+)?", clause), ""]:
-            if word and not _is_breaker(word) and "'" not in word:
+            possessor = word.endswith("'s") and not _is_breaker(word[:-2])
+            if possessor:  # "the man's hat": "man" is a phrase of its own, "hat" starts the next
+                close([*run, word[:-2]])
+            elif word and not _is_breaker(word) and "'" not in word:
                 run.append(word)
                 continue
-            if run:
-                phrase = " ".join(run[-max_words:])
-                if phrase not in phrases:
-                    phrases.append(phrase)
+            else:
+                close(run)
             run = []
     return phrases[:max_phrases]
 

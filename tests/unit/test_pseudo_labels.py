@@ -217,6 +217,7 @@ def test_noun_phrases():
         "blue square",
     ]
     assert extract_noun_phrases("Is it?") == []
+    assert extract_noun_phrases("the man's red hat; it's a dog") == ["man", "red hat", "dog"]
     assert grounding_prompt(["cat", "red sofa"]) == "cat . red sofa ."
 
 
