@@ -270,7 +270,7 @@ def test_a_store_that_refuses_ops_drops_them_with_a_warning_and_never_stalls(tmp
 
 
 def test_unreachable_store_buffers_without_blocking_then_spools_and_syncs(
-    tmp_path, empty_store, monkeypatch, caplog
+    tmp_path, empty_store, monkeypatch, caplog, capsys
 ):
     monkeypatch.setenv("MAVEN_LAUNCH_ID", "offline-launch")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
@@ -304,8 +304,12 @@ def test_unreachable_store_buffers_without_blocking_then_spools_and_syncs(
     # The server never comes back: replay into a local SQLite store instead.
     target = tmp_path / "recovered.db"
     shutil.copyfile(empty_store, target)
-    result = sync_spool(tmp_path / "run", uri=f"sqlite:///{target}")
-    assert result.failed == [] and result.files == 1 and result.metrics == 4000
+    still_down = sync_spool(tmp_path / "run")  # to the store it was written for: still unreachable
+    assert still_down.files == 0 and len(still_down.failed) == 1 and spool.exists()
+    from maven_dist.train.tracking.__main__ import main as tracking_cli
+
+    assert tracking_cli(["sync", str(tmp_path / "run"), "--uri", f"sqlite:///{target}"]) == 0
+    assert "delivered 1 spool files" in capsys.readouterr().out
     assert not spool.exists()
     from mlflow import MlflowClient
 

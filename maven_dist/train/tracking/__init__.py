@@ -40,6 +40,12 @@ the same store (the next stage), or by hand::
 
     python -m maven_dist.train.tracking sync RUN_DIR [--uri URI]   # --uri: replay into another store
 
+The SQLite default suits one machine (laptop, CI, one node); on a cluster whose run directory sits on
+NFS/Lustre point ``tracking.uri`` at a tracking server instead (SQLite locking is unreliable there).
+A process killed with SIGKILL loses what it had not sent yet (at most ``flush_interval_s`` of metrics
+while the store is up); trainers should call ``end_stage("FAILED"/"KILLED")`` and ``close()`` on errors
+and on preemption signals (``close`` also runs at interpreter exit).
+
 Comparing runs: ``mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db`` or
 ``python tools/compare_runs.py --run-dir RUN_DIR`` (see :mod:`.compare`).
 """

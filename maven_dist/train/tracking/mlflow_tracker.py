@@ -74,6 +74,7 @@ class MLflowTracker:
         self._closed = False
         self._sampler: SystemMetricsSampler | None = None
         self._replayed: list[Path] = []
+        self._pid = os.getpid()
         self.sender = Sender(
             uri, max_buffered_metrics=max_buffered_metrics, flush_interval_s=flush_interval_s
         )
@@ -129,7 +130,9 @@ class MLflowTracker:
         return self.sender.flush(self.flush_timeout_s if timeout is None else timeout)
 
     def close(self) -> None:
-        if self._closed:
+        # A forked child (a data worker) inherits this object but not the sender thread: only the
+        # process that built the tracker may flush or spill its queue.
+        if self._closed or os.getpid() != self._pid:
             return
         self._closed = True
         atexit.unregister(self.close)
