@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--rounds", type=int, default=3, help="alternating timed epochs per loader (best is reported)"
+    )
     p.add_argument("--work-dir", type=Path, default=None, help="keep the data here (default: a temp dir)")
     args = p.parse_args(argv)
 
@@ -131,15 +134,26 @@ def main(argv: list[str] | None = None) -> dict:
             dataset = LlavaStyleDataset(source, synth.image_root, tokenizer, transform)
             yield from torch.utils.data.DataLoader(
                 dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True,
-                collate_fn=lambda ex: collate(ex, tokenizer.pad_token_id, args.tower_size),
+                collate_fn=lambda ex: collate(ex, tokenizer.pad_token_id, transform),
                 multiprocessing_context="fork" if args.workers else None,
             )  # fmt: skip
 
         # Warm the page cache for both (same files on the same disk), then time one epoch each.
         for path in list(synth.image_root.iterdir()) + list((work / "shards").iterdir()):
             path.read_bytes()
-        llava_rate, llava_n = _rate(llava_batches(), usable)
-        ours_rate, ours_n = _rate(iter(ours), usable)
+        # Alternate the two, several rounds, and keep each one's best epoch: on a shared machine other
+        # processes only ever slow a round down, so the best round is the least disturbed estimate.
+        llava_rates, ours_rates = [], []
+        for _ in range(args.rounds):
+            llava_rate, llava_n = _rate(llava_batches(), usable)
+            ours_rate, ours_n = _rate(iter(ours), usable)
+            llava_rates.append(round(llava_rate, 1))
+            ours_rates.append(round(ours_rate, 1))
+        llava_rate, ours_rate = max(llava_rates), max(ours_rates)
+        # Each round times the two back to back, so its ratio sees similar contention; the median
+        # round is the headline, not the flattering best.
+        paired = sorted(o / v for o, v in zip(ours_rates, llava_rates, strict=True))
+        ratio = paired[len(paired) // 2]
 
     result = {
         "hardware": _hardware(),
@@ -151,12 +165,18 @@ def main(argv: list[str] | None = None) -> dict:
         "tower_size": args.tower_size,
         "shard_image_format": args.image_format,
         "prepare_seconds_one_off": round(prepare_s, 2),
-        "ours_samples_per_s": round(ours_rate, 1),
-        "llava_style_samples_per_s": round(llava_rate, 1),
-        "ratio": round(ours_rate / llava_rate, 2),
+        "ours_samples_per_s_best": round(ours_rate, 1),
+        "llava_style_samples_per_s_best": round(llava_rate, 1),
+        "ratio_of_best_rounds": round(ours_rate / llava_rate, 2),
+        "ratio_median_round": round(ratio, 2),
+        "rounds": {"ours": ours_rates, "llava_style": llava_rates},
+        "load_average_at_end": os.getloadavg()[0],
     }
     print(json.dumps(result, indent=1))
-    print(f"ours / llava-style = {result['ratio']}x (target >= 3x with 2 workers) on {result['hardware']}")
+    print(
+        f"ours / llava-style = {result['ratio_median_round']}x (median of {args.rounds} paired rounds; "
+        f"target >= 3x with {args.workers} workers) on {result['hardware']}"
+    )
     return result
 
 

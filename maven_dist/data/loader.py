@@ -136,7 +136,7 @@ class _BatchReader:
                 if self.strict:
                     raise DataError(f"bad sample (data.strict is set): {message}") from err
                 skipped.append(message)
-        batch = collate(examples, self.pad_id, self.transform.image_size) if examples else None
+        batch = collate(examples, self.pad_id, self.transform) if examples else None
         return batch, skipped
 
 
