@@ -54,6 +54,17 @@ def install_preemption_handler(
     return previous
 
 
+def ignore_preemption_signals(signals: Iterable[signal.Signals | int] = DEFAULT_SIGNALS) -> None:
+    """For helper processes of a rank (DataLoader workers: call it from ``worker_init_fn``).
+
+    Slurm signals every process of a job step, not just the rank: a worker killed by the TERM of
+    ``scontrol requeue`` makes the DataLoader raise in the rank before it can save. Workers
+    ignore the signals and let their rank save and exit; they end with it.
+    """
+    for sig in signals:
+        signal.signal(int(sig), signal.SIG_IGN)
+
+
 def preemption_requested() -> bool:
     """True once any of the installed signals arrived in this process."""
     return _requested.is_set()

@@ -10,6 +10,7 @@ what trains (``maven_dist/train/parts.py``). Two forward paths, chosen by the st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -94,11 +95,17 @@ class MavenModel(nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_configs(cls, llm_config, tower_config: CLIPVisionConfig, layout: VocabLayout, spec: MavenSpec) -> MavenModel:
-        """Random-initialised model of the given shapes (weights are loaded afterwards)."""
+    def from_configs(
+        cls, llm_config, tower_config: CLIPVisionConfig, layout: VocabLayout, spec: MavenSpec, init_weights: bool = True
+    ) -> MavenModel:
+        """A model of the given shapes. With `init_weights=False` the LLM and tower are left uninitialised
+        (their weights are loaded next): faster, and required under ZeRO-3's partitioned construction,
+        where HF's post-init would index into empty parameter shards."""
         llm_config = _with_vocab_size(llm_config, layout.text_size)
-        llm = AutoModelForCausalLM.from_config(llm_config, dtype=torch.float32)
-        return cls(llm, CLIPVisionModel(tower_config), layout, spec)
+        with _maybe_skip_hf_init(not init_weights):
+            llm = AutoModelForCausalLM.from_config(llm_config, dtype=torch.float32)
+            tower = CLIPVisionModel(tower_config)
+        return cls(llm, tower, layout, spec)
 
     @classmethod
     def from_base(
@@ -113,7 +120,9 @@ class MavenModel(nn.Module):
         """Start of stage 1: base LLM and CLIP tower from local HF directories; new vocab rows drawn
         from the text rows' mean and covariance; selector and projector freshly initialised."""
         torch.manual_seed(seed)
-        model = cls.from_configs(AutoConfig.from_pretrained(llm_dir), CLIPVisionConfig.from_pretrained(tower_dir), layout, spec)
+        model = cls.from_configs(
+            AutoConfig.from_pretrained(llm_dir), CLIPVisionConfig.from_pretrained(tower_dir), layout, spec, init_weights=False
+        )
         copy = copy_fn or copy_param
         text_rows: dict[str, torch.Tensor] = {}
 
@@ -151,6 +160,7 @@ class MavenModel(nn.Module):
             CLIPVisionConfig.from_pretrained(directory / hf_layout.TOWER_DIR),
             layout,
             spec,
+            init_weights=False,
         )
         copy = copy_fn or copy_param
         loaded = set()
@@ -321,6 +331,19 @@ class MavenModel(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _maybe_skip_hf_init(skip: bool):
+    if not skip:
+        yield
+        return
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    # prevent_arange_dtype_change keeps RoPE's inv_freq in fp32 under zero.Init's dtype casting.
+    with no_init_weights(), prevent_arange_dtype_change():
+        yield
 
 
 def _with_vocab_size(config, vocab_size: int):

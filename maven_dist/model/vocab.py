@@ -117,5 +117,7 @@ def init_new_rows(text_rows: torch.Tensor, num_new: int, generator: torch.Genera
     chol, info = torch.linalg.cholesky_ex(cov * 1e-9)
     if info != 0:
         return mean.to(text_rows.dtype).expand(num_new, -1).clone()
-    noise = torch.randn(num_new, rows.shape[1], generator=generator, dtype=rows.dtype)
+    # fp32 noise, then widened: zero.Init casts new tensors to the training dtype, and the same
+    # seed must give the same rows with and without ZeRO-3.
+    noise = torch.randn(num_new, rows.shape[1], generator=generator, dtype=torch.float32).double()
     return (mean + noise @ chol.T).to(text_rows.dtype)

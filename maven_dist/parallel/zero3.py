@@ -82,6 +82,8 @@ class Zero3Engine:
     ):
         self.cfg = cfg.stage
         self.ds_config = build_ds_config(cfg, dims, accumulation)
+        # DeepSpeed's comm layer adopts the process group init_distributed already created.
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
             model = build_model(copy_fn=zero3_copy)
         apply_trainable(model, cfg.stage.trainable)

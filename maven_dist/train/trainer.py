@@ -26,8 +26,8 @@ from maven_dist.train import perf
 from maven_dist.train.builders import build_engine, build_stage_loader, load_stage_tokenizer, resolve_model_source
 from maven_dist.train.checkpoint import Checkpointer
 from maven_dist.train.metrics_file import MetricsFile
-from maven_dist.train.provenance import run_provenance
 from maven_dist.train.tracking import build_tracker
+from maven_dist.train.tracking.run_info import git_sha, package_versions
 
 
 class NonFiniteLossError(RuntimeError):
@@ -95,14 +95,16 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
         loader.load_state_dict(state.loader)
         print0(f"[{cfg.stage.name}] resumed from {latest} at step {state.step} (resume #{state.resumes})")
 
-    tracker = build_tracker(cfg, rank=env.rank)
-    provenance = run_provenance(cfg, dims)
-    tracker.start_stage(stage_name=cfg.stage.name, params=provenance.params, tags=provenance.tags | {"resume_count": str(state.resumes)})
-    tracker.log_artifact(stage_dir / "resolved_recipe.yaml")
+    tracker = build_tracker(cfg, rank=env.rank, world_size=env.world_size)
+    layout_params = {"parallel.dp": dims.dp, "parallel.tp": dims.tp, "parallel.pp": dims.pp, "recipe_fingerprint": cfg.fingerprint()}
+    tracker.start_stage(stage_name=cfg.stage.name, params=layout_params)
+    if hasattr(engine, "ds_config"):
+        tracker.log_dict(engine.ds_config, "deepspeed_config.json")
+    manifest = {"git_sha": git_sha(), "versions": package_versions(), "layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}}
     metrics_file = MetricsFile(stage_dir / "metrics.jsonl", enabled=env.is_main)
     status = "FAILED"
     try:
-        final_loss = _train_loop(cfg, env, engine, loader, checkpointer, tracker, metrics_file, state, total_steps, provenance.manifest)
+        final_loss = _train_loop(cfg, env, engine, loader, checkpointer, tracker, metrics_file, state, total_steps, manifest)
         status = "FINISHED"
     except Preempted:
         status = "KILLED"

@@ -26,8 +26,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 TINY = "recipes/tiny"
-# Small enough for 2 cores, long enough to interrupt mid-stage: 12 steps, a checkpoint every 4.
-STAGE_SETS = ["--set", "stage.max_steps=12", "--set", "checkpoint.every_steps=4"]
+# Small enough for 2 cores, long enough to interrupt mid-stage: 24 steps, a checkpoint every 4.
+STAGE_SETS = ["--set", "stage.max_steps=24", "--set", "checkpoint.every_steps=4"]
 JOB_TIMEOUT_S = 600
 
 pytestmark = pytest.mark.integration
@@ -141,12 +141,13 @@ def latest_step(run_dir: Path, stage: str) -> int:
 def export_tensors(run_dir: Path, stage: str) -> dict:
     from safetensors.torch import load_file
 
-    files = sorted((run_dir / stage / "export").rglob("*.safetensors"))
-    assert files, f"no exported weights under {run_dir / stage / 'export'}"
+    export = run_dir / stage / "export"
+    files = sorted(export.rglob("*.safetensors"))
+    assert files, f"no exported weights under {export}"
     out = {}
     for f in files:
         for k, v in load_file(f).items():
-            out[f"{f.name}/{k}"] = v
+            out[f"{f.relative_to(export)}/{k}"] = v
     return out
 
 
@@ -308,7 +309,7 @@ def test_sbatch_stage4_runs_two_tasks_and_writes_checkpoints_and_mlflow(
     assert info["JobState"] == "COMPLETED", log.read_text()[-4000:]
     assert info["NumTasks"] == "2" or "1 node(s) x 2 task(s)" in log.read_text()
     assert "world size 2" in log.read_text()
-    assert latest_step(run, "stage4") == 12
+    assert latest_step(run, "stage4") == 24
     assert (run / "stage4" / "export").is_dir()
     runs = mlflow_stage_runs(run, "stage4")
     assert runs, "no MLflow stage run tagged stage=stage4"
@@ -333,7 +334,7 @@ def test_sbatch_preemption_resumes_to_the_same_weights(
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text[-4000:]
     assert "restart 1" in text and "resumed from" in text
-    assert latest_step(run, "stage4") == 12
+    assert latest_step(run, "stage4") == 24
     assert_same_weights(reference_run, run)
 
 
@@ -347,7 +348,7 @@ def test_submitit_slurm_stage_resumes_after_interrupt(
 
     _, reference_run, _ = reference_stage4
     run = tmp_path / "run"
-    sets = [f"run_dir={run}", "stage.max_steps=12", "checkpoint.every_steps=4"]
+    sets = [f"run_dir={run}", "stage.max_steps=24", "checkpoint.every_steps=4"]
     args = build_parser().parse_args([f"{TINY}/stage4.yaml", "--tasks-per-node", "2", "--partition", "debug"])
     executor = build_executor(args, Layout(1, 2, 0), tmp_path / "submitit", "maven-stage4")
     old = dict(os.environ)
@@ -365,7 +366,7 @@ def test_submitit_slurm_stage_resumes_after_interrupt(
     wait_until(lambda: len(results()) == 2, JOB_TIMEOUT_S, f"job {job.job_id}'s results")
     assert job.results() == [0, 0]
     assert job_info(job.job_id).get("Restarts") == "1"
-    assert latest_step(run, "stage4") == 12
+    assert latest_step(run, "stage4") == 24
     assert_same_weights(reference_run, run)
     runs = mlflow_stage_runs(run, "stage4")
     assert any(r.data.tags.get("slurm_job_id") == job.job_id for r in runs)
@@ -381,7 +382,7 @@ def test_launch_cli_local_runs_the_stage(reference_stage4: tuple[Path, Path, str
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "submitted stage4 locally" in out.stdout
-    assert latest_step(run, "stage4") == 12
+    assert latest_step(run, "stage4") == 24
     assert_same_weights(reference_run, run)
 
 

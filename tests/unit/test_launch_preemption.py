@@ -18,6 +18,7 @@ from maven_dist.launch.preemption import (
     install_preemption_handler,
     preemption_requested,
     preemption_signal,
+    ignore_preemption_signals,
     received_signals,
     reset_preemption,
 )
@@ -87,3 +88,31 @@ def test_a_training_process_saves_and_exits_with_the_requeue_code(tmp_path) -> N
     proc.send_signal(signal.SIGUSR2)
     assert proc.wait(timeout=30) == REQUEUE_EXIT_CODE
     assert int(marker.read_text()) < 600
+
+
+def test_worker_processes_survive_the_signals_that_stop_their_rank() -> None:
+    """A DataLoader-style worker started with spawn: TERM/USR2 must not kill it (its rank saves)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ready, done = ctx.Event(), ctx.Event()
+    worker = ctx.Process(target=_worker, args=(ready, done))
+    worker.start()
+    try:
+        assert ready.wait(60)
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGUSR2)
+        time.sleep(0.3)
+        assert worker.is_alive()
+        done.set()
+        worker.join(30)
+        assert worker.exitcode == 0
+    finally:
+        if worker.is_alive():
+            worker.kill()
+
+
+def _worker(ready, done) -> None:
+    ignore_preemption_signals()
+    ready.set()
+    done.wait(60)

@@ -12,8 +12,9 @@ from maven_dist.config import load_config
 from maven_dist.data.batch import Batch
 from maven_dist.model.maven import MavenModel, MavenSpec
 from maven_dist.model.selector import select_top_patches
-from maven_dist.model.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, code_token, extend_tokenizer
+from maven_dist.model.vocab import code_token, extend_tokenizer
 from maven_dist.train.parts import apply_trainable, part_of
+from tests.helpers.batches import make_batch as helper_batch
 
 NUM_CODES = 8
 CODEBOOK = 64
@@ -27,32 +28,8 @@ def make_model(tiny_base, keep_ratio=0.25):
 
 
 def make_batch(model, seed=0) -> Batch:
-    """Two samples: one with an image mid-text, one with two images; plus a text->codes target row."""
-    g = torch.Generator().manual_seed(seed)
-    layout = model.layout
-    codes_t2i = layout.code_to_token_id(torch.randint(0, CODEBOOK, (NUM_CODES,), generator=g))
-    ids = torch.full((3, 16), 0)
-    rows = [
-        [1, 5, IMAGE_PLACEHOLDER_ID, 7, 8, 9, 2],
-        [1, IMAGE_PLACEHOLDER_ID, 4, IMAGE_PLACEHOLDER_ID, 6, 2],
-        [1, 11, 12, layout.img_start_id, *codes_t2i.tolist(), layout.img_end_id],
-    ]
-    mask = torch.zeros_like(ids)
-    for b, row in enumerate(rows):
-        ids[b, : len(row)] = torch.tensor(row)
-        mask[b, : len(row)] = 1
-    labels = ids.clone()
-    labels[(ids == IMAGE_PLACEHOLDER_ID) | (mask == 0)] = IGNORE_INDEX
-    size = model.vision_tower.tower.config.image_size
-    grid = model.vision_tower.num_patches
-    return Batch(
-        pixel_values=torch.randn(3, 3, size, size, generator=g),
-        image_codes=torch.randint(0, CODEBOOK, (3, NUM_CODES), generator=g),
-        input_ids=ids,
-        labels=labels,
-        attention_mask=mask,
-        patch_labels=(torch.rand(3, grid, generator=g) > 0.5).float(),
-    )
+    tower = model.vision_tower
+    return helper_batch(model, NUM_CODES, tower.tower.config.image_size, tower.num_patches, seed)
 
 
 @pytest.mark.parametrize("alpha, expected", [(0.1, 32 + 57), (0.25, 32 + 144), (1.0, 32 + 576)])

@@ -1,0 +1,52 @@
+"""Worker for test_zero3_engine.py: train a tiny MaVEn under ZeRO-3 on every rank of a gloo group.
+
+argv: BASE_DIR OUT_FILE STAGE STEPS. Rank r takes micro-batch r of each global step; rank 0 saves
+the per-step losses (averaged over ranks) and the final gathered weights.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.distributed.engine_fixtures import build_stage_setup, micro_batches  # noqa: E402
+
+from maven_dist.parallel.dims import ParallelDims  # noqa: E402
+from maven_dist.parallel.distributed import init_distributed  # noqa: E402
+from maven_dist.parallel.zero3 import Zero3Engine  # noqa: E402
+
+
+def main() -> None:
+    base_dir, out_file, stage, steps = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    env = init_distributed()
+    setup = build_stage_setup(base_dir, stage)
+    dims = ParallelDims.build(setup.cfg.parallel, env.world_size)
+    accumulation = dims.accumulation_steps(setup.cfg.stage.global_batch_size, setup.cfg.stage.micro_batch_size)
+    engine = Zero3Engine(setup.builder, setup.cfg, dims, total_steps=steps, accumulation=accumulation)
+    batches = micro_batches(setup, steps * 2)
+    losses = []
+    for step in range(steps):
+        step_losses = []
+        for a in range(accumulation):
+            batch = batches[step * 2 + a * dims.dp + env.rank]
+            out = engine.forward(batch)
+            engine.backward(out.loss)
+            step_losses.append(out.loss.detach())
+            engine.step()
+        mean = torch.stack(step_losses).mean()
+        dist.all_reduce(mean)
+        losses.append(float(mean) / env.world_size)
+    state = engine.full_state_dict()
+    if env.rank == 0:
+        torch.save({"losses": losses, "state": state}, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
