@@ -241,6 +241,11 @@ def collect_records(sources: Sequence[Path]) -> tuple[list[Record], list[Reject]
     rejects: list[Reject] = []
     infos: list[dict] = []
     first_seen: dict[str, Record] = {}
+    names = [Path(p).name for p in sources]
+    if len(set(names)) != len(names):
+        raise PrepareError(
+            f"sources {list(map(str, sources))} share a file name; rejects name sources by file name"
+        )
     for path in sources:
         path = Path(path)
         if not path.is_file():
