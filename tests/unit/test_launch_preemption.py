@@ -15,10 +15,10 @@ import pytest
 from maven_dist.launch import preemption
 from maven_dist.launch.preemption import (
     REQUEUE_EXIT_CODE,
+    ignore_preemption_signals,
     install_preemption_handler,
     preemption_requested,
     preemption_signal,
-    ignore_preemption_signals,
     received_signals,
     reset_preemption,
 )
