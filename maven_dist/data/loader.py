@@ -38,6 +38,7 @@ from maven_dist.data.batch import Batch
 from maven_dist.data.image_transform import ImageTransform
 from maven_dist.data.shards import list_shards, read_shard
 from maven_dist.data.views import BadSample, DataError, ViewSpec, collate, make_example
+from maven_dist.launch.preemption import ignore_preemption_signals
 from maven_dist.model.vocab import VocabLayout
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,12 @@ def _unchanged(item):
     return item
 
 
+def _init_worker(_worker_id: int) -> None:
+    # Slurm signals every process of the step; a worker killed by TERM would make its rank raise
+    # before it can checkpoint. Workers ignore the signals and end with their rank.
+    ignore_preemption_signals()
+
+
 class ShardLoader:
     """Iterates :class:`Batch` es of ``micro_batch_size`` samples forever, epoch after epoch.
 
@@ -221,6 +228,7 @@ class ShardLoader:
                 num_workers=self.num_workers,
                 collate_fn=_unchanged,
                 multiprocessing_context="fork" if self.num_workers else None,
+                worker_init_fn=_init_worker if self.num_workers else None,
                 prefetch_factor=4 if self.num_workers else None,
             )
             for batch, skipped in loader:
