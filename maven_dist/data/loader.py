@@ -84,13 +84,16 @@ def plan_epoch(
     index: ShardIndex,
     seed: int,
     epoch: int,
-    micro_batch_size: int,
-    dp_size: int,
+    step_size: int,
     shuffle: bool,
     group_by_length: bool,
 ) -> list[list[int]]:
-    """Every step of the epoch as the global sample indices of all ranks (dp_size * micro each)."""
-    n, per_step = len(index), micro_batch_size * dp_size
+    """Every optimizer step of the epoch as global sample indices (`step_size` = the global batch).
+
+    The plan depends on the global batch only, not on how it is split over ranks and accumulation
+    micro-batches: a run on 2 ranks sees the same samples per step as 1 rank accumulating twice,
+    which is what makes data-parallel parity and resuming on another dp size possible."""
+    n, per_step = len(index), step_size
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n) if shuffle else np.arange(n)
     num_steps = n // per_step
@@ -178,6 +181,7 @@ class ShardLoader:
         layout: VocabLayout | None,
         transform: ImageTransform,
         micro_batch_size: int,
+        global_batch_size: int | None = None,
         seed: int = 0,
         shuffle: bool = True,
         group_by_length: bool = True,
@@ -194,29 +198,33 @@ class ShardLoader:
         self.micro_batch_size, self.seed, self.shuffle = micro_batch_size, seed, shuffle
         self.group_by_length, self.num_workers = group_by_length, num_workers
         self.dp_rank, self.dp_size, self.strict = dp_rank, dp_size, strict
-        self.batches_per_epoch = len(self.index) // (micro_batch_size * dp_size)
+        self.global_batch_size = global_batch_size or micro_batch_size * dp_size
+        if self.global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size x dp_size = "
+                f"{micro_batch_size} x {dp_size}"
+            )
+        self.accumulation = self.global_batch_size // (micro_batch_size * dp_size)
+        self.batches_per_epoch = len(self.index) // self.global_batch_size * self.accumulation
         if self.batches_per_epoch == 0:
             raise DataError(
                 f"{len(self.index)} samples in {shards_dir} cannot fill one step of "
-                f"micro_batch_size={micro_batch_size} x dp={dp_size}; lower the batch size or add data"
+                f"global_batch_size={self.global_batch_size}; lower the batch size or add data"
             )
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
         self._reader = _BatchReader(self.index, spec, tokenizer, layout, transform, pad_id, strict)
         self.epoch, self.next_batch, self.num_skipped = 0, 0, 0
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches of `epoch` as global sample indices."""
-        steps = plan_epoch(
-            self.index,
-            self.seed,
-            epoch,
-            self.micro_batch_size,
-            self.dp_size,
-            self.shuffle,
-            self.group_by_length,
-        )
-        lo = self.dp_rank * self.micro_batch_size
-        return [step[lo : lo + self.micro_batch_size] for step in steps]
+        """This rank's micro-batches of `epoch` as global sample indices: of each step's micro-batches
+        (in plan order) rank r takes r, r + dp, r + 2 dp, ..."""
+        steps = plan_epoch(self.index, self.seed, epoch, self.global_batch_size, self.shuffle, self.group_by_length)
+        micro = self.micro_batch_size
+        mine = []
+        for step in steps:
+            chunks = [step[k : k + micro] for k in range(0, len(step), micro)]
+            mine.extend(chunks[self.dp_rank :: self.dp_size])
+        return mine
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
@@ -249,23 +257,31 @@ class ShardLoader:
             "seed": self.seed,
             "num_samples": len(self.index),
             "micro_batch_size": self.micro_batch_size,
+            "global_batch_size": self.global_batch_size,
             "dp_size": self.dp_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue at exactly the batch after the one the state was taken at."""
+        """Continue at exactly the batch after the one the state was taken at; on another dp size too,
+        when the state was taken on an optimizer-step boundary (checkpoints always are)."""
         current = self.state_dict()
-        for key in ("seed", "num_samples", "micro_batch_size", "dp_size"):
-            if state[key] != current[key]:
+        for key in ("seed", "num_samples", "micro_batch_size", "global_batch_size"):
+            if state.get(key) != current[key]:
                 raise ValueError(
-                    f"data loader state has {key}={state[key]} but this loader has {current[key]}: the batch "
-                    "order would differ, so the run cannot resume exactly; restore the original data and settings"
+                    f"data loader state has {key}={state.get(key)} but this loader has {current[key]} "
+                    f"(dp_size {state.get('dp_size')} -> {self.dp_size}): the batch order would differ, so the run "
+                    "cannot resume exactly; restore the original data and batch settings"
                 )
-        self.epoch, self.next_batch, self.num_skipped = (
-            state["epoch"],
-            state["next_batch"],
-            state["num_skipped"],
-        )
+        next_batch = state["next_batch"]
+        if state["dp_size"] != self.dp_size:
+            saved_accumulation = self.global_batch_size // (self.micro_batch_size * state["dp_size"])
+            if next_batch % saved_accumulation:
+                raise ValueError(
+                    f"data loader state is {next_batch % saved_accumulation} micro-batches into an optimizer step; "
+                    f"it can resume on dp_size={self.dp_size} (saved on {state['dp_size']}) only at a step boundary"
+                )
+            next_batch = next_batch // saved_accumulation * self.accumulation
+        self.epoch, self.next_batch, self.num_skipped = state["epoch"], next_batch, state["num_skipped"]
 
 
 def _default_transform(cfg) -> ImageTransform:
@@ -322,6 +338,7 @@ def build_loader(
         layout,
         transform,
         micro_batch_size=cfg.stage.micro_batch_size,
+        global_batch_size=cfg.stage.global_batch_size,
         seed=cfg.seed,
         shuffle=cfg.data.shuffle,
         group_by_length=cfg.data.group_by_length,

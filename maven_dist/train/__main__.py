@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from maven_dist.config import ConfigError, load_config
-    from maven_dist.parallel.distributed import destroy
+    from maven_dist.parallel.distributed import destroy, print0
     from maven_dist.train.trainer import run_stage
 
     try:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_stage(cfg, force=args.force)
     finally:
         destroy()
-    print(f"[{cfg.stage.name}] done: {result.steps} steps, final loss {result.final_loss:.4f}, export {result.export_dir}")
+    print0(f"[{cfg.stage.name}] done: {result.steps} steps, final loss {result.final_loss:.4f}, export {result.export_dir}")
     return 0
 
 

@@ -63,7 +63,7 @@ def resolve_model_source(cfg: Config, env: DistEnv) -> ModelSource:
 
 
 def _maven_source(path: Path) -> ModelSource:
-    return ModelSource("maven", path, path / hf_layout.TOWER_DIR, path)
+    return ModelSource("maven", path, path / hf_layout.TOWER_DIR, path / hf_layout.LLM_DIR)
 
 
 def load_stage_tokenizer(cfg: Config, source: ModelSource):

@@ -65,7 +65,8 @@ def world(tmp_path_factory):
 
 
 def _cfg(
-    world, view="conversations", views=("discrete", "continuous"), data="raw", micro=5, workers=0, **data_kw
+    world, view="conversations", views=("discrete", "continuous"), data="raw", micro=5, workers=0,
+    global_batch=None, **data_kw
 ):
     cfg = Config()
     cfg.seed = 7
@@ -76,6 +77,7 @@ def _cfg(
         setattr(cfg.data, k, v)
     cfg.stage.views = list(views)
     cfg.stage.micro_batch_size = micro
+    cfg.stage.global_batch_size = global_batch or micro
     cfg.model.vision.image_size, cfg.model.vision.patch_size = SIZE, PATCH
     cfg.model.discrete.num_codes, cfg.model.discrete.codebook_size = NUM_CODES, CODEBOOK
     cfg.model.vocab.pad_to_multiple_of = 128
@@ -148,54 +150,76 @@ def _signature(batches):
 @pytest.mark.parametrize("dp_size", [1, 2])
 def test_resume_is_exact_with_other_worker_counts(world, dp_size):
     micro = 3
+    gb = micro * dp_size
     for rank in range(dp_size):
-        full, _, _ = _loader(world, dp_rank=rank, dp_size=dp_size, micro=micro, workers=2)
+        full, _, _ = _loader(world, dp_rank=rank, dp_size=dp_size, micro=micro, workers=2, global_batch=gb)
         per_epoch = full.batches_per_epoch
         assert per_epoch == len(world["records"]) // (micro * dp_size)
         total = per_epoch + 3  # crosses an epoch boundary
         expected = _signature(_take(full, total))
         stop = per_epoch - 1
-        first, _, _ = _loader(world, dp_rank=rank, dp_size=dp_size, micro=micro, workers=0)
+        first, _, _ = _loader(world, dp_rank=rank, dp_size=dp_size, micro=micro, workers=0, global_batch=gb)
         head = _signature(_take(first, stop))
         state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
-        second, _, _ = _loader(world, dp_rank=rank, dp_size=dp_size, micro=micro, workers=1)
+        second, _, _ = _loader(world, dp_rank=rank, dp_size=dp_size, micro=micro, workers=1, global_batch=gb)
         second.load_state_dict(state)
         tail = _signature(_take(second, total - stop))
         assert head + tail == expected
         assert second.state_dict()["epoch"] == 1
     if dp_size == 2:  # ranks see disjoint halves of every epoch
-        r0, _, _ = _loader(world, dp_rank=0, dp_size=2, micro=micro)
-        r1, _, _ = _loader(world, dp_rank=1, dp_size=2, micro=micro)
+        r0, _, _ = _loader(world, dp_rank=0, dp_size=2, micro=micro, global_batch=gb)
+        r1, _, _ = _loader(world, dp_rank=1, dp_size=2, micro=micro, global_batch=gb)
         for epoch in range(2):
             a = {i for b in r0.epoch_batches(epoch) for i in b}
             b = {i for b in r1.epoch_batches(epoch) for i in b}
             assert not a & b and len(a) == len(b) == r0.batches_per_epoch * micro
         assert r0.epoch_batches(0) != r0.epoch_batches(1)  # reshuffled per epoch
-    with pytest.raises(ValueError, match="dp_size"):
-        other, _, _ = _loader(world, dp_size=dp_size + 1, micro=micro)
+    other, _, _ = _loader(world, micro=micro, global_batch=2 * gb)
+    with pytest.raises(ValueError, match="global_batch_size"):
         other.load_state_dict(state)
+
+
+def test_same_steps_on_any_dp_size_and_resume_across_dp_sizes(world):
+    """1 rank accumulating 2 micro-batches sees, per step, exactly the samples of 2 ranks x 1; a state
+    saved on 1 rank resumes on 2 at the same step."""
+    micro, gb = 3, 6
+    single, _, _ = _loader(world, micro=micro, global_batch=gb)
+    reference = [b.sample_ids for b in _take(single, 6)]  # 3 steps x 2 micro-batches
+    ranks = [_loader(world, dp_rank=r, dp_size=2, micro=micro, global_batch=gb)[0] for r in range(2)]
+    per_rank = [[b.sample_ids for b in _take(loader, 3)] for loader in ranks]
+    for step in range(3):
+        assert per_rank[0][step] + per_rank[1][step] == reference[2 * step] + reference[2 * step + 1]
+    head, _, _ = _loader(world, micro=micro, global_batch=gb)
+    _take(head, 4)  # two full steps
+    state = json.loads(json.dumps(head.state_dict()))
+    for rank, loader in enumerate(_loader(world, dp_rank=r, dp_size=2, micro=micro, global_batch=gb)[0] for r in range(2)):
+        loader.load_state_dict(state)
+        assert next(iter(loader)).sample_ids == reference[4 + rank]
+    _take(head, 1)  # mid-step: cannot be split over 2 ranks
+    mid = head.state_dict()
+    late, _, _ = _loader(world, dp_rank=0, dp_size=2, micro=micro, global_batch=gb)
+    with pytest.raises(ValueError, match="step boundary"):
+        late.load_state_dict(mid)
 
 
 def test_plan_groups_by_modality_and_length(world):
     index = ShardIndex(world["dirs"]["raw"])
-    steps = plan_epoch(
-        index, seed=0, epoch=0, micro_batch_size=2, dp_size=1, shuffle=True, group_by_length=True
-    )
-    assert steps == plan_epoch(index, 0, 0, 2, 1, True, True)
+    steps = plan_epoch(index, seed=0, epoch=0, step_size=2, shuffle=True, group_by_length=True)
+    assert steps == plan_epoch(index, 0, 0, 2, True, True)
     flat = [i for s in steps for i in s]
     assert len(flat) == len(set(flat)) == len(index) // 2 * 2
     for step in steps:
         keys = [(index.num_images[i], -index.lengths[i]) for i in step]
         assert keys == sorted(keys)
     # Grouping pads less than a plain shuffle.
-    plain = plan_epoch(index, 0, 0, 2, 1, True, False)
+    plain = plan_epoch(index, 0, 0, 2, True, False)
 
     def padding(plan):
         return sum(max(index.lengths[s]) * len(s) - sum(index.lengths[s]) for s in plan)
 
     assert padding(steps) < padding(plain)
     assert GROUP_STEPS >= 1
-    ordered = plan_epoch(index, 0, 0, 2, 1, False, False)
+    ordered = plan_epoch(index, 0, 0, 2, False, False)
     assert [i for s in ordered for i in s] == list(range(len(index) // 2 * 2))
 
 
