@@ -412,6 +412,61 @@ def test_recipe_sh_runs_the_four_chained_stages(slurm: None, tmp_path: Path) -> 
     assert all(ends[i] <= starts[i + 1] for i in range(3)), (starts, ends)  # one after the other
 
 
+# ------------------------------------------------------------------------------------------ accounting
+
+
+def test_accounting_mode_lets_submitit_see_a_cancelled_job(slurm: None, tmp_path: Path) -> None:
+    """MAVEN_SLURM_ACCOUNTING=1 adds MariaDB + slurmdbd: sacct works, and submitit's results() raises
+    for a job that died without a result instead of waiting forever. Runs last: it leaves Slurm in
+    accounting mode (stop.sh stops those daemons too)."""
+    import threading
+
+    import submitit
+
+    from maven_dist.launch.stage_job import StageJob
+
+    start = [str(REPO / "slurm/local/start.sh")]
+    env = {**os.environ, "MAVEN_SLURM_ACCOUNTING": "1"}
+    out = subprocess.run(["bash", *start], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    t0 = time.monotonic()
+    again = subprocess.run(["bash", *start], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "slurmdbd already running" in again.stderr
+    assert time.monotonic() - t0 < 10  # idempotent: a re-run only checks
+
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit" / "%j", cluster="slurm")
+    executor.update_parameters(
+        nodes=1, tasks_per_node=2, cpus_per_task=1, timeout_min=60, slurm_partition="debug"
+    )
+    os.environ["STANDIN_STEPS"] = "1000"
+    try:
+        job = executor.submit(
+            StageJob(str(REPO / TINY / "stage4.yaml"), [f"run_dir={tmp_path / 'run'}"], entry=__file__)
+        )
+    finally:
+        del os.environ["STANDIN_STEPS"]
+    wait_state(job.job_id, ("RUNNING",), 120)
+    job.cancel()
+    outcome: list[BaseException | None] = []
+
+    def collect() -> None:
+        try:
+            job.results()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=collect, daemon=True)
+    waiter.start()
+    waiter.join(180)
+    assert outcome, "job.results() still waiting 180 s after scancel, with accounting on"
+    assert isinstance(outcome[0], submitit.core.utils.UncompletedJobError), outcome[0]
+    sacct = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job.job_id], capture_output=True, text=True
+    )
+    assert sacct.returncode == 0 and f"{job.job_id}|CANCELLED" in sacct.stdout
+
+
 # ------------------------------------------------------------------------------------------ stand-in
 
 
