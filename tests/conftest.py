@@ -43,3 +43,31 @@ def build_tiny_base(root: Path, image_size: int = 56, vocab_size: int = 320) -> 
 def tiny_base(tmp_path_factory) -> TinyBase:
     """A tokenizer, a 2-layer LLaMA and a 2-layer CLIP tower (56 px, 4x4 patches) on disk."""
     return build_tiny_base(tmp_path_factory.mktemp("tiny_base"))
+
+
+@dataclass(frozen=True)
+class TinyAssets:
+    """The embedded default (synthetic shards with labels and codes, tokenizer, base models), built once."""
+
+    root: Path
+
+    def overrides(self, run_dir: Path, data: str = "captions") -> list[str]:
+        """--set overrides that point a tiny recipe at these assets instead of rebuilding them."""
+        return [
+            f"run_dir={run_dir}",
+            "embedded.enabled=false",
+            f"model.llm.path={self.root}/base/llm",
+            f"model.vision.path={self.root}/base/vision_tower",
+            f"model.discrete.path={self.root}/base/kmeans_tokenizer",
+            f"data.path={self.root}/data/{data}",
+        ]
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> TinyAssets:
+    from maven_dist.config import load_config
+    from maven_dist.data.embedded import prepare_embedded
+
+    root = tmp_path_factory.mktemp("tiny_assets")
+    prepare_embedded(load_config("recipes/tiny/stage1.yaml", [f"run_dir={root}"]))
+    return TinyAssets(root)

@@ -16,6 +16,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 
 from maven_dist.config import Config
 from maven_dist.data.batch import Batch
@@ -63,12 +65,19 @@ def zero3_copy(param: torch.nn.Parameter, value: torch.Tensor) -> None:
             copy_param(param, value)
 
 
+# The only non-container types DeepSpeed writes into ZeRO-3 checkpoints (found by loading every file
+# of a saved checkpoint with weights_only=True). Both rebuild from plain attributes; allowing them
+# lets no other class or callable through.
+_DEEPSPEED_SAFE_GLOBALS = [ZeroStageEnum, LossScaler]
+
+
 class _WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
     """DeepSpeed's torch checkpoint engine, but loading with ``weights_only=True``: a checkpoint
-    can hold tensors and plain containers, never code to execute."""
+    can hold tensors, plain containers and the two DeepSpeed types above, never code to execute."""
 
     def load(self, path: str, map_location=None):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_DEEPSPEED_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
 
 
 class Zero3Engine:

@@ -36,3 +36,21 @@ def torchrun(nproc: int, args: list[str], timeout: int = 900, env: dict | None =
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-12000:]}")
     return proc
+
+
+def train_command(nproc: int, recipe: str, overrides: list[str], extra: list[str] | None = None) -> list[str]:
+    """The command a user runs for one stage: plain python for one rank, torchrun for more."""
+    args = ["-m", "maven_dist.train", recipe, *(f"--set={o}" for o in overrides), *(extra or [])]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
+
+
+def run_train(nproc: int, recipe: str, overrides: list[str], extra: list[str] | None = None,
+              timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = train_command(nproc, recipe, overrides, extra)
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
+    return proc

@@ -1,0 +1,89 @@
+"""Exact resume after SIGKILL, atomic saves, and refusing a checkpoint of another recipe."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from maven_dist.train.metrics_file import read_metrics
+from tests.helpers.torchrun import REPO, cpu_env, run_train, train_command
+
+STEPS = 10
+
+
+def stage_overrides(tiny_assets, run_dir: Path, stage: str) -> list[str]:
+    data = "conversations" if stage == "stage4" else "captions"
+    return tiny_assets.overrides(run_dir, data) + [
+        f"stage.max_steps={STEPS}", "checkpoint.every_steps=5", "checkpoint.keep_last=3",
+        "stage.init_missing=base", "tracking.enabled=false",
+    ]
+
+
+def losses(run_dir: Path, stage: str) -> dict[int, float]:
+    return {row["step"]: row["loss/total"] for row in read_metrics(run_dir / stage / "metrics.jsonl")}
+
+
+def kill_after_checkpoint(cmd: list[str], latest: Path, step_name: str, timeout: float = 600) -> None:
+    """Start `cmd`, SIGKILL its whole process group as soon as `latest` names `step_name`."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if latest.is_file() and latest.read_text().strip() == step_name:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended (exit {proc.returncode}) before {step_name}: {proc.stderr.read()[-4000:]}")
+            time.sleep(0.02)
+        raise AssertionError(f"no {step_name} checkpoint within {timeout} s")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage, nproc", [("stage1", 1), ("stage4", 2)])
+def test_sigkill_after_step5_checkpoint_resumes_exactly(tiny_assets, tmp_path, stage, nproc):
+    recipe = f"recipes/tiny/{stage}.yaml"
+    straight = tmp_path / "straight"
+    run_train(nproc, recipe, stage_overrides(tiny_assets, straight, stage))
+    killed = tmp_path / "killed"
+    overrides = stage_overrides(tiny_assets, killed, stage)
+    kill_after_checkpoint(train_command(nproc, recipe, overrides), killed / stage / "checkpoints" / "latest", "step_00000005")
+    result = run_train(nproc, recipe, overrides)
+    assert "resumed from" in result.stdout + result.stderr
+    want, got = losses(straight, stage), losses(killed, stage)
+    assert [got[s] for s in range(6, STEPS + 1)] == [want[s] for s in range(6, STEPS + 1)], "steps 6-10 must match exactly"
+    a = load_file(straight / stage / "export" / "maven_modules.safetensors")
+    b = load_file(killed / stage / "export" / "maven_modules.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_save_is_never_used_and_changed_recipe_is_refused(tiny_assets, tmp_path):
+    recipe = "recipes/tiny/stage3.yaml"
+    run_dir = tmp_path / "run"
+    overrides = stage_overrides(tiny_assets, run_dir, "stage3") + ["stage.max_steps=5"]
+    run_train(1, recipe, overrides)
+    ckpts = run_dir / "stage3" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000005"
+    # A save killed midway: a .tmp directory with partial state and no manifest.
+    partial = ckpts / "step_00000010.tmp"
+    (partial / "engine").mkdir(parents=True)
+    (partial / "engine" / "model.safetensors").write_bytes(b"\x00" * 100)
+    longer = stage_overrides(tiny_assets, run_dir, "stage3") + ["stage.max_steps=10"]
+    refused = run_train(1, recipe, longer, check=False)
+    # max_steps is part of the recipe: the checkpoint was written by another one.
+    assert refused.returncode != 0
+    assert "refusing to resume" in refused.stderr and "--force" in refused.stderr
+    assert not partial.exists(), "a killed save's .tmp directory is removed at the next start"
+    forced = run_train(1, recipe, longer, extra=["--force"])
+    assert "resumed from" in forced.stdout + forced.stderr and "step_00000005" in forced.stdout + forced.stderr
+    assert (ckpts / "latest").read_text() == "step_00000010"
