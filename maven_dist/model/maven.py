@@ -206,27 +206,34 @@ class MavenModel(nn.Module):
         out_dir = Path(out_dir)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        self.save_skeleton(tmp, tokenizer)
         parts = hf_layout.to_hf_layout(state_dict if state_dict is not None else self.state_dict())
-        llm_dir = tmp / hf_layout.LLM_DIR
-        tower_dir = tmp / hf_layout.TOWER_DIR
-        llm_dir.mkdir()
-        tower_dir.mkdir()
-        save_torch_state_dict(parts[hf_layout.LLM_DIR], llm_dir, max_shard_size=max_shard_size)
-        _with_vocab_size(self.llm.config, self.layout.padded_size).save_pretrained(llm_dir)
-        save_torch_state_dict(parts[hf_layout.TOWER_DIR], tower_dir, max_shard_size=max_shard_size)
-        self.vision_tower.tower.config.save_pretrained(tower_dir)
-        if self.image_processor_config is not None:
-            (tower_dir / "preprocessor_config.json").write_text(json.dumps(self.image_processor_config, indent=2))
-        save_file({k: v.contiguous() for k, v in parts[hf_layout.MAVEN_MODULES_FILE].items()}, tmp / hf_layout.MAVEN_MODULES_FILE)
-        config = {"model_type": "maven", "spec": asdict(self.spec), "vocab": self.layout.to_dict()}
-        (tmp / hf_layout.CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-            tokenizer.save_pretrained(llm_dir)
+        for component in (hf_layout.LLM_DIR, hf_layout.TOWER_DIR):
+            save_torch_state_dict(parts[component], tmp / component, max_shard_size=max_shard_size)
+        modules = {k: v.contiguous() for k, v in parts[hf_layout.MAVEN_MODULES_FILE].items()}
+        save_file(modules, tmp / hf_layout.MAVEN_MODULES_FILE)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
+        return out_dir
+
+    def save_skeleton(self, out_dir: str | Path, tokenizer=None) -> Path:
+        """Everything of the HF layout except the weights: configs, image processor, tokenizer.
+
+        Checkpoints carry it, so ``tools/merge_ckpt.py`` can rebuild a loadable model from shards alone."""
+        out_dir = Path(out_dir)
+        llm_dir, tower_dir = out_dir / hf_layout.LLM_DIR, out_dir / hf_layout.TOWER_DIR
+        llm_dir.mkdir(parents=True, exist_ok=True)
+        tower_dir.mkdir(exist_ok=True)
+        _with_vocab_size(self.llm.config, self.layout.padded_size).save_pretrained(llm_dir)
+        self.vision_tower.tower.config.save_pretrained(tower_dir)
+        if self.image_processor_config is not None:
+            (tower_dir / "preprocessor_config.json").write_text(json.dumps(self.image_processor_config, indent=2))
+        config = {"model_type": "maven", "spec": asdict(self.spec), "vocab": self.layout.to_dict()}
+        (out_dir / hf_layout.CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+            tokenizer.save_pretrained(llm_dir)
         return out_dir
 
     # ------------------------------------------------------------------ pieces of the forward

@@ -4,6 +4,7 @@ Layout under ``{run_dir}/{stage}/checkpoints``::
 
     step_00000010/            a complete checkpoint
         manifest.json         step, world size, layout, recipe fingerprint, git sha, versions
+        model/                the HF-layout skeleton (configs, tokenizer; no weights) for merge_ckpt
         engine/               the engine's state (DeepSpeed shards, or model + optimizer)
         trainer_rank00000.pt  each rank's RNG states, loader position and counters
     latest                    name of the newest complete checkpoint
@@ -98,8 +99,9 @@ def _rng_from_plain(state: dict) -> dict:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, env: DistEnv, keep_last: int, fingerprint: str, stage: str):
+    def __init__(self, root: Path, env: DistEnv, keep_last: int, fingerprint: str, stage: str, skeleton: Path | None = None):
         self.root = Path(root)
+        self.skeleton = skeleton
         self.env = env
         self.keep_last = keep_last
         self.fingerprint = fingerprint
@@ -125,6 +127,8 @@ class Checkpointer:
         torch.save(rank_state, tmp / f"trainer_rank{self.env.rank:05d}.pt")
         barrier()
         if self.env.is_main:
+            if self.skeleton is not None:
+                shutil.copytree(self.skeleton, tmp / "model")
             manifest = Manifest(step, self.env.world_size, self.fingerprint, self.stage, extra)
             _write_atomic(tmp / MANIFEST, manifest.to_json())
             if final.exists():

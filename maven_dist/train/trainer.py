@@ -84,7 +84,12 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
     total_steps = cfg.stage.max_steps or math.ceil(cfg.stage.epochs * loader.batches_per_epoch / accumulation)
     engine = build_engine(cfg, dims, env, source, layout, tokenizer, total_steps, accumulation)
 
-    checkpointer = Checkpointer(stage_dir / "checkpoints", env, cfg.checkpoint.keep_last, cfg.fingerprint(), cfg.stage.name)
+    skeleton = stage_dir / "model_skeleton"
+    if env.is_main:
+        engine.module.save_skeleton(skeleton, tokenizer)
+    checkpointer = Checkpointer(
+        stage_dir / "checkpoints", env, cfg.checkpoint.keep_last, cfg.fingerprint(), cfg.stage.name, skeleton
+    )
     state = TrainerState()
     latest = checkpointer.latest() if cfg.checkpoint.resume else None
     if latest is not None:
