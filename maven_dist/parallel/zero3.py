@@ -8,7 +8,10 @@ of the optimizer's parameter groups, so ZeRO keeps no fp32 master copy or Adam m
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,9 +30,10 @@ from maven_dist.train.engine import build_optimizer
 from maven_dist.train.parts import apply_trainable
 
 CHECKPOINT_TAG = "zero"
+UNIVERSAL_TAG = "universal"
 
 
-def build_ds_config(cfg: Config, dims: ParallelDims, accumulation: int) -> dict:
+def build_ds_config(cfg: Config, dims: ParallelDims, accumulation: int, load_universal: bool = False) -> dict:
     """DeepSpeed config generated from the recipe (one source of truth for batch sizes and precision)."""
     stage = cfg.stage
     bf16 = stage.dtype == "bf16" and torch.cuda.is_available()  # CPU runs are always fp32
@@ -55,6 +59,8 @@ def build_ds_config(cfg: Config, dims: ParallelDims, accumulation: int) -> dict:
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # Resuming on another number of ranks goes through DeepSpeed's universal checkpoint format.
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -88,9 +94,11 @@ class Zero3Engine:
         dims: ParallelDims,
         total_steps: int,
         accumulation: int,
+        load_universal: bool = False,
     ):
         self.cfg = cfg.stage
-        self.ds_config = build_ds_config(cfg, dims, accumulation)
+        self.load_universal = load_universal
+        self.ds_config = build_ds_config(cfg, dims, accumulation, load_universal)
         # DeepSpeed's comm layer adopts the process group init_distributed already created.
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
@@ -131,10 +139,53 @@ class Zero3Engine:
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
 
     def load_state(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        tag = CHECKPOINT_TAG
+        if self.load_universal:
+            maybe_convert_to_universal(Path(directory))
+            tag = UNIVERSAL_TAG
+        path, _ = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {directory}/{CHECKPOINT_TAG}")
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {directory}/{tag}")
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         state = self.engine._zero3_consolidated_16bit_state_dict()
         return state if dist.get_rank() == 0 else None
+
+
+def maybe_convert_to_universal(engine_dir: Path) -> None:
+    """Rank 0 converts `engine_dir/zero` (written by N ranks) to DeepSpeed's rank-count-independent
+    universal format in `engine_dir/universal`, once; every rank waits for it."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    target = engine_dir / UNIVERSAL_TAG
+    if (not dist.is_initialized() or dist.get_rank() == 0) and not target.is_dir():
+        tmp = engine_dir / (UNIVERSAL_TAG + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = Namespace(
+            input_folder=str(engine_dir / CHECKPOINT_TAG), output_folder=str(tmp), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+        )
+        with _weights_only_torch_load():
+            ds_to_universal.main(args)
+        os.replace(tmp, target)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _weights_only_torch_load():
+    """DeepSpeed's converter calls torch.load(weights_only=False); force weights_only=True for it."""
+    original = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(_DEEPSPEED_SAFE_GLOBALS):
+            return original(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = original

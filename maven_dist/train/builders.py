@@ -111,7 +111,7 @@ def model_builder(cfg: Config, source: ModelSource, layout: VocabLayout, spec: M
 
 def build_engine(
     cfg: Config, dims: ParallelDims, env: DistEnv, source: ModelSource, layout: VocabLayout, tokenizer,
-    total_steps: int, accumulation: int,
+    total_steps: int, accumulation: int, load_universal: bool = False,
 ) -> Engine:
     """World of one: the plain PyTorch engine (ZeRO over one rank shards nothing). Otherwise the
     recipe's backend."""
@@ -121,7 +121,7 @@ def build_engine(
     if env.world_size > 1:
         from maven_dist.parallel.zero3 import Zero3Engine
 
-        return Zero3Engine(build, cfg, dims, total_steps, accumulation)
+        return Zero3Engine(build, cfg, dims, total_steps, accumulation, load_universal=load_universal)
     model = build()
     apply_trainable(model, cfg.stage.trainable)
     if cfg.stage.gradient_checkpointing:

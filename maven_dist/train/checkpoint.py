@@ -154,27 +154,41 @@ class Checkpointer:
         return path if (path / MANIFEST).is_file() else None
 
     def check(self, path: Path, force: bool) -> Manifest:
-        """Refuse a checkpoint written by another recipe or world size (unless `force`)."""
+        """Refuse a checkpoint written by another recipe (unless `force`) or by an engine that cannot
+        be converted into this run's. Another number of ZeRO-3 ranks is fine: see ``needs_reshard``."""
         manifest = Manifest.read(path)
-        problems = []
-        if manifest.fingerprint != self.fingerprint:
-            problems.append(
-                f"it was written by a different recipe (fingerprint {manifest.fingerprint}, now {self.fingerprint})"
-            )
-        if manifest.world_size != self.env.world_size:
-            problems.append(f"it was written by {manifest.world_size} ranks, this run has {self.env.world_size}")
-        if problems and not force:
+        if manifest.fingerprint != self.fingerprint and not force:
             raise CheckpointMismatch(
-                f"refusing to resume from {path}: {'; '.join(problems)}. Use a new run_dir, restore the recipe, "
-                "or pass --force to resume anyway."
+                f"refusing to resume from {path}: it was written by a different recipe (fingerprint "
+                f"{manifest.fingerprint}, now {self.fingerprint}). Use a new run_dir, restore the recipe, or pass "
+                "--force to resume anyway."
+            )
+        if manifest.world_size != self.env.world_size and 1 in (manifest.world_size, self.env.world_size):
+            raise CheckpointMismatch(
+                f"refusing to resume from {path}: it was written by {manifest.world_size} rank(s), this run has "
+                f"{self.env.world_size}. One process uses the plain PyTorch engine and more use ZeRO-3, whose "
+                "states do not convert into each other; resume with the original number of processes, or start "
+                f"a new stage from its export (stage.init_from)."
             )
         return manifest
 
+    def needs_reshard(self, manifest: Manifest) -> bool:
+        """A ZeRO-3 checkpoint from another number of ranks: load it as a DeepSpeed universal checkpoint."""
+        return manifest.world_size != self.env.world_size
+
     def load(self, path: Path, engine: Engine) -> dict:
-        """Restore engine state and this rank's RNG; return this rank's trainer state."""
+        """Restore engine state and this rank's RNG; return this rank's trainer state.
+
+        After a change of world size, every rank takes rank 0's step and data position (the loader
+        re-splits it) and keeps its fresh RNG: ranks that did not exist have no RNG state to restore."""
         engine.load_state(path / "engine")
-        state = torch.load(path / f"trainer_rank{self.env.rank:05d}.pt", map_location="cpu", weights_only=True)
-        restore_rng_state(_rng_from_plain(state.pop("rng")))
+        manifest = Manifest.read(path)
+        same_world = manifest.world_size == self.env.world_size
+        rank = self.env.rank if same_world else 0
+        state = torch.load(path / f"trainer_rank{rank:05d}.pt", map_location="cpu", weights_only=True)
+        rng = state.pop("rng")
+        if same_world:
+            restore_rng_state(_rng_from_plain(rng))
         return state
 
 

@@ -82,23 +82,26 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
     loader = build_stage_loader(cfg, tokenizer, layout, source, dp_rank=dp_rank, dp_size=dims.dp)
     accumulation = dims.accumulation_steps(cfg.stage.global_batch_size, cfg.stage.micro_batch_size)
     total_steps = cfg.stage.max_steps or math.ceil(cfg.stage.epochs * loader.batches_per_epoch / accumulation)
-    engine = build_engine(cfg, dims, env, source, layout, tokenizer, total_steps, accumulation)
-
-    skeleton = stage_dir / "model_skeleton"
-    if env.is_main:
-        engine.module.save_skeleton(skeleton, tokenizer)
     checkpointer = Checkpointer(
-        stage_dir / "checkpoints", env, cfg.checkpoint.keep_last, cfg.fingerprint(), cfg.stage.name, skeleton
+        stage_dir / "checkpoints", env, cfg.checkpoint.keep_last, cfg.fingerprint(), cfg.stage.name,
+        skeleton=stage_dir / "model_skeleton",
     )
-    state = TrainerState()
     latest = checkpointer.latest() if cfg.checkpoint.resume else None
+    saved = checkpointer.check(latest, force) if latest is not None else None
+    reshard = saved is not None and checkpointer.needs_reshard(saved)
+    engine = build_engine(cfg, dims, env, source, layout, tokenizer, total_steps, accumulation, load_universal=reshard)
+    if env.is_main:
+        engine.module.save_skeleton(checkpointer.skeleton, tokenizer)
+    state = TrainerState()
     if latest is not None:
-        checkpointer.check(latest, force)
         restored = checkpointer.load(latest, engine)
         state = TrainerState(**{k: restored[k] for k in TrainerState().state_dict()})
         state.resumes += 1
         loader.load_state_dict(state.loader)
-        print0(f"[{cfg.stage.name}] resumed from {latest} at step {state.step} (resume #{state.resumes})")
+        print0(
+            f"[{cfg.stage.name}] resumed from {latest} at step {state.step} (resume #{state.resumes}"
+            + (f", resharded from {saved.world_size} to {env.world_size} ranks)" if reshard else ")")
+        )
 
     tracker = build_tracker(cfg, rank=env.rank, world_size=env.world_size)
     layout_params = {"parallel.dp": dims.dp, "parallel.tp": dims.tp, "parallel.pp": dims.pp, "recipe_fingerprint": cfg.fingerprint()}
