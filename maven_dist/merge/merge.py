@@ -1,0 +1,147 @@
+"""``merge_checkpoint``: a training checkpoint -> a HF-layout MaVEn directory, streamed and verified."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from maven_dist.merge.errors import MergeError
+from maven_dist.merge.local_source import read_safetensors_header
+from maven_dist.merge.plan import DTYPES, Plan, build_plan, expected_shapes, parse_size, select_names
+from maven_dist.merge.source import CheckpointRef, find_checkpoint, open_source
+from maven_dist.merge.writer import ChunkReader, sha256_file, write_file
+
+PROVENANCE_FILE = "merge_provenance.json"
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Floating-point dtype of every written tensor (the checkpoint holds fp32 master weights)."""
+    max_shard_size: str | int = "5GB"
+    """Largest safetensors file per component (huggingface_hub units: 5GB = 5 * 10**9 bytes)."""
+    only: tuple[str, ...] = ()
+    """Parts to write (llm, vocab_new_rows, projector, selector, vision_tower); empty: all."""
+    exclude_frozen: bool = False
+    """Leave out parameters the checkpoint's stage did not train."""
+    stage: str | None = None
+    """Stage of a run directory (default: the one with the newest checkpoint)."""
+    step: int | None = None
+    tag: str | None = None
+    """Checkpoint directory name, e.g. step_00000010 (default: the one 'latest' names)."""
+    force: bool = False
+    """Replace an existing OUT_DIR."""
+    threads: int = 4
+    """Reader threads (positioned reads overlap across rank files)."""
+    chunk_mb: int = 16
+    """Copy granularity; memory in flight is about chunk_mb * (2 * threads + 1)."""
+    progress: bool = True
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    checkpoint: Path
+    kind: str
+    step: int
+    num_parameters: int
+    num_bytes: int
+    seconds: float
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def merge_checkpoint(src: str | Path, out_dir: str | Path, options: MergeOptions = MergeOptions()) -> MergeResult:
+    """Merge the checkpoint SRC names into OUT_DIR (see ``docs/merge.md``)."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    if options.dtype not in DTYPES:
+        raise MergeError(f"--dtype {options.dtype!r}: choose one of {list(DTYPES)}")
+    if out_dir.exists() and not options.force:
+        raise MergeError(f"{out_dir} exists; pass --force to replace it")
+    ref = find_checkpoint(Path(src), options.stage, options.step, options.tag)
+    source = open_source(ref, threads=options.threads)
+    tensors = source.tensors()
+    if options.exclude_frozen and getattr(source, "trainable_parts", True) is None:
+        raise MergeError(f"--exclude-frozen: {ref.path.parent.parent}/resolved_recipe.yaml is missing, so which parts trained is unknown")
+    expected = expected_shapes(ref.skeleton)
+    names = select_names(expected, tensors, str(ref.path), list(options.only), options.exclude_frozen)
+    plan = build_plan(names, tensors, DTYPES[options.dtype], parse_size(options.max_shard_size))
+
+    tmp = out_dir.with_name(out_dir.name + ".merging")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # our own leftover from a killed merge
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ref.skeleton, tmp)
+    hashes = _write_weights(tmp, plan, options)
+    for relpath, index in plan.indexes.items():
+        (tmp / relpath).write_text(json.dumps(index, indent=2))
+    _verify(tmp, plan)
+    files = {
+        p.relative_to(tmp).as_posix(): hashes.get(p.relative_to(tmp).as_posix()) or sha256_file(p)
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file()
+    }
+    _write_provenance(tmp, ref, source.kind, source.world_size, options, plan, files, expected)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return MergeResult(out_dir, ref.path, source.kind, ref.step, len(names), plan.nbytes, time.perf_counter() - start, files)
+
+
+def _write_weights(tmp: Path, plan: Plan, options: MergeOptions) -> dict[str, str]:
+    from tqdm import tqdm
+
+    chunk = max(1, options.chunk_mb) << 20
+    reader = ChunkReader(options.threads, chunk, read_ahead=2 * options.threads)
+    bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="merge", disable=not options.progress)
+    hashes = {}
+    try:
+        for out in plan.files:
+            bar.set_postfix_str(out.relpath)
+            hashes[out.relpath] = write_file(tmp / out.relpath, out, reader, bar.update)
+    finally:
+        reader.close()
+        bar.close()
+    return hashes
+
+
+def _verify(tmp: Path, plan: Plan) -> None:
+    """Every planned tensor is in its file with the planned dtype, shape and size."""
+    from maven_dist.merge.writer import _DTYPE_NAMES
+
+    for out in plan.files:
+        path = tmp / out.relpath
+        header, start = read_safetensors_header(path)
+        for t in out.tensors:
+            info = header.get(t.key)
+            if info is None or info["shape"] != list(t.shape) or info["dtype"] != _DTYPE_NAMES[t.dtype]:
+                raise MergeError(f"verification failed: {path} has {t.key} as {info}, planned {t.shape} {t.dtype}")
+        if path.stat().st_size != start + out.nbytes:
+            raise MergeError(f"verification failed: {path} has {path.stat().st_size} bytes, planned {start + out.nbytes}")
+
+
+def _write_provenance(tmp: Path, ref: CheckpointRef, kind: str, world_size: int, options: MergeOptions, plan: Plan,
+                      files: dict[str, str], expected: dict) -> None:
+    manifest = ref.manifest
+    provenance = {
+        "source": str(ref.path.resolve()),
+        "kind": kind,
+        "stage": manifest.get("stage"),
+        "step": ref.step,
+        "tag": ref.path.name,
+        "world_size": world_size,
+        "layout": manifest.get("layout"),
+        "recipe_fingerprint": manifest.get("fingerprint"),
+        "git_sha": manifest.get("git_sha"),
+        "options": {k: v for k, v in asdict(options).items() if k not in ("progress", "force")},
+        "complete": len(plan.names) == len(expected),
+        "num_parameters": len(plan.names),
+        "num_weight_bytes": plan.nbytes,
+        "sha256": files,
+    }
+    (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
