@@ -156,10 +156,11 @@ def open_source(ref: CheckpointRef, threads: int = 4) -> CheckpointSource:
         from maven_dist.merge.local_source import LocalSource
 
         return LocalSource(ref)
-    if any(engine.glob("*/zero_pp_rank_*_mp_rank_*_model_states.pt")) or any(engine.glob("*/*_optim_states.pt")):
+    universal = {p.parent.parent.parent for p in engine.glob("*/zero/*/fp32.pt")}
+    if any(p.parent not in universal for p in engine.glob("*/zero_pp_rank_*_mp_rank_*_states.pt")):
         from maven_dist.merge.zero3_source import Zero3Source
 
         return Zero3Source(ref, threads=threads)
-    if any(engine.glob("*/zero/*/fp32.pt")):
-        raise MergeError(f"{engine} holds a DeepSpeed universal checkpoint; merging those is not implemented yet")
+    if universal:
+        raise MergeError(f"{engine} holds only a DeepSpeed universal checkpoint; merging those is not implemented yet")
     raise MergeError(f"{engine} holds no engine state this tool knows (model.safetensors or DeepSpeed ZeRO files)")

@@ -73,7 +73,9 @@ class TorchFileIndex:
         self._keep: list[torch.UntypedStorage] = []  # keep stand-ins alive so addresses stay unique
         try:
             self.size = self.path.stat().st_size
-            if zipfile.is_zipfile(self.path):
+            with open(self.path, "rb") as f:
+                magic = f.read(4)
+            if magic == b"PK\x03\x04":
                 self.obj = self._load_zip()
             else:
                 self.obj = self._load_legacy()

@@ -169,7 +169,9 @@ def _shape_lists(state: dict):
 
 
 def _tag_dir(engine: Path) -> Path:
-    tags = sorted({p.parent for p in engine.glob("*/*_states.pt")})
+    # A `universal/` directory (DeepSpeed's rank-count-independent copy, written when a run resumed on
+    # another number of ranks) is derived from the ZeRO tag next to it: read the original.
+    tags = sorted({p.parent for p in engine.glob("*/zero_pp_rank_*_states.pt")} - {p.parent for p in engine.glob("*/zero") if p.is_dir()})
     if not tags:
         raise MergeError(f"{engine} has no DeepSpeed tag directory with *_states.pt files")
     if len(tags) > 1:
