@@ -167,7 +167,7 @@ def mlflow_stage_runs(run_dir: Path, stage: str) -> list:
     assert db.exists(), f"no MLflow store at {db}"
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     experiments = [e.experiment_id for e in client.search_experiments()]
-    return [r for r in client.search_runs(experiments) if r.data.tags.get("stage") == stage]
+    return [r for r in client.search_runs(experiments) if r.data.tags.get("maven.stage") == stage]
 
 
 # ------------------------------------------------------------------------------------------ plumbing
@@ -300,6 +300,7 @@ def reference_stage4(slurm: None, tmp_path_factory: pytest.TempPathFactory) -> t
     return cwd, run, jid
 
 
+@pytest.mark.slow
 def test_sbatch_stage4_runs_two_tasks_and_writes_checkpoints_and_mlflow(
     reference_stage4: tuple[Path, Path, str],
 ) -> None:
@@ -312,10 +313,11 @@ def test_sbatch_stage4_runs_two_tasks_and_writes_checkpoints_and_mlflow(
     assert latest_step(run, "stage4") == 24
     assert (run / "stage4" / "export").is_dir()
     runs = mlflow_stage_runs(run, "stage4")
-    assert runs, "no MLflow stage run tagged stage=stage4"
-    assert any(r.data.tags.get("slurm_job_id") == jid for r in runs)
+    assert runs, "no MLflow stage run tagged maven.stage=stage4"
+    assert any(r.data.tags.get("slurm.job_id") == jid for r in runs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["scontrol_requeue", "usr2"])
 def test_sbatch_preemption_resumes_to_the_same_weights(
     reference_stage4: tuple[Path, Path, str], tmp_path: Path, how: str
@@ -336,8 +338,12 @@ def test_sbatch_preemption_resumes_to_the_same_weights(
     assert "restart 1" in text and "resumed from" in text
     assert latest_step(run, "stage4") == 24
     assert_same_weights(reference_run, run)
+    (stage_run,) = [r for r in mlflow_stage_runs(run, "stage4") if r.data.tags.get("slurm.job_id") == jid]
+    assert stage_run.data.tags.get("slurm.restart_count") == "1"  # the requeue, on the same stage run
+    assert stage_run.data.tags.get("maven.resume_count") == "1"
 
 
+@pytest.mark.slow
 def test_submitit_slurm_stage_resumes_after_interrupt(
     reference_stage4: tuple[Path, Path, str], tmp_path: Path
 ) -> None:
@@ -369,9 +375,12 @@ def test_submitit_slurm_stage_resumes_after_interrupt(
     assert latest_step(run, "stage4") == 24
     assert_same_weights(reference_run, run)
     runs = mlflow_stage_runs(run, "stage4")
-    assert any(r.data.tags.get("slurm_job_id") == job.job_id for r in runs)
+    assert [
+        r.data.tags.get("slurm.restart_count") for r in runs if r.data.tags.get("slurm.job_id") == job.job_id
+    ] == ["1"]
 
 
+@pytest.mark.slow
 def test_launch_cli_local_runs_the_stage(reference_stage4: tuple[Path, Path, str], tmp_path: Path) -> None:
     _, reference_run, _ = reference_stage4
     run = tmp_path / "run"
@@ -386,6 +395,7 @@ def test_launch_cli_local_runs_the_stage(reference_stage4: tuple[Path, Path, str
     assert_same_weights(reference_run, run)
 
 
+@pytest.mark.slow
 def test_recipe_sh_runs_the_four_chained_stages(slurm: None, tmp_path: Path) -> None:
     run = tmp_path / "run"
     out = subprocess.run(
