@@ -347,23 +347,21 @@ def test_sbatch_preemption_resumes_to_the_same_weights(
 def test_submitit_slurm_stage_resumes_after_interrupt(
     reference_stage4: tuple[Path, Path, str], tmp_path: Path
 ) -> None:
-    """The launcher's executor and callable on Slurm; job._interrupt() (TERM + USR2) -> requeue -> resume."""
-    from maven_dist.launch.__main__ import build_executor, build_parser
-    from maven_dist.launch.checks import Layout
-    from maven_dist.launch.stage_job import StageJob
+    """`python -m maven_dist.launch` submits to Slurm; job._interrupt() (TERM + USR2) -> requeue -> resume."""
+    import submitit
 
     _, reference_run, _ = reference_stage4
     run = tmp_path / "run"
-    sets = [f"run_dir={run}", "stage.max_steps=24", "checkpoint.every_steps=4"]
-    args = build_parser().parse_args([f"{TINY}/stage4.yaml", "--tasks-per-node", "2", "--partition", "debug"])
-    executor = build_executor(args, Layout(1, 2, 0), tmp_path / "submitit", "maven-stage4")
-    old = dict(os.environ)
-    os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    try:
-        job = executor.submit(StageJob(str(REPO / TINY / "stage4.yaml"), sets))
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    folder = tmp_path / "submitit"
+    out = subprocess.run(
+        [PYTHON, "-m", "maven_dist.launch", f"{TINY}/stage4.yaml", "--tasks-per-node", "2", "--partition", "debug",
+         "--folder", str(folder), "--set", f"run_dir={run}", *STAGE_SETS],
+        cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    match = re.search(r"submitted stage4 to Slurm: job (\d+), folder (\S+)", out.stdout)
+    assert match and match.group(2) == str(folder), out.stdout
+    job = submitit.SlurmJob(folder=folder / "%j", job_id=match.group(1), tasks=(0, 1))
     wait_until(lambda: latest_step(run, "stage4") >= 4, JOB_TIMEOUT_S, "the first checkpoint")
     job._interrupt()
     # Without accounting, submitit cannot tell a dead job from a slow one: wait for the result
