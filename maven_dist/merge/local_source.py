@@ -45,6 +45,7 @@ class LocalSource:
         self.ref = ref
         self.path = ref.engine_dir / "model.safetensors"
         self.trainable_parts = _trainable_parts(ref)
+        self.knows_trainable = self.trainable_parts is not None
 
     def tensors(self) -> dict[str, SourceTensor]:
         import torch

@@ -14,7 +14,7 @@ from maven_dist.merge.errors import MergeError
 from maven_dist.merge.local_source import read_safetensors_header
 from maven_dist.merge.plan import DTYPES, Plan, build_plan, expected_shapes, parse_size, select_names
 from maven_dist.merge.source import CheckpointRef, find_checkpoint, open_source
-from maven_dist.merge.writer import ChunkReader, sha256_file, write_file
+from maven_dist.merge.writer import DTYPE_NAMES, ChunkReader, sha256_file, write_file
 
 PROVENANCE_FILE = "merge_provenance.json"
 
@@ -66,7 +66,7 @@ def merge_checkpoint(src: str | Path, out_dir: str | Path, options: MergeOptions
     ref = find_checkpoint(Path(src), options.stage, options.step, options.tag)
     source = open_source(ref, threads=options.threads)
     tensors = source.tensors()
-    if options.exclude_frozen and getattr(source, "trainable_parts", True) is None:
+    if options.exclude_frozen and not source.knows_trainable:
         raise MergeError(f"--exclude-frozen: {ref.path.parent.parent}/resolved_recipe.yaml is missing, so which parts trained is unknown")
     expected = expected_shapes(ref.skeleton)
     names = select_names(expected, tensors, str(ref.path), list(options.only), options.exclude_frozen)
@@ -112,14 +112,12 @@ def _write_weights(tmp: Path, plan: Plan, options: MergeOptions) -> dict[str, st
 
 def _verify(tmp: Path, plan: Plan) -> None:
     """Every planned tensor is in its file with the planned dtype, shape and size."""
-    from maven_dist.merge.writer import _DTYPE_NAMES
-
     for out in plan.files:
         path = tmp / out.relpath
         header, start = read_safetensors_header(path)
         for t in out.tensors:
             info = header.get(t.key)
-            if info is None or info["shape"] != list(t.shape) or info["dtype"] != _DTYPE_NAMES[t.dtype]:
+            if info is None or info["shape"] != list(t.shape) or info["dtype"] != DTYPE_NAMES[t.dtype]:
                 raise MergeError(f"verification failed: {path} has {t.key} as {info}, planned {t.shape} {t.dtype}")
         if path.stat().st_size != start + out.nbytes:
             raise MergeError(f"verification failed: {path} has {path.stat().st_size} bytes, planned {start + out.nbytes}")

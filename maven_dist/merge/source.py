@@ -53,6 +53,8 @@ class CheckpointSource(Protocol):
     kind: str
     """'local' (one process), 'zero3' (DeepSpeed ZeRO-3); '3d' plugs in here once that backend saves."""
     world_size: int
+    knows_trainable: bool
+    """Whether `SourceTensor.trainable` is known (needed by --exclude-frozen)."""
 
     def tensors(self) -> dict[str, SourceTensor]:
         """Every saved parameter by training name, in no particular order."""

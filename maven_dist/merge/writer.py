@@ -27,7 +27,7 @@ from maven_dist.merge.plan import OutFile, OutTensor
 # safetensors' Dtype enum order (safetensors 0.4-0.8); it sorts tensors by it, descending.
 _DTYPE_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16",
                 "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"]
-_DTYPE_NAMES = {
+DTYPE_NAMES = {
     torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
     torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
 }
@@ -35,13 +35,13 @@ _DTYPE_NAMES = {
 
 def safetensors_header(tensors: list[OutTensor], metadata: dict[str, str] | None) -> tuple[bytes, list[OutTensor]]:
     """The header bytes (length prefix included) and the tensors in file order."""
-    ordered = sorted(tensors, key=lambda t: (-_DTYPE_ORDER.index(_DTYPE_NAMES[t.dtype]), t.key))
+    ordered = sorted(tensors, key=lambda t: (-_DTYPE_ORDER.index(DTYPE_NAMES[t.dtype]), t.key))
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = metadata
     offset = 0
     for t in ordered:
-        header[t.key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.key] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
@@ -100,14 +100,21 @@ def write_file(path: Path, out: OutFile, reader: ChunkReader, on_bytes: Callable
     header, ordered = safetensors_header(out.tensors, out.metadata)
     digest = hashlib.sha256(header)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
+    # sha256 runs at ~0.5-1 GB/s, as slow as the copy itself: hash on a thread of its own (hashlib
+    # releases the GIL), in order, at most two chunks behind the writes.
+    hashing: deque[Future] = deque()
+    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="merge-sha256") as hasher:
         f.write(header)
         for data, (src_dtype, dst_dtype) in reader.stream(_jobs(ordered, reader.chunk_bytes)):
             if src_dtype != dst_dtype:
                 data = torch.frombuffer(bytearray(data), dtype=src_dtype).to(dst_dtype).view(torch.uint8).numpy().tobytes()
-            digest.update(data)
+            hashing.append(hasher.submit(digest.update, data))
             f.write(data)
             on_bytes(len(data))
+            while len(hashing) > 2:
+                hashing.popleft().result()
+        for future in hashing:
+            future.result()
     return digest.hexdigest()
 
 

@@ -30,6 +30,7 @@ _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\
 
 class Zero3Source:
     kind = "zero3"
+    knows_trainable = True  # trained parameters are exactly those with fp32 master weights
 
     def __init__(self, ref: CheckpointRef, threads: int = 4):
         self.ref = ref

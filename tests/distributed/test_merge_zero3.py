@@ -270,3 +270,23 @@ def test_world_size_that_does_not_match_the_files_is_refused(damaged, tmp_path):
     manifest = checkpoint_of(damaged) / "manifest.json"
     manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"world_size": 3}))
     merge_fails(damaged, tmp_path, r"partitioned over 2 ranks, but 3 rank files are expected|saved by a run of 2 ranks")
+
+
+# ---------------------------------------------------------------------- the benchmark runs
+
+
+@pytest.mark.distributed
+def test_bench_runs_at_tiny_size(zero3_run, tmp_path):
+    """bench/merge.py end to end on the 2-rank tiny checkpoint (the real bench needs >= 300M parameters)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_merge", Path(__file__).resolve().parents[2] / "bench" / "merge.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from maven_dist.merge.plan import expected_shapes
+
+    ckpt = checkpoint_of(zero3_run(2))
+    summary = bench.main(["--checkpoint", str(ckpt), "--work-dir", str(tmp_path), "--rounds", "1", "--min-params", "0"])
+    assert summary["bitwise_equal"] and summary["tensors_compared"] == len(expected_shapes(ckpt / "model"))
+    assert summary["ratio_time"] > 0 and summary["ratio_peak_rss"] > 0
+    assert json.loads((tmp_path / "results.json").read_text())["parameters"] == summary["parameters"]
