@@ -1,0 +1,224 @@
+"""MaVEn cut into DeepSpeed pipeline layers: input stage, LLaMA blocks, output stage.
+
+Layer list (DeepSpeed assigns contiguous runs of it to pipeline stages, balancing decoder blocks)::
+
+    0        InputStage   vision tower, selector, projector, unified vocabulary embedding -> sequence
+    1 .. L   TPDecoderLayer x L
+    L + 1    OutputStage  final norm, vocabulary-parallel head, vocab_parallel_cross_entropy -> loss
+
+The unified vocabulary stays split as in ``MavenModel``: text rows (`llm` part) and new rows
+(`vocab_new_rows` part) are two ``VocabParallelEmbedding`` / two column-parallel heads, so stage 2 trains
+exactly the new rows and the text rows carry no optimizer state. Each tp rank holds a contiguous
+1/tp of the text rows and of the new rows (text_size and the padded new-row count are multiples of
+tp: the padding rule makes the padded size a multiple of 128·tp); the cross-entropy sees the
+per-rank concatenation [text shard, new shard], and targets are renumbered into that order
+(softmax is permutation invariant, so the loss is the same).
+
+**h_eos (the selector's discrete summary) under pipeline parallelism.** h_eos is the final-norm LLM
+state at `<EOS>` after an image's discrete block, so stage 0 cannot assemble its sequence before
+the whole LLM has run. We run a *forward-only pipeline pass* (:func:`pipeline_eos_states`) once per
+optimizer step over all images of the step's micro-batches, before DeepSpeed's training schedule:
+stage 0 embeds ``<img> codes </img> <EOS>``, each stage applies its blocks and sends the activations
+on (blocking p2p on the pipe group), the last stage applies the final norm and broadcasts the
+``<EOS>`` states back to the pipe group. Semantics are exactly MavenModel's (h_eos from the current
+weights, no gradient): in stage 4 the LLM trains, so precomputing selections after stage 1 would
+give stale selections; that alternative is only exact for stage 3 (LLM frozen). Cost: one extra
+forward over N·(K+3) tokens per step (K codes), no backward, run without pipelining; the stage-4
+sequence is ~(K+2+m)·N + text tokens with a forward *and* backward, so the pass adds roughly
+(K+3)/(3·(K+2+m+text/N)) of the step's LLM FLOPs (7B, K=32, m=144, ~120 text tokens per image:
+~4%), plus pp−1 idle bubbles of one small forward each. Measured on the tiny CPU model in
+``docs/parallel_3d.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import ModelParallelConfig, parallel_state
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from maven_dist.model.maven import MavenSpec, _maybe_skip_hf_init
+from maven_dist.model.projector import build_projector
+from maven_dist.model.selector import PatchSelector, select_top_patches
+from maven_dist.model.sequence import assemble_sequences, num_kept_patches
+from maven_dist.model.vision import ContinuousEncoder
+from maven_dist.model.vocab import IGNORE_INDEX, VocabLayout
+from maven_dist.parallel.megatron_llama import LlamaShape, PipeTuple, RMSNorm, _no_init
+
+StageInputs = tuple[torch.Tensor, ...]
+"""(pixel_values, image_codes, h_eos, input_ids, labels, attention_mask): one micro-batch for stage 0."""
+
+
+def _check_vocab_tp(layout: VocabLayout, tp: int) -> None:
+    for what, n in (("text rows", layout.text_size), ("new rows (padded - text)", layout.num_new_rows)):
+        if n % tp:
+            raise ValueError(
+                f"3d backend: the vocabulary's {what} = {n} is not a multiple of parallel.tp={tp}; "
+                "set model.vocab.pad_to_multiple_of to a multiple of 128 * tp"
+            )
+
+
+class InputStage(nn.Module):
+    """Stage-0 pieces: images -> visual blocks, token ids -> unified embeddings, assembled sequences."""
+
+    def __init__(self, shape: LlamaShape, layout: VocabLayout, spec: MavenSpec, tower_config: CLIPVisionConfig,
+                 views: Sequence[str], config: ModelParallelConfig):
+        super().__init__()
+        _check_vocab_tp(layout, config.tensor_model_parallel_size)
+        self.layout, self.spec, self.views = layout, spec, tuple(views)
+        d = shape.hidden_size
+        self.embed_text = VocabParallelEmbedding(layout.text_size, d, init_method=_no_init, config=config)
+        self.embed_new = VocabParallelEmbedding(layout.num_new_rows, d, init_method=_no_init, config=config)
+        with _maybe_skip_hf_init(True):  # weights are loaded next
+            tower = CLIPVisionModel(tower_config)
+        self.vision_tower = ContinuousEncoder(tower, spec.select_layer)
+        feature = self.vision_tower.hidden_size
+        self.selector = PatchSelector(feature, d, spec.selector_hidden_size)
+        self.projector = build_projector(spec.projector, feature, d)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """MavenModel.embed_tokens with the two row sets vocabulary-parallel."""
+        text_size = self.layout.text_size
+        is_text = (ids < text_size).unsqueeze(-1)
+        text = self.embed_text(ids.clamp(max=text_size - 1))
+        new = self.embed_new((ids - text_size).clamp(min=0))
+        return torch.where(is_text, text, new)
+
+    def discrete_ids(self, image_codes: torch.Tensor) -> torch.Tensor:
+        n = image_codes.shape[0]
+        start = image_codes.new_full((n, 1), self.layout.img_start_id)
+        end = image_codes.new_full((n, 1), self.layout.img_end_id)
+        return torch.cat([start, self.layout.code_to_token_id(image_codes), end], dim=1)
+
+    def eos_ids(self, image_codes: torch.Tensor) -> torch.Tensor:
+        """[N, K + 3]: the discrete block followed by `<EOS>` (the h_eos pass's input)."""
+        ids = self.discrete_ids(image_codes)
+        return torch.cat([ids, ids.new_full((ids.shape[0], 1), self.spec.eos_token_id)], dim=1)
+
+    def visual_embeds(self, pixel_values: torch.Tensor, image_codes: torch.Tensor, h_eos: torch.Tensor) -> torch.Tensor:
+        blocks = []
+        if "discrete" in self.views:
+            blocks.append(self.embed_tokens(self.discrete_ids(image_codes)))
+        if "continuous" in self.views:
+            features = self.vision_tower(pixel_values)
+            scores = self.selector(features, h_eos)
+            keep = select_top_patches(scores, num_kept_patches(self.vision_tower.num_patches, self.spec.keep_ratio))
+            kept = features.gather(1, keep.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+            blocks.append(self.projector(kept.to(next(self.projector.parameters()).dtype)))
+        return torch.cat(blocks, dim=1)
+
+    def forward(self, inputs: StageInputs) -> PipeTuple:
+        pixel_values, image_codes, h_eos, input_ids, labels, attention_mask = inputs
+        has_images = pixel_values.shape[0] > 0
+        if not has_images:
+            # As MavenModel: a text-only micro-batch runs one blank image with weight 0, so every
+            # trainable part gets a (zero) gradient and every rank runs the same ops.
+            pixel_values = pixel_values.new_zeros(1, *pixel_values.shape[1:])
+            image_codes = image_codes.new_zeros(1, image_codes.shape[1])
+            h_eos = h_eos.new_zeros(1, h_eos.shape[-1])
+        visual = self.visual_embeds(pixel_values, image_codes, h_eos)
+        embeds, labels, mask = assemble_sequences(
+            input_ids, labels, attention_mask, self.embed_tokens, visual if has_images else visual[:0]
+        )
+        if not has_images:
+            embeds = embeds + 0.0 * visual.sum()
+        return embeds, mask, labels
+
+
+class OutputStage(nn.Module):
+    """Final norm, vocabulary-parallel head, mean cross-entropy over the micro-batch's labelled tokens."""
+
+    def __init__(self, shape: LlamaShape, layout: VocabLayout, config: ModelParallelConfig):
+        super().__init__()
+        _check_vocab_tp(layout, config.tensor_model_parallel_size)
+        self.layout = layout
+        self.tp = config.tensor_model_parallel_size
+        d = shape.hidden_size
+        head = dict(config=config, init_method=_no_init, bias=False, gather_output=False, skip_bias_add=True)
+        self.norm = RMSNorm(d, shape.rms_norm_eps)
+        self.head_text = ColumnParallelLinear(d, layout.text_size, **head)
+        self.head_new = ColumnParallelLinear(d, layout.num_new_rows, **head)
+
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[*, d] -> this rank's vocabulary shard [*, padded/tp]: [text shard, new-row shard]."""
+        return torch.cat([self.head_text(hidden)[0], self.head_new(hidden)[0]], dim=-1)
+
+    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """All tp shards gathered and put back in vocabulary order (tests, evaluation)."""
+        local = self.local_logits(self.norm(hidden)).contiguous()
+        # megatron's gather helper allocates on CUDA; a plain all_gather is the same on any device.
+        parts = [torch.empty_like(local) for _ in range(self.tp)]
+        dist.all_gather(parts, local, group=parallel_state.get_tensor_model_parallel_group())
+        gathered = torch.cat(parts, dim=-1)
+        t, n = self.layout.text_size // self.tp, self.layout.num_new_rows // self.tp
+        shards = gathered.split(t + n, dim=-1)
+        return torch.cat([s[..., :t] for s in shards] + [s[..., t:] for s in shards], dim=-1)
+
+    def sharded_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Vocabulary ids -> positions in the tp ranks' concatenated [text shard, new shard] order."""
+        t, n = self.layout.text_size // self.tp, self.layout.num_new_rows // self.tp
+        is_text = targets < self.layout.text_size
+        new = targets - self.layout.text_size
+        text_pos = (targets // t) * (t + n) + targets % t
+        new_pos = (new // n) * (t + n) + t + new % n
+        return torch.where(is_text, text_pos, new_pos)
+
+    def token_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token next-token CE [B, T-1] and the labelled mask."""
+        logits = self.local_logits(self.norm(hidden[:, :-1])).float()
+        targets = labels[:, 1:]
+        labelled = targets != IGNORE_INDEX
+        safe = self.sharded_targets(torch.where(labelled, targets, torch.zeros_like(targets)))
+        # megatron wants [s, b, v/tp]; the loss is elementwise so a transpose is all it takes.
+        losses = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), safe.transpose(0, 1).contiguous())
+        return losses.transpose(0, 1) * labelled, labelled
+
+    def forward(self, inputs: PipeTuple) -> torch.Tensor:
+        hidden, _, labels = inputs
+        losses, labelled = self.token_losses(hidden, labels)
+        return losses.sum() / labelled.sum().clamp(min=1)
+
+
+def stage_layer_range(parts: list[int], stage: int) -> range:
+    """Indices of the pipeline layer list that `stage` holds (DeepSpeed's partition boundaries)."""
+    return range(parts[stage], parts[stage + 1])
+
+
+@torch.no_grad()
+def pipeline_eos_states(
+    layers: dict[int, nn.Module], num_layers: int, image_codes: torch.Tensor, pipe_ranks: list[int], stage: int,
+    hidden_size: int, group: dist.ProcessGroup | None = None, dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """h_eos [N, d] on every rank of the pipe group: the forward-only pass described in the module doc.
+
+    `layers` maps this stage's global layer indices to modules (0: InputStage, 1..L: blocks, L+1:
+    OutputStage); `pipe_ranks` are the global ranks of this rank's pipe `group`, in stage order.
+    """
+    pp = len(pipe_ranks)
+    n, length = image_codes.shape[0], image_codes.shape[1] + 3
+    if stage == 0:
+        inp: InputStage = layers[0]
+        hidden = inp.embed_tokens(inp.eos_ids(image_codes))
+    else:
+        hidden = torch.empty(n, length, hidden_size, dtype=dtype)
+        dist.recv(hidden, src=pipe_ranks[stage - 1])
+    mask = torch.ones(n, length, dtype=torch.long)
+    for index in sorted(layers):
+        if 1 <= index <= num_layers:
+            hidden = layers[index].block(hidden, mask)
+    if stage < pp - 1:
+        dist.send(hidden.contiguous(), dst=pipe_ranks[stage + 1])
+        h_eos = torch.empty(n, hidden_size, dtype=dtype)
+    else:
+        h_eos = layers[num_layers + 1].norm(hidden[:, -1]).contiguous()
+    if pp > 1:
+        dist.broadcast(h_eos, src=pipe_ranks[-1], group=group)
+    return h_eos

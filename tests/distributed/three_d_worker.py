@@ -1,0 +1,205 @@
+"""Worker for test_3d_engine.py: the tiny MaVEn on the 3D backend, several checks in one process group.
+
+argv: MAVEN_DIR OUT_FILE STAGE STEPS TP PP RESUME_AT CKPT_DIR
+
+1. One micro-batch forward and backward by hand through this rank's pipeline layers (blocking p2p
+   between stages): loss, full logits (gathered over tp, vocabulary order) and every trainable
+   parameter's gradient (gathered to full tensors).
+2. STEPS training steps through ``ThreeDEngine.train_step`` (DeepSpeed's pipeline schedule); the
+   state is saved after RESUME_AT steps (0: no save).
+3. With RESUME_AT > 0: a fresh engine loads that checkpoint and runs the remaining steps.
+
+Rank 0 writes everything to OUT_FILE.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from maven_dist.config import Config, load_config  # noqa: E402
+from maven_dist.parallel.convert import full_name, placement  # noqa: E402
+from maven_dist.parallel.dims import ParallelDims  # noqa: E402
+from maven_dist.parallel.distributed import init_distributed  # noqa: E402
+from maven_dist.parallel.three_d import ThreeDEngine  # noqa: E402
+from tests.helpers.batches import make_batch  # noqa: E402
+
+NUM_CODES = 8
+MICRO = 3
+GLOBAL = 6
+
+
+def stage_config(stage: str, tp: int = 1, pp: int = 1, run_dir: str = "/tmp/unused") -> Config:
+    """The tiny stage recipe at test size; the vocabulary padded to 128 * 2 so tp=2 divides it."""
+    return load_config(
+        f"recipes/tiny/{stage}.yaml",
+        [
+            f"run_dir={run_dir}",
+            "model.discrete.codebook_size=64",
+            f"model.discrete.num_codes={NUM_CODES}",
+            "model.vocab.pad_to_multiple_of=256",
+            "model.selector.hidden_size=16",
+            f"stage.micro_batch_size={MICRO}",
+            f"stage.global_batch_size={GLOBAL}",
+            "stage.gradient_checkpointing=false",
+            "stage.schedule.warmup_ratio=0",
+            f"parallel.backend={'3d' if tp * pp > 1 else 'zero3'}",
+            f"parallel.tp={tp}",
+            f"parallel.pp={pp}",
+        ],
+    )
+
+
+def micro_batches(layout, image_size: int, num_patches: int, n: int) -> list:
+    return [make_batch(layout, NUM_CODES, image_size, num_patches, seed=i) for i in range(n)]
+
+
+def _send(t: torch.Tensor, dst: int) -> None:
+    dist.send(torch.tensor(list(t.shape), dtype=torch.long), dst=dst)
+    dist.send(t.contiguous(), dst=dst)
+
+
+def _recv(ndim: int, dtype: torch.dtype, src: int) -> torch.Tensor:
+    shape = torch.empty(ndim, dtype=torch.long)
+    dist.recv(shape, src=src)
+    out = torch.empty(*shape.tolist(), dtype=dtype)
+    dist.recv(out, src=src)
+    return out
+
+
+def manual_forward_backward(engine: ThreeDEngine, batch) -> dict:
+    """Forward and backward of one micro-batch through the pipeline by hand (no DeepSpeed schedule)."""
+    layers, stage, ranks = engine.local_layers, engine.stage, engine.pipe_ranks
+    pp, num_layers = len(ranks), engine.num_layers
+    inputs = engine.stage_inputs([batch])[0]
+    if stage == 0:
+        x = layers[0](inputs)
+        received = None
+    else:
+        hidden = _recv(3, torch.float32, ranks[stage - 1]).requires_grad_(True)
+        mask, labels = _recv(2, torch.long, ranks[stage - 1]), _recv(2, torch.long, ranks[stage - 1])
+        x, received = (hidden, mask, labels), hidden
+    for index in sorted(layers):
+        if 1 <= index <= num_layers:
+            x = layers[index](x)
+    result = {}
+    if stage < pp - 1:
+        for t in x:
+            _send(t.detach(), ranks[stage + 1])
+        grad = torch.empty_like(x[0])
+        dist.recv(grad, src=ranks[stage + 1])
+        x[0].backward(grad)
+    else:
+        head = layers[num_layers + 1]
+        loss = head(x)
+        result = {"loss": loss.detach(), "logits": head.full_logits(x[0]).detach()}
+        loss.backward()
+    if received is not None:
+        dist.send(received.grad.contiguous(), dst=ranks[stage - 1])
+    return result
+
+
+def gathered_grads(engine: ThreeDEngine) -> dict[str, torch.Tensor] | None:
+    """Full gradients of the trainable parameters on rank 0 (shards concatenated like the weights)."""
+    local = {}
+    for key, p in engine.pipe.named_parameters():
+        if p.grad is not None:
+            layer, name = key.split(".", 1)
+            local[full_name(int(layer), name, engine.num_layers)] = p.grad.detach().clone()
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object((engine.tp_rank, engine.dp_rank, local), gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    shards: dict[str, dict[int, torch.Tensor]] = {}
+    for tp_rank, dp_rank, state in gathered:
+        if dp_rank == 0:
+            for name, g in state.items():
+                shards.setdefault(name, {})[tp_rank] = g
+    out = {}
+    for name, by_rank in shards.items():
+        split = placement(name, engine.num_layers).split_dim
+        out[name] = by_rank[0] if split is None else torch.cat([by_rank[r] for r in sorted(by_rank)], dim=split)
+    return out
+
+
+def run_steps(engine: ThreeDEngine, batches: list, dims: ParallelDims, steps: range) -> tuple[list[float], list[float]]:
+    """Train `steps`; each replica takes its micro-batches of the global step. Losses and grad norms."""
+    per_step = engine.accumulation * dims.dp
+    losses, norms = [], []
+    for step in steps:
+        mine = [batches[step * per_step + a * dims.dp + engine.dp_rank] for a in range(engine.accumulation)]
+        loss, _, _ = engine.train_step(mine)
+        losses.append(loss)
+        norms.append(engine.grad_norm)
+    return losses, norms
+
+
+def main() -> None:
+    maven_dir, out_file, stage = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    steps, tp, pp, resume_at, ckpt_dir = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), Path(sys.argv[8])
+    env = init_distributed()
+    cfg = stage_config(stage, tp, pp)
+    dims = ParallelDims.build(cfg.parallel, env.world_size)
+    accumulation = dims.accumulation_steps(cfg.stage.global_batch_size, cfg.stage.micro_batch_size)
+    engine = ThreeDEngine(maven_dir, cfg, dims, total_steps=steps, accumulation=accumulation)
+    tower = engine.module.vision_tower
+    batches = micro_batches(engine.layout, tower.tower.config.image_size, tower.num_patches, steps * GLOBAL // MICRO)
+
+
+    start = time.perf_counter()
+    codes = batches[0].image_codes
+    for _ in range(3):
+        engine.eos_states(codes)
+    eos_s = (time.perf_counter() - start) / 3
+    single = manual_forward_backward(engine, batches[0])
+    result = {"eos_pass_s": eos_s}
+    # The last stage of rank 0's pipe group holds loss and logits; rank 0 writes them.
+    last = engine.pipe_ranks[-1] if dist.get_rank() == 0 else None
+    if engine.dp_rank == 0 and engine.tp_rank == 0 and engine.stage == len(engine.pipe_ranks) - 1 and dist.get_rank() != 0:
+        dist.send(torch.tensor(list(single["logits"].shape)), dst=0)
+        dist.send(single["loss"].reshape(1), dst=0)
+        dist.send(single["logits"].contiguous(), dst=0)
+    if dist.get_rank() == 0:
+        if single:
+            result |= single
+        else:
+            shape = torch.empty(3, dtype=torch.long)
+            dist.recv(shape, src=last)
+            loss = torch.empty(1)
+            dist.recv(loss, src=last)
+            logits = torch.empty(*shape.tolist())
+            dist.recv(logits, src=last)
+            result |= {"loss": loss[0], "logits": logits}
+    result["grads"] = gathered_grads(engine)
+    for p in engine.pipe.parameters():
+        p.grad = None
+
+    start = time.perf_counter()
+    if resume_at:
+        first, first_norms = run_steps(engine, batches, dims, range(resume_at))
+        engine.save_state(ckpt_dir)
+        rest, rest_norms = run_steps(engine, batches, dims, range(resume_at, steps))
+        result["losses"], result["grad_norms"] = first + rest, first_norms + rest_norms
+    else:
+        result["losses"], result["grad_norms"] = run_steps(engine, batches, dims, range(steps))
+    result["step_s"] = (time.perf_counter() - start) / steps
+    result["state"] = engine.full_state_dict()
+    if resume_at:
+        resumed = ThreeDEngine(maven_dir, cfg, dims, total_steps=steps, accumulation=accumulation)
+        resumed.load_state(ckpt_dir)
+        result["resumed_losses"], _ = run_steps(resumed, batches, dims, range(resume_at, steps))
+        result["resumed_state"] = resumed.full_state_dict()
+    if env.rank == 0:
+        torch.save(result, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
