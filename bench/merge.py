@@ -65,7 +65,7 @@ def build_checkpoint(work: Path, args) -> Path:
         overrides = [
             f"run_dir={run_dir}", *llm, "embedded.enabled=false", "stage.max_steps=1", "checkpoint.every_steps=1",
             "stage.micro_batch_size=1", "stage.global_batch_size=2", "stage.gradient_checkpointing=false",
-            "stage.init_missing=base", "tracking.enabled=false", "data.max_length=128",
+            "stage.init_missing=base", "tracking.enabled=false",
         ]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                "--master_port=29561", "-m", "maven_dist.train", "recipes/tiny/stage4.yaml", *(f"--set={o}" for o in overrides)]
