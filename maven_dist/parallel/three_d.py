@@ -55,17 +55,19 @@ from maven_dist.train.schedule import lr_multiplier
 CHECKPOINT_TAG = "3d"
 
 
-def build_ds_config(cfg: Config, dims: ParallelDims, accumulation: int) -> dict:
+def build_ds_config(cfg: Config, dims: ParallelDims, accumulation: int, zero_stage: int = 1) -> dict:
     stage = cfg.stage
     bf16 = stage.dtype == "bf16" and torch.cuda.is_available()  # CPU runs are always fp32
     return {
         "train_micro_batch_size_per_gpu": stage.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": stage.micro_batch_size * accumulation * dims.dp,
-        "gradient_clipping": stage.optimizer.grad_clip,
+        # Without ZeRO, DeepSpeed's own clipping fails on a stage with nothing to train: the optimizer clips.
+        "gradient_clipping": stage.optimizer.grad_clip if zero_stage else 0.0,
         "bf16": {"enabled": bf16},
         # DeepSpeed refuses ZeRO >= 2 with pipeline parallelism; ZeRO-1 shards Adam state over dp.
-        "zero_optimization": {"stage": 1},
+        # Stage 0 only where a pipeline stage trains nothing (`_equalise_group_count`).
+        "zero_optimization": {"stage": zero_stage},
         # Whole activations between stages (no slicing over tp): the tuple carries int tensors.
         "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
         "zero_allow_untested_optimizer": True,
@@ -172,7 +174,7 @@ class ThreeDEngine:
         self._load(src)
         self._apply_trainable(cfg.stage.trainable)
         optimizer, scheduler = self._build_optimizer(total_steps)
-        self.ds_config = build_ds_config(cfg, dims, accumulation)
+        self.ds_config = build_ds_config(cfg, dims, accumulation, self.zero_stage)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.pipe, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
@@ -232,18 +234,30 @@ class ThreeDEngine:
         for name, param in self._named_full():
             param.requires_grad_(part_of(name) in parts)
 
-    def _build_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    def _build_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, Callable[..., LambdaLR]]:
         opt = self.cfg.optimizer
         named = _NamedParams(list(self._named_full()))
-        groups = build_param_groups(named, opt.lr, opt.weight_decay, opt.part_lr) if any(
-            p.requires_grad for _, p in named.named_parameters()) else [
-            # A stage may hold no trainable parameter (a frozen tower-only stage 0): DeepSpeed still needs a group.
-            {"params": [], "lr": opt.lr, "weight_decay": 0.0, "name": "none"}]
-        groups = _equalise_group_count(groups)
-        optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, foreach=False)
+        trains = any(p.requires_grad for _, p in named.named_parameters())
+        # A pipeline stage may train nothing (stage 3: only the projector, on stage 0); torch and
+        # DeepSpeed still want a parameter group there.
+        groups = build_param_groups(named, opt.lr, opt.weight_decay, opt.part_lr) if trains else [
+            {"params": [], "lr": opt.lr, "weight_decay": 0.0, "name": "none"}
+        ]
+        balanced = _equalise_group_count(groups)
+        self.zero_stage = 1 if balanced is not None else 0
+        groups = balanced or groups
+        kwargs = dict(lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, foreach=False)
+        if self.zero_stage == 1:
+            optimizer = torch.optim.AdamW(groups, **kwargs)
+        else:
+            optimizer = _GridClippedAdamW(groups, max_norm=opt.grad_clip or math.inf, tp_rank=self.tp_rank, **kwargs)
         schedule = self.cfg.schedule
-        scheduler = LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, schedule))
-        return optimizer, scheduler
+
+        def build_scheduler(opt: torch.optim.Optimizer) -> LambdaLR:
+            # Built by DeepSpeed after it drops empty parameter groups, so the group counts agree.
+            return LambdaLR(opt, lambda step: lr_multiplier(step, total_steps, schedule))
+
+        return optimizer, build_scheduler
 
     # ------------------------------------------------------------------ training
 
@@ -278,7 +292,7 @@ class ThreeDEngine:
         inputs = self.stage_inputs(micro_batches)
         dummy = torch.zeros(1)
         loss = self.engine.train_batch(iter([(x, dummy) for x in inputs]))
-        norm = self.engine.get_global_grad_norm()
+        norm = self.engine.get_global_grad_norm() if self.zero_stage else self._torch_optimizer.last_grad_norm
         self._grad_norm = float(norm) if norm is not None else math.nan
         per_image = visual_tokens_per_image(self.spec.num_codes, self.module.vision_tower.num_patches, self.spec.keep_ratio, self.views)
         tokens = sum(int(b.attention_mask.sum()) + b.num_images * (per_image - 1) for b in micro_batches)
@@ -320,24 +334,55 @@ class ThreeDEngine:
         return unshard_state_dict(per_rank, self.num_layers)
 
 
-def _equalise_group_count(groups: list[dict]) -> list[dict]:
-    """Give every rank the same number of parameter groups.
+class _GridClippedAdamW(torch.optim.AdamW):
+    """AdamW that first clips by the gradient norm of the whole model (the pp x tp grid of this
+    replica), as ``clip_grad_norm_`` does in one process: tp shards count on every tp rank,
+    replicated parameters on tp rank 0 only. Used without ZeRO, where DeepSpeed's clipping indexes
+    the first parameter with a gradient and fails on a pipeline stage that trains nothing."""
+
+    def __init__(self, groups: list[dict], *, max_norm: float, tp_rank: int, **kwargs):
+        super().__init__(groups, **kwargs)
+        self.max_norm, self.tp_rank = max_norm, tp_rank
+        self.last_grad_norm = math.nan
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from megatron.core import parallel_state
+
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None
+                 and (getattr(p, "tensor_model_parallel", False) or self.tp_rank == 0)]
+        total = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+        norm = total.sqrt()
+        self.last_grad_norm = float(norm)
+        coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return super().step(closure)
+
+
+def _equalise_group_count(groups: list[dict]) -> list[dict] | None:
+    """The same number of non-empty parameter groups on every rank, or None (on every rank) where impossible.
 
     ZeRO-1 computes the grad norm group by group, each with an all-reduce over the whole pp x tp grid,
     so ranks with fewer groups (a later stage has no projector) would deadlock. Splitting a group in
     two with the same hyperparameters changes nothing for AdamW (it is per parameter); the per-group
     norms are then summed across ranks whatever parameters each holds, which is still the global norm.
+    A stage with nothing to train (stage 3 trains only the projector, on pipeline stage 0) cannot be
+    balanced: every rank gets None and the engine runs without ZeRO (see ``ThreeDEngine``).
     """
+    groups = [dict(g) for g in groups if g["params"]]
     count = torch.tensor([len(groups)])
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    groups = [dict(g) for g in groups]
+    splittable = sum(len(g["params"]) for g in groups)  # at most one group per parameter
+    feasible = torch.tensor([int(bool(groups) and splittable >= int(count))])
+    dist.all_reduce(feasible, op=dist.ReduceOp.MIN)
+    if not int(feasible):
+        return None
     while len(groups) < int(count):
         largest = max(groups, key=lambda g: len(g["params"]))
-        if len(largest["params"]) < 2:
-            raise RuntimeError(
-                f"cannot give this pipeline stage {int(count)} parameter groups (it has {len(groups)}, none splittable); "
-                "use fewer pipeline stages"
-            )
         half = len(largest["params"]) // 2
         groups.append(largest | {"params": largest["params"][half:]})
         largest["params"] = largest["params"][:half]

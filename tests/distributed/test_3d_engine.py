@@ -18,7 +18,7 @@ from maven_dist.model.sequence import assemble_sequences
 from maven_dist.model.vocab import extend_tokenizer
 from maven_dist.train.builders import model_spec
 from maven_dist.train.engine import LocalEngine
-from maven_dist.train.parts import apply_trainable
+from maven_dist.train.parts import apply_trainable, part_of
 from tests.distributed.three_d_worker import GLOBAL, MICRO, micro_batches, stage_config
 from tests.helpers.torchrun import torchrun
 
@@ -74,15 +74,26 @@ def assert_rel(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str) ->
     assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.0e}"
 
 
+CASES = [
+    pytest.param(2, 1, 2, "stage4", id="tp2-stage4"),
+    pytest.param(1, 2, 2, "stage4", id="pp2-stage4"),
+    pytest.param(2, 2, 4, "stage4", id="tp2xpp2-stage4-resume"),
+    # ZeRO-1 over two replicas; stage 2 trains only the new vocabulary rows (text rows stay bitwise).
+    pytest.param(2, 1, 4, "stage2", id="tp2xdp2-stage2", marks=pytest.mark.slow),
+    # Stage 3 trains only the projector: the last pipeline stage has nothing to train (no-ZeRO path).
+    pytest.param(1, 2, 4, "stage3", id="pp2xdp2-stage3", marks=pytest.mark.slow),
+]
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
-def test_3d_matches_single_process(maven_dir, tmp_path, tp, pp):
+@pytest.mark.parametrize(("tp", "pp", "nproc", "stage"), CASES)
+def test_3d_matches_single_process(maven_dir, tmp_path, tp, pp, nproc, stage):
     out = tmp_path / "3d.pt"
-    resume_at = RESUME_AT if (tp, pp) == (2, 2) else 0
-    torchrun(tp * pp, ["tests/distributed/three_d_worker.py", str(maven_dir), str(out), "stage4", str(STEPS),
-                       str(tp), str(pp), str(resume_at), str(tmp_path / "ckpt")])
+    resume_at = RESUME_AT if (tp, pp, stage) == (2, 2, "stage4") else 0
+    torchrun(nproc, ["tests/distributed/three_d_worker.py", str(maven_dir), str(out), stage, str(STEPS),
+                     str(tp), str(pp), str(resume_at), str(tmp_path / "ckpt")])
     got = torch.load(out, weights_only=True)
-    ref = reference(maven_dir, "stage4")
+    ref = reference(maven_dir, stage)
 
     assert_rel(got["loss"], ref["loss"], 1e-5, "loss")
     assert got["logits"].shape == ref["logits"].shape
@@ -91,10 +102,19 @@ def test_3d_matches_single_process(maven_dir, tmp_path, tp, pp):
     for name, g in ref["grads"].items():
         assert_rel(got["grads"][name], g, 1e-4, f"grad {name}")
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0)
+    initial = MavenModel.from_pretrained(maven_dir).state_dict()
+    trainable = set(stage_config(stage).stage.trainable)
     for name, want in ref["state"].items():
         assert_rel(got["state"][name], want, 1e-4, f"weight {name} after {STEPS} steps")
+        if part_of(name) not in trainable:
+            assert torch.equal(got["state"][name], initial[name]), f"frozen {name} changed"
     if resume_at:
         # Resume from the 3D checkpoint: the same process, the same arithmetic -> the same bits.
         assert got["resumed_losses"] == got["losses"][resume_at:]
         for name, want in got["state"].items():
             assert torch.equal(got["resumed_state"][name], want), f"{name} differs after resume"
+        # The 3D export is the HF MaVEn layout the zero3 backend starts the next stage from, bit for bit.
+        export = MavenModel.from_pretrained(maven_dir).save_pretrained(tmp_path / "export", state_dict=got["state"])
+        reloaded = MavenModel.from_pretrained(export).state_dict()
+        assert all(torch.equal(reloaded[n], w) for n, w in got["state"].items())
