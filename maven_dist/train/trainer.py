@@ -23,7 +23,12 @@ from maven_dist.launch.preemption import REQUEUE_EXIT_CODE, install_preemption_h
 from maven_dist.parallel.dims import ParallelDims
 from maven_dist.parallel.distributed import DistEnv, all_reduce_max, barrier, init_distributed, print0
 from maven_dist.train import perf
-from maven_dist.train.builders import build_engine, build_stage_loader, load_stage_tokenizer, resolve_model_source
+from maven_dist.train.builders import (
+    build_engine,
+    build_stage_loader,
+    load_stage_tokenizer,
+    resolve_model_source,
+)
 from maven_dist.train.checkpoint import Checkpointer
 from maven_dist.train.metrics_file import MetricsFile
 from maven_dist.train.tracking import build_tracker
@@ -138,48 +143,53 @@ def _train_loop(cfg, env: DistEnv, engine, loader, checkpointer, tracker, metric
         state.loader = loader.state_dict()
         checkpointer.save(state.step, engine, state.state_dict(), manifest | {"loader": state.loader})
 
-    while state.step < total_steps:
-        batch = next(batches).to(device)
-        out = engine.forward(batch)
-        if not _finite_on_all_ranks(out.loss):
-            state.nonfinite_skipped += 1
-            state.nonfinite_in_row += 1
-            print0(f"[{stage.name}] non-finite loss at step {state.step + 1} (samples {batch.sample_ids[:4]}); micro-batch skipped")
-            if state.nonfinite_in_row >= stage.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{state.nonfinite_in_row} consecutive non-finite losses at step {state.step + 1}; last samples "
-                    f"{batch.sample_ids}. Lower the learning rate, check the data, or resume from an earlier checkpoint."
-                )
-            continue
-        state.nonfinite_in_row = 0
-        engine.backward(out.loss)
-        meter.add_micro_batch(out, batch)
-        for key, value in out.metrics.items():
-            window[key].append(float(value))
-        if not engine.step():
-            continue
-        state.step += 1
-        bar.update(1)
-        step_metrics = {k: sum(v) / len(v) for k, v in window.items()}
-        window.clear()
-        last_loss = _mean_over_ranks(step_metrics.get("loss/lm", step_metrics.get("loss/selector_bce", math.nan)))
-        if state.step % stage.log_every == 0 or state.step == total_steps:
-            logged = step_metrics | meter.flush() | {
-                "loss/total": last_loss,
-                "optim/grad_norm": engine.grad_norm,
-                "data/skipped_samples": float(getattr(loader, "num_skipped", 0)),
-                "data/nonfinite_skipped": float(state.nonfinite_skipped),
-            }
-            logged |= {f"optim/lr/{name}": lr for name, lr in engine.learning_rates().items()}
-            tracker.log_metrics(logged, step=state.step)
-            metrics_file.write(state.step, logged)
-            bar.set_postfix(loss=f"{last_loss:.4f}")
-        preempted = all_reduce_max(float(preemption_requested())) > 0
-        if state.step % cfg.checkpoint.every_steps == 0 or state.step == total_steps or preempted:
-            save()
-        if preempted:
-            print0(f"[{stage.name}] preempted: checkpoint at step {state.step} saved, exiting for requeue")
-            raise Preempted()
+    try:
+        while state.step < total_steps:
+            batch = next(batches).to(device)
+            out = engine.forward(batch)
+            if not _finite_on_all_ranks(out.loss):
+                state.nonfinite_skipped += 1
+                state.nonfinite_in_row += 1
+                print0(f"[{stage.name}] non-finite loss at step {state.step + 1} (samples {batch.sample_ids[:4]}); micro-batch skipped")
+                if state.nonfinite_in_row >= stage.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"{state.nonfinite_in_row} consecutive non-finite losses at step {state.step + 1}; last samples "
+                        f"{batch.sample_ids}. Lower the learning rate, check the data, or resume from an earlier checkpoint."
+                    )
+                continue
+            state.nonfinite_in_row = 0
+            engine.backward(out.loss)
+            meter.add_micro_batch(out, batch)
+            for key, value in out.metrics.items():
+                window[key].append(float(value))
+            if not engine.step():
+                continue
+            state.step += 1
+            bar.update(1)
+            step_metrics = {k: sum(v) / len(v) for k, v in window.items()}
+            window.clear()
+            last_loss = _mean_over_ranks(step_metrics.get("loss/lm", step_metrics.get("loss/selector_bce", math.nan)))
+            if state.step % stage.log_every == 0 or state.step == total_steps:
+                logged = step_metrics | meter.flush() | {
+                    "loss/total": last_loss,
+                    "optim/grad_norm": engine.grad_norm,
+                    "data/skipped_samples": float(getattr(loader, "num_skipped", 0)),
+                    "data/nonfinite_skipped": float(state.nonfinite_skipped),
+                }
+                logged |= {f"optim/lr/{name}": lr for name, lr in engine.learning_rates().items()}
+                tracker.log_metrics(logged, step=state.step)
+                metrics_file.write(state.step, logged)
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+            preempted = all_reduce_max(float(preemption_requested())) > 0
+            if state.step % cfg.checkpoint.every_steps == 0 or state.step == total_steps or preempted:
+                save()
+            if preempted:
+                print0(f"[{stage.name}] preempted: checkpoint at step {state.step} saved, exiting for requeue")
+                raise Preempted()
+    finally:
+        # Close the iterator now: its DataLoader workers ignore SIGTERM (so a preemption signal cannot kill
+        # them before the checkpoint), so they must be told to stop, not left to interpreter exit.
+        batches.close()
     bar.close()
     return last_loss
 

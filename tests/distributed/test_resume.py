@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
+import contextlib
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -30,14 +30,28 @@ def losses(run_dir: Path, stage: str) -> dict[int, float]:
     return {row["step"]: row["loss/total"] for row in read_metrics(run_dir / stage / "metrics.jsonl")}
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant, as a node failure would (torchrun's workers run in
+    sessions of their own, so killing its process group is not enough)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
 def kill_after_checkpoint(cmd: list[str], latest: Path, step_name: str, timeout: float = 600) -> None:
-    """Start `cmd`, SIGKILL its whole process group as soon as `latest` names `step_name`."""
+    """Start `cmd`, SIGKILL it and all its ranks as soon as `latest` names `step_name`."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             if latest.is_file() and latest.read_text().strip() == step_name:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 proc.wait()
                 return
             if proc.poll() is not None:
@@ -45,8 +59,7 @@ def kill_after_checkpoint(cmd: list[str], latest: Path, step_name: str, timeout:
             time.sleep(0.02)
         raise AssertionError(f"no {step_name} checkpoint within {timeout} s")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
 
 
 @pytest.mark.distributed
