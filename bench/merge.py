@@ -47,31 +47,54 @@ def env() -> dict[str, str]:
 
 
 def build_checkpoint(work: Path, args) -> Path:
-    """One optimizer step of stage 4 (everything but tower and selector trains) on 2 ZeRO-3 ranks."""
+    """A 2-rank ZeRO-3 checkpoint of stage 4 (everything but tower and selector trainable), written by
+    the trainer's own builders and Checkpointer right after the engine is built (bench/merge.py
+    --build-worker under torchrun). No optimizer step: a CPU step of a 330M model under ZeRO-3 needs
+    DeepSpeed's 2 GB reduce buckets per rank, and the merge reads the same files either way."""
     run_dir = work / "run"
     ckpts = run_dir / "stage4" / "checkpoints"
     if not (ckpts / "latest").is_file():
-        llm = [
-            f"model.llm.hidden_size={args.hidden_size}", f"model.llm.num_layers={args.layers}",
-            f"model.llm.num_heads={args.hidden_size // 64}", f"model.llm.num_kv_heads={args.hidden_size // 64}",
-            f"model.llm.intermediate_size={args.intermediate_size}",
-        ]
         if not (run_dir / "data" / "conversations").is_dir():
             from maven_dist.config import load_config
             from maven_dist.data.embedded import prepare_embedded
 
             # Stage 1's recipe builds everything a later stage reads: shards with labels and codes, base models.
-            prepare_embedded(load_config("recipes/tiny/stage1.yaml", [f"run_dir={run_dir}", *llm]))
-        overrides = [
-            f"run_dir={run_dir}", *llm, "embedded.enabled=false", "stage.max_steps=1", "checkpoint.every_steps=1",
-            "stage.micro_batch_size=1", "stage.global_batch_size=2", "stage.gradient_checkpointing=false",
-            "stage.init_missing=base", "tracking.enabled=false",
-        ]
+            prepare_embedded(load_config("recipes/tiny/stage1.yaml", [f"run_dir={run_dir}", *llm_overrides(args)]))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               "--master_port=29561", "-m", "maven_dist.train", "recipes/tiny/stage4.yaml", *(f"--set={o}" for o in overrides)]
+               "--master_port=29561", str(Path(__file__).resolve()), "--build-worker", str(run_dir), *llm_overrides(args)]
         print("building the checkpoint:", " ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=REPO, env=env() | {"OMP_NUM_THREADS": "1"}, check=True)
     return ckpts / (ckpts / "latest").read_text().strip()
+
+
+def llm_overrides(args) -> list[str]:
+    heads = args.hidden_size // 64
+    return [
+        f"model.llm.hidden_size={args.hidden_size}", f"model.llm.num_layers={args.layers}", f"model.llm.num_heads={heads}",
+        f"model.llm.num_kv_heads={heads}", f"model.llm.intermediate_size={args.intermediate_size}",
+    ]
+
+
+def build_worker(run_dir: Path, overrides: list[str]) -> None:
+    from maven_dist.config import load_config
+    from maven_dist.parallel.dims import ParallelDims
+    from maven_dist.parallel.distributed import barrier, init_distributed
+    from maven_dist.train.builders import build_engine, load_stage_tokenizer, resolve_model_source
+    from maven_dist.train.checkpoint import Checkpointer
+
+    cfg = load_config("recipes/tiny/stage4.yaml", [f"run_dir={run_dir}", "embedded.enabled=false", "stage.init_missing=base",
+                                                   "stage.micro_batch_size=1", "stage.global_batch_size=2", *overrides])
+    env = init_distributed()
+    dims = ParallelDims.build(cfg.parallel, env.world_size)
+    source = resolve_model_source(cfg, env)
+    tokenizer, layout = load_stage_tokenizer(cfg, source)
+    engine = build_engine(cfg, dims, env, source, layout, tokenizer, total_steps=1, accumulation=1)
+    skeleton = cfg.stage_dir / "model_skeleton"
+    if env.is_main:
+        engine.module.save_skeleton(skeleton, tokenizer)
+    checkpointer = Checkpointer(cfg.stage_dir / "checkpoints", env, 1, cfg.fingerprint(), cfg.stage.name, skeleton)
+    checkpointer.save(0, engine, {"step": 0}, {"layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}})
+    barrier()
 
 
 def zip_copy(checkpoint: Path, work: Path) -> Path:
@@ -212,4 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--build-worker"]:
+        sys.path.insert(0, str(REPO))
+        build_worker(Path(sys.argv[2]), sys.argv[3:])
+    else:
+        main()
