@@ -76,17 +76,21 @@ def merge_checkpoint(src: str | Path, out_dir: str | Path, options: MergeOptions
     if tmp.exists():
         shutil.rmtree(tmp)  # our own leftover from a killed merge
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(ref.skeleton, tmp)
-    hashes = _write_weights(tmp, plan, options)
-    for relpath, index in plan.indexes.items():
-        (tmp / relpath).write_text(json.dumps(index, indent=2))
-    _verify(tmp, plan)
-    files = {
-        p.relative_to(tmp).as_posix(): hashes.get(p.relative_to(tmp).as_posix()) or sha256_file(p)
-        for p in sorted(tmp.rglob("*"))
-        if p.is_file()
-    }
-    _write_provenance(tmp, ref, source.kind, source.world_size, options, plan, files, expected)
+    try:
+        shutil.copytree(ref.skeleton, tmp)
+        hashes = _write_weights(tmp, plan, options)
+        for relpath, index in plan.indexes.items():
+            (tmp / relpath).write_text(json.dumps(index, indent=2))
+        _verify(tmp, plan)
+        files = {
+            p.relative_to(tmp).as_posix(): hashes.get(p.relative_to(tmp).as_posix()) or sha256_file(p)
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        _write_provenance(tmp, ref, source.kind, source.world_size, options, plan, files, expected)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed merge leaves nothing behind
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -260,6 +260,26 @@ def test_missing_parameter_and_wrong_shape_are_refused(tmp_path, local_model):
     assert not (tmp_path / "out").exists()
 
 
+def test_file_truncated_during_the_merge_fails_cleanly(tmp_path, local_model, monkeypatch):
+    """A rank file that shrinks after planning (a copy still in progress): the short read is named and
+    no output or temporary directory is left."""
+    from maven_dist.merge import merge as merge_module
+
+    model, tokenizer = local_model
+    ckpt = write_local_checkpoint(tmp_path / "run", model, tokenizer)
+    weights = ckpt / "engine" / "model.safetensors"
+    original = merge_module._write_weights
+
+    def truncate_then_write(tmp, plan, options):
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        return original(tmp, plan, options)
+
+    monkeypatch.setattr(merge_module, "_write_weights", truncate_then_write)
+    with pytest.raises(MergeError, match=r"model.safetensors is truncated: \d+ bytes wanted at offset"):
+        merge_checkpoint(tmp_path / "run", tmp_path / "out", MergeOptions(progress=False))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.merging").exists()
+
+
 def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
     import runpy
     import sys
