@@ -48,7 +48,6 @@ VERSIONED_PACKAGES = (
 )
 
 # Slurm environment -> tag name (tags, not params: they change on every requeue of the same stage).
-# Names match maven_dist/launch/tags.py, so the trainer's launch tags and these agree.
 SLURM_TAGS = {
     "SLURM_JOB_ID": "slurm.job_id",
     "SLURM_JOB_NAME": "slurm.job_name",
