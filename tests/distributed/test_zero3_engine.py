@@ -70,3 +70,26 @@ def test_zero3_two_ranks_match_one_process(tiny_base, tmp_path, stage):
     for name, _ in engine.module.named_parameters():
         got, want = result["state"][name], reference[name]
         assert (got - want).norm() <= RTOL * want.norm(), f"{name}: {(got - want).norm():.3e} vs |want| {want.norm():.3e}"
+
+
+@pytest.mark.distributed
+def test_trainer_stage4_two_ranks_match_one_process(tiny_assets, tmp_path):
+    """The whole trainer (loader, engine, schedule): 2 ZeRO-3 ranks vs 1 process accumulating twice."""
+    from safetensors.torch import load_file
+
+    from maven_dist.train.metrics_file import read_metrics
+    from tests.helpers.torchrun import run_train
+
+    runs = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path / f"np{nproc}"
+        run_train(nproc, "recipes/tiny/stage4.yaml", tiny_assets.overrides(run_dir, "conversations") + [
+            "stage.max_steps=6", "stage.init_missing=base", "tracking.enabled=false", "stage.gradient_checkpointing=false",
+        ])
+        runs[nproc] = run_dir
+    one, two = (read_metrics(runs[n] / "stage4" / "metrics.jsonl") for n in (1, 2))
+    torch.testing.assert_close(torch.tensor([r["loss/total"] for r in two]), torch.tensor([r["loss/total"] for r in one]), rtol=RTOL, atol=0)
+    for component in ("llm/model.safetensors", "maven_modules.safetensors"):
+        a, b = (load_file(runs[n] / "stage4" / "export" / component) for n in (1, 2))
+        for name in a:
+            assert (b[name] - a[name]).norm() <= RTOL * a[name].norm(), f"{component}:{name}"

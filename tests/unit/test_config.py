@@ -95,6 +95,10 @@ BAD = [
     (["parallel.backend=3d", "parallel.tp=4"], "multiple of 128*parallel.tp=512"),
     (["checkpoint.every_steps=0"], "checkpoint.every_steps=0"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last=0"),
+    (["tracking.flush_interval_s=0"], "tracking.flush_interval_s=0.0 must be > 0"),
+    (["tracking.flush_timeout_s=-1"], "tracking.flush_timeout_s=-1.0 must be >= 0"),
+    (["tracking.max_buffered_metrics=10"], "tracking.max_buffered_metrics=10 must be >= 1000"),
+    (["tracking.experiment=' '"], "tracking.experiment is empty"),
 ]
 
 
