@@ -293,3 +293,18 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
         sys.argv = argv
     assert exit_info.value.code == 2
     assert "nowhere does not exist" in capsys.readouterr().err
+
+
+def test_run_directory_picks_the_newest_stage_unless_told(tmp_path, local_model):
+    import os
+
+    model, tokenizer = local_model
+    write_local_checkpoint(tmp_path / "run", model, tokenizer, step=4)
+    stage3 = tmp_path / "run" / "stage3" / "checkpoints"
+    shutil.copytree(tmp_path / "run" / "stage4" / "checkpoints", stage3)
+    old = (tmp_path / "run" / "stage4" / "checkpoints" / "latest").stat().st_mtime - 100
+    os.utime(stage3 / "latest", (old, old))
+    assert find_checkpoint(tmp_path / "run").path.parents[1].name == "stage4"
+    assert find_checkpoint(tmp_path / "run", stage="stage3").path.parents[1].name == "stage3"
+    with pytest.raises(MergeError, match=r"no stage 'stage9' with checkpoints; it has \['stage3', 'stage4'\]"):
+        find_checkpoint(tmp_path / "run", stage="stage9")
