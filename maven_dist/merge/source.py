@@ -51,7 +51,7 @@ class SourceTensor:
 
 class CheckpointSource(Protocol):
     kind: str
-    """'local' (one process), 'zero3' (DeepSpeed ZeRO-3); '3d' plugs in here once that backend saves."""
+    """'local' (one process), 'zero3' or 'zero3-universal' (DeepSpeed ZeRO-3); '3d' plugs in here once that backend saves."""
     world_size: int
     knows_trainable: bool
     """Whether `SourceTensor.trainable` is known (needed by --exclude-frozen)."""
@@ -158,11 +158,8 @@ def open_source(ref: CheckpointRef, threads: int = 4) -> CheckpointSource:
         from maven_dist.merge.local_source import LocalSource
 
         return LocalSource(ref)
-    universal = {p.parent.parent.parent for p in engine.glob("*/zero/*/fp32.pt")}
-    if any(p.parent not in universal for p in engine.glob("*/zero_pp_rank_*_mp_rank_*_states.pt")):
+    if any(engine.glob("*/zero_pp_rank_*_mp_rank_*_states.pt")):
         from maven_dist.merge.zero3_source import Zero3Source
 
         return Zero3Source(ref, threads=threads)
-    if universal:
-        raise MergeError(f"{engine} holds only a DeepSpeed universal checkpoint; merging those is not implemented yet")
     raise MergeError(f"{engine} holds no engine state this tool knows (model.safetensors or DeepSpeed ZeRO files)")

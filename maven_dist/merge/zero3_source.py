@@ -12,6 +12,11 @@ File format (DeepSpeed 0.19, the same one ``zero_to_fp32`` reads):
 
 Only the pickles are loaded; the Adam moments, which make up two thirds of the optimizer files, are
 never read.
+
+A DeepSpeed *universal* checkpoint (``ds_to_universal``; ``maven_dist.parallel.zero3`` writes one to
+``engine/universal`` to resume on another number of ranks) keeps the model-states files and replaces
+the flat groups by one full tensor per trainable parameter, ``zero/<name>/fp32.pt``. Where both exist
+the original tag is read; a universal directory alone is read the same way.
 """
 
 from __future__ import annotations
@@ -34,16 +39,19 @@ class Zero3Source:
 
     def __init__(self, ref: CheckpointRef, threads: int = 4):
         self.ref = ref
-        self.tag_dir = _tag_dir(ref.engine_dir)
+        self.tag_dir, self.universal = _tag_dir(ref.engine_dir)
+        if self.universal:
+            self.kind = "zero3-universal"
         files = _rank_files(self.tag_dir)
         expected = int(ref.manifest.get("world_size", 0)) or max(r for r, _ in files) + 1
         self.world_size = expected
-        _check_rank_files(self.tag_dir, files, expected)
-        order = [(r, kind) for r in range(expected) for kind in ("model", "optim")]
+        kinds = ("model",) if self.universal else ("model", "optim")
+        _check_rank_files(self.tag_dir, files, expected, kinds)
+        order = [(r, kind) for r in range(expected) for kind in kinds]
         with ThreadPoolExecutor(max(1, threads)) as pool:
-            indexes = list(pool.map(lambda key: TorchFileIndex(files[key]), order))
-        self.model = [indexes[2 * r] for r in range(expected)]
-        self.optim = [indexes[2 * r + 1] for r in range(expected)]
+            indexes = dict(zip(order, pool.map(lambda key: TorchFileIndex(files[key]), order), strict=True))
+        self.model = [indexes[(r, "model")] for r in range(expected)]
+        self.optim = [] if self.universal else [indexes[(r, "optim")] for r in range(expected)]
         self._check_consistent()
 
     # ------------------------------------------------------------------ checks
@@ -96,29 +104,13 @@ class Zero3Source:
             loc = self.model[0].locate(tensor)
             out[name] = SourceTensor(name, tuple(tensor.shape), tensor.dtype, (Piece(loc.path, loc.offset, loc.nbytes),), False)
         for name, shape in (head.get("frozen_param_shapes") or {}).items():
-            out[name] = self._frozen(name, tuple(shape))
+            out[name] = frozen_tensor(self.model, name, tuple(shape))
         out |= self._trainable()
         return out
 
-    def _frozen(self, name: str, shape: tuple[int, ...]) -> SourceTensor:
-        numel = math.prod(shape)
-        per_rank = math.ceil(numel / self.world_size)
-        pieces = []
-        dtype = None
-        for rank, index in enumerate(self.model):
-            fragment = index.obj["frozen_param_fragments"].get(name)
-            if fragment is None:
-                raise MergeError(f"{index.path} lacks the frozen fragment of {name}")
-            loc = index.locate(fragment)
-            dtype = loc.dtype
-            take = max(0, min(per_rank, numel - rank * per_rank)) * fragment.element_size()
-            if loc.nbytes < take:
-                raise MergeError(f"{index.path}: frozen fragment of {name} has {loc.nbytes} bytes, needs {take}")
-            if take:
-                pieces.append(Piece(loc.path, loc.offset, take))
-        return SourceTensor(name, shape, dtype, tuple(pieces), False)
-
     def _trainable(self) -> dict[str, SourceTensor]:
+        if self.universal:
+            return self._trainable_from_universal()
         groups = [index.obj["optimizer_state_dict"]["fp32_flat_groups"] for index in self.optim]
         locations = [[index.locate(g) for g in rank_groups] for index, rank_groups in zip(self.optim, groups, strict=True)]
         sizes = [g.numel() for g in groups[0]]
@@ -149,6 +141,42 @@ class Zero3Source:
         return out
 
 
+    def _trainable_from_universal(self) -> dict[str, SourceTensor]:
+        shapes = {k: tuple(v) for group in self.model[0].obj["param_shapes"] for k, v in group.items()}
+        out = {}
+        for name, shape in shapes.items():
+            path = self.tag_dir / "zero" / name / "fp32.pt"
+            index = TorchFileIndex(path)
+            tensor = index.obj if not isinstance(index.obj, dict) else index.obj.get("param")
+            # ds_to_universal stores ZeRO-3 parameters flattened; row-major order makes that the same bytes.
+            if tensor is None or tensor.numel() != math.prod(shape):
+                raise MergeError(f"{path} holds {getattr(tensor, 'shape', None)}, expected the {math.prod(shape)} elements of {name} {shape}")
+            loc = index.locate(tensor)
+            out[name] = SourceTensor(name, shape, loc.dtype, (Piece(loc.path, loc.offset, loc.nbytes),), True)
+        return out
+
+
+def frozen_tensor(model_states: list[TorchFileIndex], name: str, shape: tuple[int, ...]) -> SourceTensor:
+    """A frozen parameter from every rank's fragment (partitioned like the trainable ones)."""
+    world_size = len(model_states)
+    numel = math.prod(shape)
+    per_rank = math.ceil(numel / world_size)
+    pieces = []
+    dtype = None
+    for rank, index in enumerate(model_states):
+        fragment = index.obj["frozen_param_fragments"].get(name)
+        if fragment is None:
+            raise MergeError(f"{index.path} lacks the frozen fragment of {name}")
+        loc = index.locate(fragment)
+        dtype = loc.dtype
+        take = max(0, min(per_rank, numel - rank * per_rank)) * fragment.element_size()
+        if loc.nbytes < take:
+            raise MergeError(f"{index.path}: frozen fragment of {name} has {loc.nbytes} bytes, needs {take}")
+        if take:
+            pieces.append(Piece(loc.path, loc.offset, take))
+    return SourceTensor(name, shape, dtype, tuple(pieces), False)
+
+
 def _flat_range(locs, starts: list[int], offset: int, numel: int, itemsize: int, path: Path) -> list[Piece]:
     """Byte ranges of elements [offset, offset + numel) of one rank's concatenated flat groups."""
     pieces = []
@@ -169,10 +197,12 @@ def _shape_lists(state: dict):
     )
 
 
-def _tag_dir(engine: Path) -> Path:
-    # A `universal/` directory (DeepSpeed's rank-count-independent copy, written when a run resumed on
-    # another number of ranks) is derived from the ZeRO tag next to it: read the original.
-    tags = sorted({p.parent for p in engine.glob("*/zero_pp_rank_*_states.pt")} - {p.parent for p in engine.glob("*/zero") if p.is_dir()})
+def _tag_dir(engine: Path) -> tuple[Path, bool]:
+    """The tag directory to read and whether it is a universal one."""
+    universal = sorted({p.parent for p in engine.glob("*/zero") if p.is_dir()})
+    tags = sorted({p.parent for p in engine.glob("*/zero_pp_rank_*_states.pt")} - set(universal))
+    if not tags and len(universal) == 1:
+        return universal[0], True
     if not tags:
         raise MergeError(f"{engine} has no DeepSpeed tag directory with *_states.pt files")
     if len(tags) > 1:
@@ -180,7 +210,7 @@ def _tag_dir(engine: Path) -> Path:
             f"mixed tags in {engine}: {[t.name for t in tags]} each hold DeepSpeed rank files; a checkpoint holds "
             "one (maven_dist saves tag 'zero'); remove the stray directory"
         )
-    return tags[0]
+    return tags[0], False
 
 
 def _rank_files(tag_dir: Path) -> dict[tuple[int, str], Path]:
@@ -198,7 +228,7 @@ def _rank_files(tag_dir: Path) -> dict[tuple[int, str], Path]:
     return files
 
 
-def _check_rank_files(tag_dir: Path, files: dict[tuple[int, str], Path], world_size: int) -> None:
+def _check_rank_files(tag_dir: Path, files: dict[tuple[int, str], Path], world_size: int, kinds: tuple[str, ...]) -> None:
     ranks = {r for r, _ in files}
     extra = sorted(r for r in ranks if r >= world_size)
     if extra:
@@ -209,7 +239,7 @@ def _check_rank_files(tag_dir: Path, files: dict[tuple[int, str], Path], world_s
     missing = [
         f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt"
         for r in range(world_size)
-        for kind in ("model", "optim")
+        for kind in kinds
         if (r, kind) not in files
     ]
     if missing:

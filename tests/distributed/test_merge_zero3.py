@@ -290,3 +290,21 @@ def test_bench_runs_at_tiny_size(zero3_run, tmp_path):
     assert summary["bitwise_equal"] and summary["tensors_compared"] == len(expected_shapes(ckpt / "model"))
     assert summary["ratio_time"] > 0 and summary["ratio_peak_rss"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["parameters"] == summary["parameters"]
+
+
+@pytest.mark.distributed
+def test_universal_checkpoint_merges_to_the_same_files(damaged, tmp_path):
+    """engine/universal (what a resume on another number of ranks converts to) merges like engine/zero;
+    where both exist the original ZeRO files are read."""
+    from maven_dist.parallel.zero3 import maybe_convert_to_universal
+
+    engine = checkpoint_of(damaged) / "engine"
+    maybe_convert_to_universal(engine)
+    both = merge_checkpoint(damaged, tmp_path / "both", MergeOptions(progress=False))
+    shutil.rmtree(engine / "zero")
+    only = merge_checkpoint(damaged, tmp_path / "universal", MergeOptions(progress=False))
+    assert (both.kind, only.kind) == ("zero3", "zero3-universal")
+    for rel in ("llm/model.safetensors", "vision_tower/model.safetensors", hf_layout.MAVEN_MODULES_FILE):
+        assert (tmp_path / "both" / rel).read_bytes() == (tmp_path / "universal" / rel).read_bytes(), rel
+    next((engine / "universal" / "zero").glob("llm.*/fp32.pt")).unlink()
+    merge_fails(damaged, tmp_path, r"fp32.pt is missing")
