@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_embedded(configs[0])
 
     env = os.environ | {"MAVEN_LAUNCH_ID": os.environ.get("MAVEN_LAUNCH_ID", uuid.uuid4().hex[:12])}
-    for recipe, cfg in zip(recipes, configs):
+    for recipe, cfg in zip(recipes, configs, strict=True):
         cmd = [sys.executable, "-m", "maven_dist.train", str(recipe), *(f"--set={o}" for o in args.overrides)]
         if args.nproc > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
@@ -52,8 +52,29 @@ def main(argv: list[str] | None = None) -> int:
                   "(each stage continues from its latest checkpoint)", file=sys.stderr)
             return code
         print(f"[pipeline] {cfg.stage.name} finished in {time.perf_counter() - start:.0f} s", flush=True)
+    _deliver_spooled_metrics(configs[-1].run_dir)
     print(f"[pipeline] all stages done; MLflow store: {configs[-1].tracking.uri or Path(configs[-1].run_dir) / 'mlflow.db'}")
     return 0
+
+
+def _deliver_spooled_metrics(run_dir: str) -> None:
+    """The last stage may have ended while the tracking server was down: its metrics wait in the spool
+    (every earlier stage's are replayed by the next one). Try once more; never fail the pipeline for it."""
+    spool = Path(run_dir) / "mlflow_spool"
+    if not any(spool.glob("*.jsonl")):
+        return
+    from maven_dist.train.tracking.sync import sync_spool
+
+    try:
+        result = sync_spool(run_dir)
+    except Exception as exc:  # noqa: BLE001 - tracking must never fail training
+        print(f"[pipeline] tracking store still unreachable ({exc}); later run: python -m maven_dist.train.tracking sync {run_dir}")
+        return
+    if result.failed:
+        print(f"[pipeline] {len(result.failed)} spool file(s) not delivered yet; later run: "
+              f"python -m maven_dist.train.tracking sync {run_dir}")
+    else:
+        print(f"[pipeline] delivered {result.metrics} spooled metric values to the tracking store")
 
 
 if __name__ == "__main__":

@@ -227,6 +227,7 @@ class ShardLoader:
         return mine
 
     def __iter__(self) -> Iterator[Batch]:
+        empty_batches = 0  # consecutive planned batches with no usable sample
         while True:
             batches = self.epoch_batches(self.epoch)[self.next_batch :]
             loader = torch.utils.data.DataLoader(
@@ -247,7 +248,18 @@ class ShardLoader:
                     logger.warning("skipped bad sample %s", message)
                 self.num_skipped += len(skipped)
                 if batch is not None:
+                    empty_batches = 0
                     yield batch
+                    continue
+                empty_batches += 1
+                if empty_batches >= self.batches_per_epoch:
+                    # A whole epoch's worth of batches without one usable sample: looping on would
+                    # spin forever (e.g. data.max_length below every sample of this view).
+                    raise DataError(
+                        f"no usable sample in {empty_batches} consecutive batches (a full epoch) of "
+                        f"{self.index.paths[0].parent}; {self.num_skipped} samples skipped so far, see the "
+                        "'skipped bad sample' warnings for why (too long for data.max_length, undecodable image, ...)"
+                    )
 
     def state_dict(self) -> dict:
         return {

@@ -80,7 +80,7 @@ def assemble_sequences(
     out_e = visual_embeds.new_zeros(len(rows_embeds), length, d)
     out_l = labels.new_full((len(rows_embeds), length), IGNORE_INDEX)
     out_m = attention_mask.new_zeros(len(rows_embeds), length)
-    for b, (e, lab) in enumerate(zip(rows_embeds, rows_labels)):
+    for b, (e, lab) in enumerate(zip(rows_embeds, rows_labels, strict=True)):
         out_e[b, : e.shape[0]] = e
         if pad_embed is not None:
             out_e[b, e.shape[0] :] = pad_embed

@@ -47,8 +47,9 @@ def build_ds_config(cfg: Config, dims: ParallelDims, accumulation: int, load_uni
             "stage": 3,
             "overlap_comm": torch.cuda.is_available(),
             "contiguous_gradients": True,
-            "reduce_bucket_size": 5e8,
-            "stage3_prefetch_bucket_size": 5e8,
+            # DeepSpeed's GPU defaults; on CPU they would allocate ~2 GB buffers per rank for nothing.
+            "reduce_bucket_size": 5e8 if torch.cuda.is_available() else 5e7,
+            "stage3_prefetch_bucket_size": 5e8 if torch.cuda.is_available() else 5e7,
             "stage3_param_persistence_threshold": 1e5,
             "stage3_max_live_parameters": 1e9,
             "stage3_max_reuse_distance": 1e9,
@@ -80,6 +81,12 @@ _DEEPSPEED_SAFE_GLOBALS = [ZeroStageEnum, LossScaler]
 class _WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
     """DeepSpeed's torch checkpoint engine, but loading with ``weights_only=True``: a checkpoint
     can hold tensors, plain containers and the two DeepSpeed types above, never code to execute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Without a config DeepSpeed falls back to torch's legacy file format, which its own
+        # zero_to_fp32 (mmap) cannot read; keep the zip format every other tool expects.
+        self.zipfile_serialization = True
 
     def load(self, path: str, map_location=None):
         with torch.serialization.safe_globals(_DEEPSPEED_SAFE_GLOBALS):

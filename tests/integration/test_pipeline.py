@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from maven_dist.train.metrics_file import read_metrics
+from maven_dist.train.tracking.sender import PARENT_KIND
 from tests.helpers.mlflow_server import MlflowServer, free_port, wait_until
 from tests.helpers.torchrun import REPO, cpu_env
 
@@ -37,8 +38,8 @@ def test_main_job_two_ranks_survives_a_tracking_outage(tmp_path):
     try:
         wait_until(lambda: logged_steps(run_dir / "stage3" / "metrics.jsonl") >= 5 or proc.poll() is not None, timeout=600)
         server.kill()  # mid-stage 3
-        wait_until(lambda: logged_steps(run_dir / "stage4" / "metrics.jsonl") >= 3 or proc.poll() is not None, timeout=600)
-        server.start()  # back during stage 4
+        wait_until(lambda: (run_dir / "stage4").is_dir() or proc.poll() is not None, timeout=600)
+        server.start()  # back during stage 4 (or, on a slow machine, by the end: the pipeline syncs the spool)
         code = proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
@@ -51,7 +52,7 @@ def test_main_job_two_ranks_survives_a_tracking_outage(tmp_path):
     experiment = client.get_experiment_by_name("maven-tiny")
     wait_until(lambda: len(client.search_runs([experiment.experiment_id])) >= 5, timeout=60)
     runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("maven.run_kind") == "parent"]
+    parents = [r for r in runs if r.data.tags.get("maven.run_kind") == PARENT_KIND]
     assert len(parents) == 1
     stages = {r.data.tags["maven.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert set(stages) == set(STAGES)

@@ -318,3 +318,9 @@ def test_shards_are_memory_mapped_not_read(world):
     assert table.nbytes > 10_000
     assert pa.total_allocated_bytes() - before < 1_000  # buffers point into the map, nothing copied
     assert np.asarray(table["num_tokens"]).size == table.num_rows
+
+
+def test_an_epoch_without_a_usable_sample_is_an_error_not_an_endless_loop(world):
+    loader, _, _ = _loader(world, max_length=16)  # shorter than every sample of this view
+    with pytest.raises(DataError, match="no usable sample"):
+        _take(loader, 1)
