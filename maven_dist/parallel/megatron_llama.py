@@ -21,6 +21,7 @@ from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from maven_dist.parallel.dims import ParallelDims
 
@@ -177,9 +178,10 @@ class TPMLP(nn.Module):
 class TPDecoderLayer(nn.Module):
     """One LLaMA block as a pipeline layer: (hidden, mask, labels) -> (hidden', mask, labels)."""
 
-    def __init__(self, shape: LlamaShape, config: ModelParallelConfig):
+    def __init__(self, shape: LlamaShape, config: ModelParallelConfig, checkpoint_activations: bool = False):
         super().__init__()
         self.shape = shape
+        self.checkpoint_activations = checkpoint_activations
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.self_attn = TPAttention(shape, config)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
@@ -195,4 +197,10 @@ class TPDecoderLayer(nn.Module):
 
     def forward(self, inputs: PipeTuple) -> PipeTuple:
         hidden, attention_mask, labels = inputs
-        return self.block(hidden, attention_mask), attention_mask, labels
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            # Keep only the layer input; the backward recomputes the block (its tp all-reduces run
+            # again on every tp rank, in the same order, so recomputation is collective-safe).
+            hidden = checkpoint(self.block, hidden, attention_mask, use_reentrant=False)
+        else:
+            hidden = self.block(hidden, attention_mask)
+        return hidden, attention_mask, labels

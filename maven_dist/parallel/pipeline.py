@@ -203,20 +203,21 @@ def pipeline_eos_states(
     OutputStage); `pipe_ranks` are the global ranks of this rank's pipe `group`, in stage order.
     """
     pp = len(pipe_ranks)
+    device = next(p for layer in layers.values() for p in layer.parameters()).device
     n, length = image_codes.shape[0], image_codes.shape[1] + 3
     if stage == 0:
         inp: InputStage = layers[0]
-        hidden = inp.embed_tokens(inp.eos_ids(image_codes))
+        hidden = inp.embed_tokens(inp.eos_ids(image_codes.to(device)))
     else:
-        hidden = torch.empty(n, length, hidden_size, dtype=dtype)
+        hidden = torch.empty(n, length, hidden_size, dtype=dtype, device=device)
         dist.recv(hidden, src=pipe_ranks[stage - 1])
-    mask = torch.ones(n, length, dtype=torch.long)
+    mask = torch.ones(n, length, dtype=torch.long, device=device)
     for index in sorted(layers):
         if 1 <= index <= num_layers:
             hidden = layers[index].block(hidden, mask)
     if stage < pp - 1:
         dist.send(hidden.contiguous(), dst=pipe_ranks[stage + 1])
-        h_eos = torch.empty(n, hidden_size, dtype=dtype)
+        h_eos = torch.empty(n, hidden_size, dtype=dtype, device=device)
     else:
         h_eos = layers[num_layers + 1].norm(hidden[:, -1]).contiguous()
     if pp > 1:

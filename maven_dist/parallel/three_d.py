@@ -12,6 +12,17 @@ Loss semantics equal ``LocalEngine``'s: each micro-batch's loss is the mean CE o
 tokens; DeepSpeed averages over the gas micro-batches and the dp replicas, i.e. the same as one
 process accumulating ``loss / (gas * dp)``.
 
+What the trainer calls (docs/parallel_3d.md)::
+
+    engine = ThreeDEngine(source, cfg, dims, total_steps, accumulation, spec_overrides)
+    loss, metrics, input_tokens = engine.train_step(micro_batches)   # one optimizer step
+    engine.grad_norm; engine.learning_rates(); engine.save_state(d); engine.load_state(d)
+    engine.full_state_dict()   # collective; full MavenModel-named weights on rank 0
+    engine.module              # MavenModel skeleton on the meta device (save_skeleton / save_pretrained)
+
+The loader's dp rank is ``topology.data_parallel_rank(rank, dims)``: every tp and pp rank of a replica
+gets the same micro-batches.
+
 Stage 1 (``loss: selector_bce``) is not run on this backend: it trains a 3-layer MLP on frozen
 features and needs no model parallelism; run it on the zero3 backend (the export is the same HF
 layout, so stage 2 starts on 3d from it).
@@ -164,7 +175,8 @@ class ThreeDEngine:
         self.views = tuple(cfg.stage.views)
         tp_config = build_tp_config(dims)
         specs = [LayerSpec(InputStage, self.shape, self.layout, self.spec, src.tower_config, self.views, tp_config)]
-        specs += [LayerSpec(TPDecoderLayer, self.shape, tp_config) for _ in range(self.num_layers)]
+        checkpointing = cfg.stage.gradient_checkpointing
+        specs += [LayerSpec(TPDecoderLayer, self.shape, tp_config, checkpointing) for _ in range(self.num_layers)]
         specs += [LayerSpec(OutputStage, self.shape, self.layout, tp_config)]
         self.pipe = PipelineModule(
             layers=specs, topology=self.topology, loss_fn=None, partition_method="type:TPDecoderLayer",

@@ -1,6 +1,6 @@
 """Worker for test_3d_engine.py: the tiny MaVEn on the 3D backend, several checks in one process group.
 
-argv: MAVEN_DIR OUT_FILE STAGE STEPS TP PP RESUME_AT CKPT_DIR
+argv: MAVEN_DIR OUT_FILE STAGE STEPS TP PP RESUME_AT CKPT_DIR [gc]   (gc: activation checkpointing on)
 
 1. One micro-batch forward and backward by hand through this rank's pipeline layers (blocking p2p
    between stages): loss, full logits (gathered over tp, vocabulary order) and every trainable
@@ -35,7 +35,7 @@ MICRO = 3
 GLOBAL = 6
 
 
-def stage_config(stage: str, tp: int = 1, pp: int = 1, run_dir: str = "/tmp/unused") -> Config:
+def stage_config(stage: str, tp: int = 1, pp: int = 1, run_dir: str = "/tmp/unused", checkpointing: bool = False) -> Config:
     """The tiny stage recipe at test size; the vocabulary padded to 128 * 2 so tp=2 divides it."""
     return load_config(
         f"recipes/tiny/{stage}.yaml",
@@ -47,7 +47,7 @@ def stage_config(stage: str, tp: int = 1, pp: int = 1, run_dir: str = "/tmp/unus
             "model.selector.hidden_size=16",
             f"stage.micro_batch_size={MICRO}",
             f"stage.global_batch_size={GLOBAL}",
-            "stage.gradient_checkpointing=false",
+            f"stage.gradient_checkpointing={str(checkpointing).lower()}",
             "stage.schedule.warmup_ratio=0",
             f"parallel.backend={'3d' if tp * pp > 1 else 'zero3'}",
             f"parallel.tp={tp}",
@@ -105,6 +105,57 @@ def manual_forward_backward(engine: ThreeDEngine, batch) -> dict:
     return result
 
 
+class SavedBytes:
+    """Bytes autograd saves for backward inside a block (each storage once): measured activations."""
+
+    def __init__(self):
+        self.total, self._seen = 0, set()
+
+    def _pack(self, t: torch.Tensor):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in self._seen:
+            self._seen.add(key)
+            self.total += key[1]
+        return t
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+def measured_memory(engine: ThreeDEngine, batch) -> dict:
+    """This rank's model-state bytes (weights; optimizer state incl. ZeRO-1's fp32 partitions) after
+    training, and on pipeline stage 0 the activation bytes autograd saves in one decoder layer and,
+    with pp=1, in the output stage, for `batch` (the planner's inputs, checked in the tests)."""
+    params = sum(p.numel() * p.element_size() for p in engine.pipe.parameters())
+    opt = engine.engine.optimizer
+    optimizer = sum(t.numel() * t.element_size() for t in getattr(opt, "single_partition_of_fp32_groups", []))
+    inner = getattr(opt, "optimizer", opt)
+    optimizer += sum(
+        v.numel() * v.element_size() for st in inner.state.values() for v in st.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
+    result = {"stage": engine.stage, "tp": engine.tp_rank, "dp": engine.dp_rank, "params": params, "optimizer": optimizer}
+    inputs = engine.stage_inputs([batch])[0]  # collective (the h_eos pass): every stage calls it
+    if engine.stage == 0:
+        x = engine.local_layers[0](inputs)
+        hidden = x[0].detach().requires_grad_(True)
+        layer = engine.local_layers[1]
+        with SavedBytes() as saved:
+            out = layer((hidden, x[1], x[2]))
+        result |= {"layer_act": saved.total, "seq": int(hidden.shape[1]), "rows": int(hidden.shape[0])}
+        head = engine.local_layers.get(engine.num_layers + 1)
+        if head is not None:
+            with SavedBytes() as saved:
+                head((out[0].detach().requires_grad_(True), x[1], x[2]))
+            result["head_act"] = saved.total
+    return result
+
+
 def gathered_grads(engine: ThreeDEngine) -> dict[str, torch.Tensor] | None:
     """Full gradients of the trainable parameters on rank 0 (shards concatenated like the weights)."""
     local = {}
@@ -144,7 +195,7 @@ def main() -> None:
     maven_dir, out_file, stage = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     steps, tp, pp, resume_at, ckpt_dir = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), Path(sys.argv[8])
     env = init_distributed()
-    cfg = stage_config(stage, tp, pp)
+    cfg = stage_config(stage, tp, pp, checkpointing=sys.argv[9:] == ["gc"])
     dims = ParallelDims.build(cfg.parallel, env.world_size)
     accumulation = dims.accumulation_steps(cfg.stage.global_batch_size, cfg.stage.micro_batch_size)
     engine = ThreeDEngine(maven_dir, cfg, dims, total_steps=steps, accumulation=accumulation)
@@ -189,6 +240,9 @@ def main() -> None:
     else:
         result["losses"], result["grad_norms"] = run_steps(engine, batches, dims, range(steps))
     result["step_s"] = (time.perf_counter() - start) / steps
+    memory = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(measured_memory(engine, batches[0]), memory, dst=0)
+    result["memory"] = memory
     result["state"] = engine.full_state_dict()
     if resume_at:
         resumed = ThreeDEngine(maven_dir, cfg, dims, total_steps=steps, accumulation=accumulation)
