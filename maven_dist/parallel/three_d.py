@@ -306,9 +306,15 @@ class ThreeDEngine:
         loss = self.engine.train_batch(iter([(x, dummy) for x in inputs]))
         norm = self.engine.get_global_grad_norm() if self.zero_stage else self._torch_optimizer.last_grad_norm
         self._grad_norm = float(norm) if norm is not None else math.nan
-        per_image = visual_tokens_per_image(self.spec.num_codes, self.module.vision_tower.num_patches, self.spec.keep_ratio, self.views)
-        tokens = sum(int(b.attention_mask.sum()) + b.num_images * (per_image - 1) for b in micro_batches)
-        return float(loss), {"loss/lm": float(loss)}, tokens
+        return float(loss), {"loss/lm": float(loss)}, sum(self.input_tokens(b) for b in micro_batches)
+
+    def input_tokens(self, batch: Batch) -> int:
+        """Sequence positions the LLM processes for `batch` (ModelOutput.num_input_tokens): each image
+        placeholder becomes the image's visual block."""
+        per_image = visual_tokens_per_image(
+            self.spec.num_codes, self.module.vision_tower.num_patches, self.spec.keep_ratio, self.views
+        )
+        return int(batch.attention_mask.sum()) + batch.num_images * (per_image - 1)
 
     @property
     def grad_norm(self) -> float:
