@@ -187,11 +187,6 @@ class OutputStage(nn.Module):
         return losses.sum() / labelled.sum().clamp(min=1)
 
 
-def stage_layer_range(parts: list[int], stage: int) -> range:
-    """Indices of the pipeline layer list that `stage` holds (DeepSpeed's partition boundaries)."""
-    return range(parts[stage], parts[stage + 1])
-
-
 @torch.no_grad()
 def pipeline_eos_states(
     layers: dict[int, nn.Module], num_layers: int, image_codes: torch.Tensor, pipe_ranks: list[int], stage: int,
