@@ -102,7 +102,7 @@ class MavenModel(nn.Module):
         (their weights are loaded next): faster, and required under ZeRO-3's partitioned construction,
         where HF's post-init would index into empty parameter shards."""
         llm_config = _with_vocab_size(llm_config, layout.text_size)
-        with _maybe_skip_hf_init(not init_weights):
+        with maybe_skip_hf_init(not init_weights):
             llm = AutoModelForCausalLM.from_config(llm_config, dtype=torch.float32)
             tower = CLIPVisionModel(tower_config)
         return cls(llm, tower, layout, spec)
@@ -341,7 +341,8 @@ class MavenModel(nn.Module):
 
 
 @contextlib.contextmanager
-def _maybe_skip_hf_init(skip: bool):
+def maybe_skip_hf_init(skip: bool):
+    """Construct HF models without initialising their weights when `skip` (they are loaded next)."""
     if not skip:
         yield
         return

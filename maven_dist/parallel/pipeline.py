@@ -45,7 +45,7 @@ from megatron.core.tensor_parallel import (
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from maven_dist.model.maven import MavenSpec, _maybe_skip_hf_init
+from maven_dist.model.maven import MavenSpec, maybe_skip_hf_init
 from maven_dist.model.projector import build_projector
 from maven_dist.model.selector import PatchSelector, select_top_patches
 from maven_dist.model.sequence import assemble_sequences, num_kept_patches
@@ -77,7 +77,7 @@ class InputStage(nn.Module):
         d = shape.hidden_size
         self.embed_text = VocabParallelEmbedding(layout.text_size, d, init_method=_no_init, config=config)
         self.embed_new = VocabParallelEmbedding(layout.num_new_rows, d, init_method=_no_init, config=config)
-        with _maybe_skip_hf_init(True):  # weights are loaded next
+        with maybe_skip_hf_init(True):  # weights are loaded next
             tower = CLIPVisionModel(tower_config)
         self.vision_tower = ContinuousEncoder(tower, spec.select_layer)
         feature = self.vision_tower.hidden_size

@@ -38,7 +38,6 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch.optim.lr_scheduler import LambdaLR
@@ -50,6 +49,7 @@ from maven_dist.model import hf_layout
 from maven_dist.model.maven import MavenModel, MavenSpec
 from maven_dist.model.sequence import visual_tokens_per_image
 from maven_dist.model.vocab import VocabLayout
+from maven_dist.parallel.checkpoint_engine import WeightsOnlyCheckpointEngine
 from maven_dist.parallel.convert import full_name, iter_maven_dir, placement, shard_tensor, unshard_state_dict
 from maven_dist.parallel.dims import ParallelDims
 from maven_dist.parallel.megatron_llama import LlamaShape, TPDecoderLayer, build_tp_config
@@ -86,20 +86,6 @@ def build_ds_config(cfg: Config, dims: ParallelDims, accumulation: int, zero_sta
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-
-
-class _WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-    """Load DeepSpeed checkpoints with ``weights_only=True``: tensors, plain containers and three
-    DeepSpeed types that rebuild from plain attributes (found by loading every file of a saved
-    pipeline + ZeRO-1 checkpoint), never code to execute."""
-
-    def load(self, path: str, map_location=None):
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
-            return torch.load(path, map_location=map_location, weights_only=True)
 
 
 class _Source:
@@ -190,7 +176,7 @@ class ThreeDEngine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.pipe, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
-        self.engine.checkpoint_engine = _WeightsOnlyCheckpointEngine()
+        self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
         self._torch_optimizer = optimizer
         self._grad_norm = math.nan
 

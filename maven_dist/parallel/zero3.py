@@ -18,13 +18,11 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-from deepspeed.runtime.fp16.loss_scaler import LossScaler
-from deepspeed.runtime.zero.config import ZeroStageEnum
 
 from maven_dist.config import Config
 from maven_dist.data.batch import Batch
 from maven_dist.model.maven import MavenModel, ModelOutput, copy_param
+from maven_dist.parallel.checkpoint_engine import DEEPSPEED_SAFE_GLOBALS, WeightsOnlyCheckpointEngine
 from maven_dist.parallel.dims import ParallelDims
 from maven_dist.train.engine import build_optimizer
 from maven_dist.train.parts import apply_trainable
@@ -72,27 +70,6 @@ def zero3_copy(param: torch.nn.Parameter, value: torch.Tensor) -> None:
             copy_param(param, value)
 
 
-# The only non-container types DeepSpeed writes into ZeRO-3 checkpoints (found by loading every file
-# of a saved checkpoint with weights_only=True). Both rebuild from plain attributes; allowing them
-# lets no other class or callable through.
-_DEEPSPEED_SAFE_GLOBALS = [ZeroStageEnum, LossScaler]
-
-
-class _WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine, but loading with ``weights_only=True``: a checkpoint
-    can hold tensors, plain containers and the two DeepSpeed types above, never code to execute."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        # Without a config DeepSpeed falls back to torch's legacy file format, which its own
-        # zero_to_fp32 (mmap) cannot read; keep the zip format every other tool expects.
-        self.zipfile_serialization = True
-
-    def load(self, path: str, map_location=None):
-        with torch.serialization.safe_globals(_DEEPSPEED_SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-
 class Zero3Engine:
     def __init__(
         self,
@@ -117,7 +94,7 @@ class Zero3Engine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
-        self.engine.checkpoint_engine = _WeightsOnlyCheckpointEngine()
+        self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
         self.module: MavenModel = self.engine.module
         self._grad_norm = math.nan
 
@@ -188,7 +165,7 @@ def _weights_only_torch_load():
 
     def safe_load(*args, **kwargs):
         kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(_DEEPSPEED_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
             return original(*args, **kwargs)
 
     torch.load = safe_load

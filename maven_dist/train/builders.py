@@ -115,9 +115,17 @@ def build_engine(
 ) -> Engine:
     """World of one: the plain PyTorch engine (ZeRO over one rank shards nothing). Otherwise the
     recipe's backend."""
-    build = model_builder(cfg, source, layout, model_spec(cfg, tokenizer))
+    spec = model_spec(cfg, tokenizer)
+    build = model_builder(cfg, source, layout, spec)
     if cfg.parallel.backend == "3d":
-        raise NotImplementedError("parallel.backend=3d is not implemented yet (issue 5); use zero3")
+        from maven_dist.parallel.three_d import ThreeDEngine
+
+        # A saved MaVEn directory is streamed shard by shard; base models are built whole first.
+        overrides = {"keep_ratio": spec.keep_ratio, "select_layer": spec.select_layer, "label_threshold": spec.label_threshold}
+        if load_universal:
+            raise ConfigError("resuming a 3D checkpoint on another number of ranks is not supported; use the original layout")
+        return ThreeDEngine(source.path if source.kind == "maven" else build, cfg, dims, total_steps, accumulation,
+                            spec_overrides=overrides)
     if env.world_size > 1:
         from maven_dist.parallel.zero3 import Zero3Engine
 

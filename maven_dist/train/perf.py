@@ -1,8 +1,8 @@
 """Throughput, MFU and memory for the step logs.
 
 MFU = 6 * N * T / (dt * P * W), where N is the LLM's parameter count, T the sequence positions the
-LLM processed in the window, dt the wall time, P the per-device peak dense bf16 FLOP/s and W the
-world size. 6N per token is the usual forward+backward estimate for dense matmuls (Kaplan et al.,
+LLM processed in the window by all data-parallel replicas, dt the wall time, P the per-device peak
+dense bf16 FLOP/s and W the world size (every GPU, tensor and pipeline ranks included). 6N per token is the usual forward+backward estimate for dense matmuls (Kaplan et al.,
 PaLM appendix B) without the attention term; for stages that freeze the LLM the backward pass still
 computes activation gradients, so it stays an upper-bound-style estimate. P comes from a table of
 known accelerators; on CPU no MFU is logged, only model TFLOP/s.
@@ -33,8 +33,9 @@ def _num_params(module: torch.nn.Module) -> int:
 class StepMeter:
     """Accumulates micro-batch counts between log points and turns them into rates."""
 
-    def __init__(self, model, world_size: int):
+    def __init__(self, model, dp: int, world_size: int):
         self.llm_params = _num_params(model.llm) + _num_params(model.vocab_new_rows)
+        self.dp = dp
         self.world_size = world_size
         self.peak = device_peak_flops()
         self._reset()
@@ -45,20 +46,21 @@ class StepMeter:
         self.tokens = 0
         self.images = 0
 
-    def add_micro_batch(self, out, batch) -> None:
-        self.samples += batch.input_ids.shape[0] if batch.input_ids is not None else batch.num_images
-        self.tokens += out.num_input_tokens
-        self.images += batch.num_images
+    def add(self, samples: int, tokens: int, images: int) -> None:
+        """Count one micro-batch of this replica."""
+        self.samples += samples
+        self.tokens += tokens
+        self.images += images
 
     def flush(self) -> dict[str, float]:
         dt = max(time.perf_counter() - self.start, 1e-9)
-        # Per-rank counts times world size: every data-parallel rank processes a similar share.
-        tokens_per_s = self.tokens * self.world_size / dt
+        # This replica's counts times dp: every data-parallel replica processes a similar share.
+        tokens_per_s = self.tokens * self.dp / dt
         flops = 6 * self.llm_params * tokens_per_s
         metrics = {
-            "perf/samples_per_s": self.samples * self.world_size / dt,
+            "perf/samples_per_s": self.samples * self.dp / dt,
             "perf/tokens_per_s": tokens_per_s,
-            "perf/images_per_s": self.images * self.world_size / dt,
+            "perf/images_per_s": self.images * self.dp / dt,
             "perf/model_tflops": flops / 1e12,
             "memory/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         }

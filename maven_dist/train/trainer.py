@@ -22,6 +22,7 @@ from maven_dist.data.embedded import maybe_prepare_embedded
 from maven_dist.launch.preemption import REQUEUE_EXIT_CODE, install_preemption_handler, preemption_requested
 from maven_dist.parallel.dims import ParallelDims
 from maven_dist.parallel.distributed import DistEnv, all_reduce_max, barrier, init_distributed, print0
+from maven_dist.parallel.topology import data_parallel_rank
 from maven_dist.train import perf
 from maven_dist.train.builders import (
     build_engine,
@@ -83,7 +84,7 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
     maybe_prepare_embedded(cfg, env)
     source = resolve_model_source(cfg, env)
     tokenizer, layout = load_stage_tokenizer(cfg, source)
-    dp_rank = env.rank // (dims.tp * dims.pp)
+    dp_rank = data_parallel_rank(env.rank, dims)
     loader = build_stage_loader(cfg, tokenizer, layout, source, dp_rank=dp_rank, dp_size=dims.dp)
     accumulation = dims.accumulation_steps(cfg.stage.global_batch_size, cfg.stage.micro_batch_size)
     total_steps = cfg.stage.max_steps or math.ceil(cfg.stage.epochs * loader.batches_per_epoch / accumulation)
@@ -117,7 +118,9 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
     metrics_file = MetricsFile(stage_dir / "metrics.jsonl", enabled=env.is_main)
     status = "FAILED"
     try:
-        final_loss = _train_loop(cfg, env, engine, loader, checkpointer, tracker, metrics_file, state, total_steps, manifest)
+        final_loss = _train_loop(
+            cfg, env, dims, engine, loader, checkpointer, tracker, metrics_file, state, total_steps, manifest
+        )
         status = "FINISHED"
     except Preempted:
         status = "KILLED"
@@ -130,11 +133,13 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
     return StageResult(state.step, final_loss, export_dir)
 
 
-def _train_loop(cfg, env: DistEnv, engine, loader, checkpointer, tracker, metrics_file, state: TrainerState, total_steps: int, manifest: dict) -> float:
+def _train_loop(cfg, env: DistEnv, dims: ParallelDims, engine, loader, checkpointer, tracker, metrics_file,
+                state: TrainerState, total_steps: int, manifest: dict) -> float:
     stage = cfg.stage
-    device = env.device
-    meter = perf.StepMeter(engine.module, world_size=env.world_size)
-    window: dict[str, list[float]] = defaultdict(list)
+    meter = perf.StepMeter(engine.module, dp=dims.dp, world_size=env.world_size)
+    # Micro-batch engines (local, ZeRO-3) are driven one micro-batch at a time; the pipeline engine
+    # takes a whole step's micro-batches at once.
+    run_step = _pipeline_step if hasattr(engine, "train_step") else _micro_batch_step
     last_loss = math.nan
     batches = iter(loader)
     bar = tqdm(total=total_steps, initial=state.step, desc=stage.name, disable=not env.is_main, dynamic_ncols=True)
@@ -145,29 +150,9 @@ def _train_loop(cfg, env: DistEnv, engine, loader, checkpointer, tracker, metric
 
     try:
         while state.step < total_steps:
-            batch = next(batches).to(device)
-            out = engine.forward(batch)
-            if not _finite_on_all_ranks(out.loss):
-                state.nonfinite_skipped += 1
-                state.nonfinite_in_row += 1
-                print0(f"[{stage.name}] non-finite loss at step {state.step + 1} (samples {batch.sample_ids[:4]}); micro-batch skipped")
-                if state.nonfinite_in_row >= stage.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"{state.nonfinite_in_row} consecutive non-finite losses at step {state.step + 1}; last samples "
-                        f"{batch.sample_ids}. Lower the learning rate, check the data, or resume from an earlier checkpoint."
-                    )
-                continue
-            state.nonfinite_in_row = 0
-            engine.backward(out.loss)
-            meter.add_micro_batch(out, batch)
-            for key, value in out.metrics.items():
-                window[key].append(float(value))
-            if not engine.step():
-                continue
+            step_metrics = run_step(engine, batches, state, stage, env.device, meter)
             state.step += 1
             bar.update(1)
-            step_metrics = {k: sum(v) / len(v) for k, v in window.items()}
-            window.clear()
             last_loss = _mean_over_ranks(step_metrics.get("loss/lm", step_metrics.get("loss/selector_bce", math.nan)))
             if state.step % stage.log_every == 0 or state.step == total_steps:
                 logged = step_metrics | meter.flush() | {
@@ -192,6 +177,54 @@ def _train_loop(cfg, env: DistEnv, engine, loader, checkpointer, tracker, metric
         batches.close()
     bar.close()
     return last_loss
+
+
+def _micro_batch_step(engine, batches, state: TrainerState, stage, device, meter) -> dict[str, float]:
+    """Forward/backward micro-batches until the engine applies an update; a micro-batch with a
+    non-finite loss (on any rank) is skipped before its backward. Returns the step's mean metrics."""
+    window: dict[str, list[float]] = defaultdict(list)
+    while True:
+        batch = next(batches).to(device)
+        out = engine.forward(batch)
+        if not _finite_on_all_ranks(out.loss):
+            _count_nonfinite(state, stage, batch.sample_ids, "micro-batch skipped")
+            continue
+        state.nonfinite_in_row = 0
+        engine.backward(out.loss)
+        meter.add(_num_samples(batch), out.num_input_tokens, batch.num_images)
+        for key, value in out.metrics.items():
+            window[key].append(float(value))
+        if engine.step():
+            return {k: sum(v) / len(v) for k, v in window.items()}
+
+
+def _pipeline_step(engine, batches, state: TrainerState, stage, device, meter) -> dict[str, float]:
+    """One pipeline step over `engine.accumulation` micro-batches. DeepSpeed's pipeline schedule cannot
+    drop a micro-batch, so a non-finite loss is only counted (the update is already applied)."""
+    micro_batches = [next(batches).to(device) for _ in range(engine.accumulation)]
+    loss, metrics, _ = engine.train_step(micro_batches)
+    for batch in micro_batches:
+        meter.add(_num_samples(batch), engine.input_tokens(batch), batch.num_images)
+    if math.isfinite(loss):
+        state.nonfinite_in_row = 0
+    else:
+        _count_nonfinite(state, stage, [i for b in micro_batches for i in b.sample_ids], "update applied")
+    return metrics
+
+
+def _count_nonfinite(state: TrainerState, stage, sample_ids: list[str], what: str) -> None:
+    state.nonfinite_skipped += 1
+    state.nonfinite_in_row += 1
+    print0(f"[{stage.name}] non-finite loss at step {state.step + 1} (samples {sample_ids[:4]}); {what}")
+    if state.nonfinite_in_row >= stage.max_bad_steps:
+        raise NonFiniteLossError(
+            f"{state.nonfinite_in_row} consecutive non-finite losses at step {state.step + 1}; last samples "
+            f"{sample_ids}. Lower the learning rate, check the data, or resume from an earlier checkpoint."
+        )
+
+
+def _num_samples(batch) -> int:
+    return batch.input_ids.shape[0] if batch.input_ids is not None else batch.num_images
 
 
 def _finite_on_all_ranks(loss: torch.Tensor) -> bool:
