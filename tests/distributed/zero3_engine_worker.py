@@ -14,11 +14,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.distributed.engine_fixtures import build_stage_setup, micro_batches  # noqa: E402
-
 from maven_dist.parallel.dims import ParallelDims  # noqa: E402
 from maven_dist.parallel.distributed import init_distributed  # noqa: E402
 from maven_dist.parallel.zero3 import Zero3Engine  # noqa: E402
+from tests.distributed.engine_fixtures import build_stage_setup, micro_batches  # noqa: E402
 
 
 def main() -> None:
