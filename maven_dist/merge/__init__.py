@@ -1,8 +1,8 @@
 """Merge sharded training checkpoints into one HF-layout MaVEn model (``tools/merge_ckpt.py``).
 
 Pieces, one job each: ``source`` finds the checkpoint and defines what a reader answers;
-``torch_files`` locates tensors inside ``torch.save`` files without loading them; ``zero3_source`` and
-``local_source`` read the two engine layouts; ``plan`` checks the parameters against the skeleton's
+``torch_files`` locates tensors inside ``torch.save`` files without loading them; ``local_source``,
+``zero3_source`` and ``three_d_source`` read the three engine layouts; ``plan`` checks the parameters against the skeleton's
 model and lays out the output files; ``writer`` streams them; ``merge`` orchestrates, verifies and
 writes the provenance.
 """

@@ -44,7 +44,7 @@ class LocalSource:
     def __init__(self, ref: CheckpointRef):
         self.ref = ref
         self.path = ref.engine_dir / "model.safetensors"
-        self.trainable_parts = _trainable_parts(ref)
+        self.trainable_parts = trainable_parts_of(ref)
         self.knows_trainable = self.trainable_parts is not None
 
     def tensors(self) -> dict[str, SourceTensor]:
@@ -57,19 +57,20 @@ class LocalSource:
                 continue
             begin, end = info["data_offsets"]
             dtype = getattr(torch, SAFETENSORS_DTYPES[info["dtype"]])
-            trainable = self.trainable_parts is None or _part(name) in self.trainable_parts
+            trainable = self.trainable_parts is None or part_or_none(name) in self.trainable_parts
             out[name] = SourceTensor(name, tuple(info["shape"]), dtype, (Piece(self.path, start + begin, end - begin),), trainable)
         return out
 
 
-def _part(name: str) -> str | None:
+def part_or_none(name: str) -> str | None:
+    """The part a training name belongs to, or None for names outside every part."""
     try:
         return part_of(name)
     except KeyError:
         return None
 
 
-def _trainable_parts(ref: CheckpointRef) -> set[str] | None:
+def trainable_parts_of(ref: CheckpointRef) -> set[str] | None:
     """The stage's trainable parts from the resolved recipe saved beside the checkpoints."""
     recipe = ref.path.parent.parent / "resolved_recipe.yaml"
     if not recipe.is_file():

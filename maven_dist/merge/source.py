@@ -1,6 +1,6 @@
 """Finding the checkpoint to merge and describing its tensors as byte ranges on disk.
 
-A *source* is one kind of engine state (single-process, ZeRO-3, later 3D TP/PP). Whatever its kind,
+A *source* is one kind of engine state (single-process, ZeRO-3, 3D TP/PP). Whatever its kind,
 it answers one question: for each training parameter name, its shape, dtype, whether it trained, and
 the list of file byte ranges whose concatenation is the tensor in row-major order. The writer needs
 nothing else, so a new kind plugs in as one more reader (``open_source``).
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -41,7 +42,8 @@ class SourceTensor:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    pieces: tuple[Piece, ...]
+    pieces: Sequence[Piece]
+    """A tuple, or a lazy sequence where a tensor has very many ranges (3D row-parallel slices)."""
     trainable: bool
 
     @property
@@ -51,7 +53,7 @@ class SourceTensor:
 
 class CheckpointSource(Protocol):
     kind: str
-    """'local' (one process), 'zero3' or 'zero3-universal' (DeepSpeed ZeRO-3); '3d' plugs in here once that backend saves."""
+    """'local' (one process), 'zero3' or 'zero3-universal' (DeepSpeed ZeRO-3), '3d' (TP x PP pipeline checkpoint)."""
     world_size: int
     knows_trainable: bool
     """Whether `SourceTensor.trainable` is known (needed by --exclude-frozen)."""
@@ -149,11 +151,10 @@ def open_source(ref: CheckpointRef, threads: int = 4) -> CheckpointSource:
     """Detect the engine-state kind of a checkpoint and open its reader."""
     engine = ref.engine_dir
     layout = ref.manifest.get("layout", {})
-    if layout.get("tp", 1) > 1 or layout.get("pp", 1) > 1 or any(engine.glob("**/layer_*-model_*states.pt")):
-        raise MergeError(
-            f"{ref.path} is a 3D (tp={layout.get('tp', 1)}, pp={layout.get('pp', 1)}) checkpoint; merging those "
-            "is not implemented yet (maven_dist.merge needs a '3d' reader)"
-        )
+    if layout.get("tp", 1) > 1 or layout.get("pp", 1) > 1 or any(engine.glob("*/layer_*-model_*-model_states.pt")):
+        from maven_dist.merge.three_d_source import ThreeDSource
+
+        return ThreeDSource(ref, threads=threads)
     if (engine / "model.safetensors").is_file():
         from maven_dist.merge.local_source import LocalSource
 
