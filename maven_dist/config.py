@@ -487,7 +487,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def _load_yaml_with_inherit(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist; recipes live under recipes/ (e.g. recipes/tiny/stage4.yaml)")
+        raise ConfigError(
+            f"recipe {path} does not exist; recipes live under recipes/ (e.g. recipes/tiny/stage4.yaml)"
+        )
     if path.resolve() in seen:
         raise ConfigError(f"recipe {path}: `inherit` cycle through {[str(p) for p in seen]}")
     try:

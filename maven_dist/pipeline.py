@@ -19,10 +19,14 @@ STAGES = ("stage1", "stage2", "stage3", "stage4")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m maven_dist.pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m maven_dist.pipeline", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("recipe_dir", help="directory with stage1.yaml .. stage4.yaml, e.g. recipes/tiny")
     parser.add_argument("--nproc", type=int, default=1, help="ranks per stage (torchrun --nproc_per_node)")
-    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, e.g. stage3,stage4")
+    parser.add_argument(
+        "--stages", default=",".join(STAGES), help="comma-separated subset, e.g. stage3,stage4"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
@@ -42,18 +46,32 @@ def main(argv: list[str] | None = None) -> int:
     for recipe, cfg in zip(recipes, configs, strict=True):
         cmd = [sys.executable, "-m", "maven_dist.train", str(recipe), *(f"--set={o}" for o in args.overrides)]
         if args.nproc > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   "-m", "maven_dist.train", str(recipe), *(f"--set={o}" for o in args.overrides)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={args.nproc}",
+                "-m",
+                "maven_dist.train",
+                str(recipe),
+                *(f"--set={o}" for o in args.overrides),
+            ]
         print(f"[pipeline] {cfg.stage.name}: {' '.join(cmd)}", flush=True)
         start = time.perf_counter()
         code = subprocess.call(cmd, env=env)
         if code != 0:
-            print(f"[pipeline] {cfg.stage.name} failed with exit code {code}; rerun the same command to resume "
-                  "(each stage continues from its latest checkpoint)", file=sys.stderr)
+            print(
+                f"[pipeline] {cfg.stage.name} failed with exit code {code}; rerun the same command to resume "
+                "(each stage continues from its latest checkpoint)",
+                file=sys.stderr,
+            )
             return code
         print(f"[pipeline] {cfg.stage.name} finished in {time.perf_counter() - start:.0f} s", flush=True)
     _deliver_spooled_metrics(configs[-1].run_dir)
-    print(f"[pipeline] all stages done; MLflow store: {configs[-1].tracking.uri or Path(configs[-1].run_dir) / 'mlflow.db'}")
+    print(
+        f"[pipeline] all stages done; MLflow store: {configs[-1].tracking.uri or Path(configs[-1].run_dir) / 'mlflow.db'}"
+    )
     return 0
 
 
@@ -68,11 +86,15 @@ def _deliver_spooled_metrics(run_dir: str) -> None:
     try:
         result = sync_spool(run_dir)
     except Exception as exc:  # noqa: BLE001 - tracking must never fail training
-        print(f"[pipeline] tracking store still unreachable ({exc}); later run: python -m maven_dist.train.tracking sync {run_dir}")
+        print(
+            f"[pipeline] tracking store still unreachable ({exc}); later run: python -m maven_dist.train.tracking sync {run_dir}"
+        )
         return
     if result.failed:
-        print(f"[pipeline] {len(result.failed)} spool file(s) not delivered yet; later run: "
-              f"python -m maven_dist.train.tracking sync {run_dir}")
+        print(
+            f"[pipeline] {len(result.failed)} spool file(s) not delivered yet; later run: "
+            f"python -m maven_dist.train.tracking sync {run_dir}"
+        )
     else:
         print(f"[pipeline] delivered {result.metrics} spooled metric values to the tracking store")
 

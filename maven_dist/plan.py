@@ -77,8 +77,14 @@ def count_params(cfg: Config, layout: VocabLayout) -> ParamCounts:
     selector = (d + h) * s + s + s * s + s + s + 1
     projector = d * h + h + h * h + h if cfg.model.projector.kind == "mlp2x_gelu" else d * h + h
     return ParamCounts(
-        embed=layout.padded_size * h, head=layout.padded_size * h, layer_sharded=attn + 3 * h * f,
-        layer_replicated=2 * h, final_norm=h, tower=tower, selector=selector, projector=projector,
+        embed=layout.padded_size * h,
+        head=layout.padded_size * h,
+        layer_sharded=attn + 3 * h * f,
+        layer_replicated=2 * h,
+        final_norm=h,
+        tower=tower,
+        selector=selector,
+        projector=projector,
         num_layers=llm.num_layers,
     )
 
@@ -131,12 +137,16 @@ def estimate_zero3(cfg: Config, layout: VocabLayout, world: int) -> MemoryEstima
     return _estimate(cfg, layout, "zero3", world, 1, 1, 1)[0]
 
 
-def estimate_3d_stages(cfg: Config, layout: VocabLayout, dp: int, tp: int, pp: int, accumulation: int) -> list[MemoryEstimate]:
+def estimate_3d_stages(
+    cfg: Config, layout: VocabLayout, dp: int, tp: int, pp: int, accumulation: int
+) -> list[MemoryEstimate]:
     """Per-GPU bytes of pipeline stage 0 and (pp > 1) of the last stage."""
     return _estimate(cfg, layout, "3d", dp, tp, pp, accumulation)
 
 
-def _estimate(cfg: Config, layout: VocabLayout, backend: str, dp: int, tp: int, pp: int, accumulation: int) -> list[MemoryEstimate]:
+def _estimate(
+    cfg: Config, layout: VocabLayout, backend: str, dp: int, tp: int, pp: int, accumulation: int
+) -> list[MemoryEstimate]:
     counts = count_params(cfg, layout)
     e, g = _bytes(cfg)
     rows = cfg.stage.micro_batch_size
@@ -150,9 +160,17 @@ def _estimate(cfg: Config, layout: VocabLayout, backend: str, dp: int, tp: int, 
     if backend == "zero3":
         world = dp * tp * pp
         vocab_text = int(counts.embed * text_share)
-        llm_params = 2 * vocab_text + counts.num_layers * (counts.layer_sharded + counts.layer_replicated) + counts.final_norm
+        llm_params = (
+            2 * vocab_text
+            + counts.num_layers * (counts.layer_sharded + counts.layer_replicated)
+            + counts.final_norm
+        )
         new_rows = 2 * (counts.embed - vocab_text)
-        trainable = trainable_params(llm_params, new_rows) + counts.projector * _trainable(cfg, "projector") + counts.selector * _trainable(cfg, "selector")
+        trainable = (
+            trainable_params(llm_params, new_rows)
+            + counts.projector * _trainable(cfg, "projector")
+            + counts.selector * _trainable(cfg, "selector")
+        )
         largest = max(counts.embed, counts.layer_sharded, counts.tower // max(cfg.model.vision.num_layers, 1))
         params = e * counts.total / world + 2 * e * largest
         grads = g * trainable / world
@@ -168,15 +186,25 @@ def _estimate(cfg: Config, layout: VocabLayout, backend: str, dp: int, tp: int, 
     vocab_t = counts.embed * text_share / tp
     vocab_n = counts.embed * (1 - text_share) / tp
     first = {
-        "params": counts.tower + counts.selector + counts.projector + vocab_t + vocab_n + per_stage_layers * layer_params,
-        "trainable": counts.projector * _trainable(cfg, "projector") + counts.selector * _trainable(cfg, "selector")
-        + trainable_params(vocab_t, vocab_n) + per_stage_layers * layer_trainable,
-        "in_flight": min(pp, accumulation), "logits": 0.0,
+        "params": counts.tower
+        + counts.selector
+        + counts.projector
+        + vocab_t
+        + vocab_n
+        + per_stage_layers * layer_params,
+        "trainable": counts.projector * _trainable(cfg, "projector")
+        + counts.selector * _trainable(cfg, "selector")
+        + trainable_params(vocab_t, vocab_n)
+        + per_stage_layers * layer_trainable,
+        "in_flight": min(pp, accumulation),
+        "logits": 0.0,
     }
     last = {
         "params": vocab_t + vocab_n + per_stage_layers * layer_params + counts.final_norm,
-        "trainable": trainable_params(vocab_t + counts.final_norm, vocab_n) + per_stage_layers * layer_trainable,
-        "in_flight": 1, "logits": logits,
+        "trainable": trainable_params(vocab_t + counts.final_norm, vocab_n)
+        + per_stage_layers * layer_trainable,
+        "in_flight": 1,
+        "logits": logits,
     }
     if pp == 1:
         first["params"] += last["params"] - per_stage_layers * layer_params
@@ -187,12 +215,24 @@ def _estimate(cfg: Config, layout: VocabLayout, backend: str, dp: int, tp: int, 
         acts = stage["in_flight"] * per_stage_layers * layer_activation_bytes(cfg, tp, e, rows)
         if cfg.stage.gradient_checkpointing:
             acts += _full_layer(cfg, tp, e, rows)
-        stages.append(MemoryEstimate("3d", dp, tp, pp, e * stage["params"], (g + 4 * (e == 2)) * stage["trainable"],
-                                     12 * stage["trainable"] / dp, acts + stage["logits"]))
+        stages.append(
+            MemoryEstimate(
+                "3d",
+                dp,
+                tp,
+                pp,
+                e * stage["params"],
+                (g + 4 * (e == 2)) * stage["trainable"],
+                12 * stage["trainable"] / dp,
+                acts + stage["logits"],
+            )
+        )
     return stages
 
 
-def estimate(cfg: Config, layout: VocabLayout, backend: str, dp: int, tp: int, pp: int, accumulation: int) -> MemoryEstimate:
+def estimate(
+    cfg: Config, layout: VocabLayout, backend: str, dp: int, tp: int, pp: int, accumulation: int
+) -> MemoryEstimate:
     """Per-GPU bytes for one layout: the heaviest GPU (pipeline stage 0 or the last one for 3d)."""
     if backend == "zero3":
         return estimate_zero3(cfg, layout, dp * tp * pp)
@@ -221,7 +261,12 @@ def layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[tuple[str, int, 
     llm = cfg.model.llm
     out = [("zero3", gpus, 1, 1)]
     for tp in (1, 2, 4, 8):
-        if tp > gpus_per_node or llm.num_heads % tp or llm.num_kv_heads % tp or cfg.model.vocab.pad_to_multiple_of % (128 * tp):
+        if (
+            tp > gpus_per_node
+            or llm.num_heads % tp
+            or llm.num_kv_heads % tp
+            or cfg.model.vocab.pad_to_multiple_of % (128 * tp)
+        ):
             continue
         for pp in (1, 2, 4, 8, 16):
             if tp * pp > gpus or gpus % (tp * pp) or pp > llm.num_layers or (tp, pp) == (1, 1):
@@ -230,8 +275,12 @@ def layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[tuple[str, int, 
     return out
 
 
-def plan(cfg: Config, gpus: int, gpu_mem_gb: float, text_vocab: int = 32000, gpus_per_node: int = 8) -> list[tuple[MemoryEstimate, bool]]:
-    layout = VocabLayout.build(text_vocab_size(cfg, text_vocab), cfg.model.discrete.codebook_size, cfg.model.vocab.pad_to_multiple_of)
+def plan(
+    cfg: Config, gpus: int, gpu_mem_gb: float, text_vocab: int = 32000, gpus_per_node: int = 8
+) -> list[tuple[MemoryEstimate, bool]]:
+    layout = VocabLayout.build(
+        text_vocab_size(cfg, text_vocab), cfg.model.discrete.codebook_size, cfg.model.vocab.pad_to_multiple_of
+    )
     rows = []
     for backend, dp, tp, pp in layouts(cfg, gpus, gpus_per_node):
         per_step = cfg.stage.micro_batch_size * dp
@@ -248,20 +297,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpus", type=int, required=True)
     parser.add_argument("--gpu-mem-gb", type=float, default=80.0)
     parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--text-vocab", type=int, default=32000, help="text rows when the LLM directory is not present")
+    parser.add_argument(
+        "--text-vocab", type=int, default=32000, help="text rows when the LLM directory is not present"
+    )
     parser.add_argument("--set", action="append", default=[], help="recipe override key=value")
     args = parser.parse_args(argv)
     cfg = load_config(args.recipe, args.set)
-    visual = cfg.model.discrete.num_codes + 2 + num_kept_patches((cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2, cfg.model.selector.keep_ratio)
-    print(f"{args.recipe}: stage {cfg.stage.name}, trains {cfg.stage.trainable}, micro-batch {cfg.stage.micro_batch_size} x "
-          f"{sequence_length(cfg)} tokens ({visual} visual per image), {cfg.stage.dtype}, "
-          f"checkpointing={'on' if cfg.stage.gradient_checkpointing else 'off'}; {args.gpus} GPUs x {args.gpu_mem_gb:g} GB")
-    print(f"{'backend':8} {'dp':>3} {'tp':>3} {'pp':>3} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total':>8}  fits")
+    visual = (
+        cfg.model.discrete.num_codes
+        + 2
+        + num_kept_patches(
+            (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2, cfg.model.selector.keep_ratio
+        )
+    )
+    print(
+        f"{args.recipe}: stage {cfg.stage.name}, trains {cfg.stage.trainable}, micro-batch {cfg.stage.micro_batch_size} x "
+        f"{sequence_length(cfg)} tokens ({visual} visual per image), {cfg.stage.dtype}, "
+        f"checkpointing={'on' if cfg.stage.gradient_checkpointing else 'off'}; {args.gpus} GPUs x {args.gpu_mem_gb:g} GB"
+    )
+    print(
+        f"{'backend':8} {'dp':>3} {'tp':>3} {'pp':>3} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total':>8}  fits"
+    )
     for est, fits in plan(cfg, args.gpus, args.gpu_mem_gb, args.text_vocab, args.gpus_per_node):
-        print(f"{est.backend:8} {est.dp:3d} {est.tp:3d} {est.pp:3d} " + " ".join(
-            f"{v / GB:8.2f}" for v in (est.params, est.grads, est.optimizer, est.activations, est.total)) + f"  {'yes' if fits else 'no'}")
-    print("GB per GPU (GiB); 3d rows are the heavier of pipeline stage 0 and the last stage. Leave ~10% for "
-          "allocator fragmentation and communication buffers.")
+        print(
+            f"{est.backend:8} {est.dp:3d} {est.tp:3d} {est.pp:3d} "
+            + " ".join(
+                f"{v / GB:8.2f}" for v in (est.params, est.grads, est.optimizer, est.activations, est.total)
+            )
+            + f"  {'yes' if fits else 'no'}"
+        )
+    print(
+        "GB per GPU (GiB); 3d rows are the heavier of pipeline stage 0 and the last stage. Leave ~10% for "
+        "allocator fragmentation and communication buffers."
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,17 @@ def build_tiny_base(root: Path, image_size: int = 56, vocab_size: int = 320) -> 
     from maven_dist.model.build import build_random_llm, build_random_vision_tower
 
     tokenizer = train_tokenizer(TEXTS, root / "llm", vocab_size=vocab_size)
-    llm = LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_position_embeddings=1024)
-    vision = VisionConfig(image_size=image_size, patch_size=14, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    llm = LLMConfig(
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=1024,
+    )
+    vision = VisionConfig(
+        image_size=image_size, patch_size=14, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64
+    )
     build_random_llm(llm, tokenizer, root / "llm", seed=0)
     build_random_vision_tower(vision, root / "tower", seed=0)
     return TinyBase(root / "llm", root / "tower")

@@ -58,7 +58,10 @@ def prepare_embedded(cfg: Config) -> None:
         print0(f"[embedded] building a random vision tower in {tower_dir}")
         build_random_vision_tower(cfg.model.vision, tower_dir, cfg.seed)
 
-    shard_sets = {"captions": synthetic_dir / "captions.json", "conversations": synthetic_dir / "conversations.json"}
+    shard_sets = {
+        "captions": synthetic_dir / "captions.json",
+        "conversations": synthetic_dir / "conversations.json",
+    }
     for name, source in shard_sets.items():
         out = run / "data" / name
         if not (out / "manifest.json").is_file():

@@ -56,8 +56,11 @@ class ImageTransform:
             raise FileNotFoundError(f"{path} is missing: save the tower with its CLIPImageProcessor")
         cfg = json.loads(path.read_text())
         crop = cfg.get("crop_size") or cfg.get("size")
-        size = crop["height"] if isinstance(crop, dict) and "height" in crop else (
-            crop.get("shortest_edge") if isinstance(crop, dict) else crop)
+        size = (
+            crop["height"]
+            if isinstance(crop, dict) and "height" in crop
+            else (crop.get("shortest_edge") if isinstance(crop, dict) else crop)
+        )
         return cls(int(size), tuple(cfg["image_mean"]), tuple(cfg["image_std"]))
 
     def letterbox(self, image: Image.Image) -> Letterbox:

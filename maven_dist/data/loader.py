@@ -218,7 +218,9 @@ class ShardLoader:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's micro-batches of `epoch` as global sample indices: of each step's micro-batches
         (in plan order) rank r takes r, r + dp, r + 2 dp, ..."""
-        steps = plan_epoch(self.index, self.seed, epoch, self.global_batch_size, self.shuffle, self.group_by_length)
+        steps = plan_epoch(
+            self.index, self.seed, epoch, self.global_batch_size, self.shuffle, self.group_by_length
+        )
         micro = self.micro_batch_size
         mine = []
         for step in steps:

@@ -65,7 +65,9 @@ def to_hf_layout(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
     return out
 
 
-def from_hf_layout(component: str, key: str, tensor: torch.Tensor, layout: VocabLayout) -> dict[str, torch.Tensor]:
+def from_hf_layout(
+    component: str, key: str, tensor: torch.Tensor, layout: VocabLayout
+) -> dict[str, torch.Tensor]:
     """One HF-layout tensor -> the training parameter(s) it holds (two for the split vocab rows)."""
     if component == LLM_DIR:
         if key in _SPLIT_ROWS:

@@ -75,7 +75,9 @@ class MavenModel(nn.Module):
     def __init__(self, llm: nn.Module, tower: CLIPVisionModel, layout: VocabLayout, spec: MavenSpec):
         super().__init__()
         if getattr(llm.config, "tie_word_embeddings", False):
-            raise ValueError("LLMs with tied input/output embeddings are not supported (Vicuna/LLaMA-2 are untied)")
+            raise ValueError(
+                "LLMs with tied input/output embeddings are not supported (Vicuna/LLaMA-2 are untied)"
+            )
         if llm.get_input_embeddings().num_embeddings != layout.text_size:
             raise ValueError(
                 f"LLM has {llm.get_input_embeddings().num_embeddings} embedding rows but the vocabulary "
@@ -96,7 +98,12 @@ class MavenModel(nn.Module):
 
     @classmethod
     def from_configs(
-        cls, llm_config, tower_config: CLIPVisionConfig, layout: VocabLayout, spec: MavenSpec, init_weights: bool = True
+        cls,
+        llm_config,
+        tower_config: CLIPVisionConfig,
+        layout: VocabLayout,
+        spec: MavenSpec,
+        init_weights: bool = True,
     ) -> MavenModel:
         """A model of the given shapes. With `init_weights=False` the LLM and tower are left uninitialised
         (their weights are loaded next): faster, and required under ZeRO-3's partitioned construction,
@@ -121,7 +128,11 @@ class MavenModel(nn.Module):
         from the text rows' mean and covariance; selector and projector freshly initialised."""
         torch.manual_seed(seed)
         model = cls.from_configs(
-            AutoConfig.from_pretrained(llm_dir), CLIPVisionConfig.from_pretrained(tower_dir), layout, spec, init_weights=False
+            AutoConfig.from_pretrained(llm_dir),
+            CLIPVisionConfig.from_pretrained(tower_dir),
+            layout,
+            spec,
+            init_weights=False,
         )
         copy = copy_fn or copy_param
         text_rows: dict[str, torch.Tensor] = {}
@@ -140,7 +151,11 @@ class MavenModel(nn.Module):
         for kind, module in (("embed", model.vocab_new_rows.embed), ("head", model.vocab_new_rows.head)):
             copy(module.weight, init_new_rows(text_rows[kind], layout.num_new_rows, generator))
         loaded |= {"vocab_new_rows.embed.weight", "vocab_new_rows.head.weight"}
-        expected = {n for n, _ in model.named_parameters() if n.startswith(("llm.", "vision_tower.", "vocab_new_rows."))}
+        expected = {
+            n
+            for n, _ in model.named_parameters()
+            if n.startswith(("llm.", "vision_tower.", "vocab_new_rows."))
+        }
         _check_complete(expected, loaded, f"base models {llm_dir} and {tower_dir}")
         model.image_processor_config = _read_processor_config(Path(tower_dir))
         return model
@@ -166,7 +181,9 @@ class MavenModel(nn.Module):
         loaded = set()
         for component in (hf_layout.LLM_DIR, hf_layout.TOWER_DIR):
             loaded |= model._load_component(component, directory / component, copy)
-        loaded |= model._load_component(hf_layout.MAVEN_MODULES_FILE, directory / hf_layout.MAVEN_MODULES_FILE, copy)
+        loaded |= model._load_component(
+            hf_layout.MAVEN_MODULES_FILE, directory / hf_layout.MAVEN_MODULES_FILE, copy
+        )
         _check_complete({n for n, _ in model.named_parameters()}, loaded, str(directory))
         model.image_processor_config = _read_processor_config(directory / hf_layout.TOWER_DIR)
         return model
@@ -228,7 +245,9 @@ class MavenModel(nn.Module):
         _with_vocab_size(self.llm.config, self.layout.padded_size).save_pretrained(llm_dir)
         self.vision_tower.tower.config.save_pretrained(tower_dir)
         if self.image_processor_config is not None:
-            (tower_dir / "preprocessor_config.json").write_text(json.dumps(self.image_processor_config, indent=2))
+            (tower_dir / "preprocessor_config.json").write_text(
+                json.dumps(self.image_processor_config, indent=2)
+            )
         config = {"model_type": "maven", "spec": asdict(self.spec), "vocab": self.layout.to_dict()}
         (out_dir / hf_layout.CONFIG_FILE).write_text(json.dumps(config, indent=2))
         if tokenizer is not None:
@@ -266,7 +285,9 @@ class MavenModel(nn.Module):
         hidden = self.llm.model(inputs_embeds=self.embed_tokens(ids), use_cache=False).last_hidden_state
         return hidden[:, -1]
 
-    def selector_logits(self, pixel_values: torch.Tensor, image_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def selector_logits(
+        self, pixel_values: torch.Tensor, image_codes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch features [N, P, f] and selector logits [N, P]."""
         features = self.vision_tower(pixel_values)
         return features, self.selector(features, self.eos_states(image_codes))
@@ -275,7 +296,9 @@ class MavenModel(nn.Module):
     def num_kept(self) -> int:
         return num_kept_patches(self.vision_tower.num_patches, self.spec.keep_ratio)
 
-    def visual_embeds(self, pixel_values: torch.Tensor, image_codes: torch.Tensor, views: Sequence[str]) -> torch.Tensor:
+    def visual_embeds(
+        self, pixel_values: torch.Tensor, image_codes: torch.Tensor, views: Sequence[str]
+    ) -> torch.Tensor:
         """[N, V, d]: each image's discrete block then its kept, projected patches (per `views`)."""
         blocks = []
         if "discrete" in views:
@@ -293,20 +316,29 @@ class MavenModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, batch: Batch, views: Sequence[str] = ("discrete", "continuous"), loss: str = "lm") -> ModelOutput:
+    def forward(
+        self, batch: Batch, views: Sequence[str] = ("discrete", "continuous"), loss: str = "lm"
+    ) -> ModelOutput:
         if loss == "selector_bce":
             return self.selector_forward(batch)
         return self.lm_forward(batch, views)
 
     def selector_forward(self, batch: Batch) -> ModelOutput:
         if batch.patch_labels is None:
-            raise ValueError(f"stage-1 batch without patch labels (samples {batch.sample_ids[:4]}): run tools/make_pseudo_labels.py")
+            raise ValueError(
+                f"stage-1 batch without patch labels (samples {batch.sample_ids[:4]}): run tools/make_pseudo_labels.py"
+            )
         _, logits = self.selector_logits(batch.pixel_values, batch.image_codes)
         loss = selector_bce(logits, batch.patch_labels)
         metrics = {"loss/selector_bce": loss.detach()}
         metrics |= selector_metrics(logits, batch.patch_labels, self.spec.label_threshold)
         codes = batch.image_codes
-        return ModelOutput(loss, metrics, num_tokens=batch.patch_labels.numel(), num_input_tokens=codes.shape[0] * (codes.shape[1] + 3))
+        return ModelOutput(
+            loss,
+            metrics,
+            num_tokens=batch.patch_labels.numel(),
+            num_input_tokens=codes.shape[0] * (codes.shape[1] + 3),
+        )
 
     def lm_forward(self, batch: Batch, views: Sequence[str]) -> ModelOutput:
         pixel_values, image_codes = batch.pixel_values, batch.image_codes
@@ -318,18 +350,27 @@ class MavenModel(nn.Module):
             image_codes = image_codes.new_zeros(1, image_codes.shape[1])
         visual = self.visual_embeds(pixel_values, image_codes, views)
         embeds, labels, mask = assemble_sequences(
-            batch.input_ids, batch.labels, batch.attention_mask, self.embed_tokens, visual if has_images else visual[:0]
+            batch.input_ids,
+            batch.labels,
+            batch.attention_mask,
+            self.embed_tokens,
+            visual if has_images else visual[:0],
         )
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         logits = self.logits(hidden[:, :-1]).float()
         targets = labels[:, 1:]
-        token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        token_loss = F.cross_entropy(
+            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
         labelled = targets != IGNORE_INDEX
         num_tokens = int(labelled.sum())
         loss = token_loss.sum() / max(num_tokens, 1)
         if not has_images:
             loss = loss + 0.0 * visual.sum()
-        metrics = {"loss/lm": loss.detach(), "model/visual_tokens_per_image": torch.tensor(float(visual.shape[1] - 2 * ("discrete" in views)))}
+        metrics = {
+            "loss/lm": loss.detach(),
+            "model/visual_tokens_per_image": torch.tensor(float(visual.shape[1] - 2 * ("discrete" in views))),
+        }
         is_visual = targets >= self.layout.text_size
         for name, sel in (("lm_text", labelled & ~is_visual), ("lm_visual_codes", labelled & is_visual)):
             if sel.any():

@@ -24,9 +24,7 @@ def num_kept_patches(num_patches: int, keep_ratio: float) -> int:
     return max(1, math.floor(keep_ratio * num_patches + 1e-9))
 
 
-def visual_tokens_per_image(
-    num_codes: int, num_patches: int, keep_ratio: float, views: Sequence[str]
-) -> int:
+def visual_tokens_per_image(num_codes: int, num_patches: int, keep_ratio: float, views: Sequence[str]) -> int:
     """Sequence positions one image occupies, boundary tokens included."""
     n = 0
     if "discrete" in views:

@@ -67,7 +67,9 @@ class VocabLayout:
 
     def code_to_token_id(self, codes: torch.Tensor) -> torch.Tensor:
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"visual codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]")
+            raise ValueError(
+                f"visual codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]"
+            )
         return codes + self.code_offset
 
     def token_id_to_code(self, ids: torch.Tensor) -> torch.Tensor:
@@ -93,15 +95,23 @@ def extend_tokenizer(tokenizer, codebook_size: int, pad_to_multiple_of: int) -> 
         new = [IMG_START, IMG_END] + [code_token(k) for k in range(codebook_size)]
         tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
     layout = VocabLayout.build(text_size, codebook_size, pad_to_multiple_of)
-    expect = {IMG_START: layout.img_start_id, IMG_END: layout.img_end_id, code_token(0): layout.code_offset,
-              code_token(codebook_size - 1): layout.code_offset + codebook_size - 1}
+    expect = {
+        IMG_START: layout.img_start_id,
+        IMG_END: layout.img_end_id,
+        code_token(0): layout.code_offset,
+        code_token(codebook_size - 1): layout.code_offset + codebook_size - 1,
+    }
     got = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in expect}
     if got != expect:
-        raise ValueError(f"tokenizer's visual tokens are not where the vocabulary layout needs them: {got} != {expect}")
+        raise ValueError(
+            f"tokenizer's visual tokens are not where the vocabulary layout needs them: {got} != {expect}"
+        )
     return layout
 
 
-def init_new_rows(text_rows: torch.Tensor, num_new: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def init_new_rows(
+    text_rows: torch.Tensor, num_new: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Sample `num_new` rows from a Gaussian with the text rows' mean and covariance.
 
     This is what transformers' ``resize_token_embeddings`` does (the "mean_resizing" default, after

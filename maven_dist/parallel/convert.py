@@ -70,10 +70,16 @@ def placement(name: str, num_layers: int) -> Placement:
 def full_name(layer: int, local: str, num_layers: int) -> str:
     """Inverse of ``placement``: the MavenModel name of a layer's parameter."""
     if layer == 0:
-        return {"embed_text.weight": "llm.model.embed_tokens.weight", "embed_new.weight": "vocab_new_rows.embed.weight"}.get(local, local)
+        return {
+            "embed_text.weight": "llm.model.embed_tokens.weight",
+            "embed_new.weight": "vocab_new_rows.embed.weight",
+        }.get(local, local)
     if layer == num_layers + 1:
-        return {"norm.weight": "llm.model.norm.weight", "head_text.weight": "llm.lm_head.weight",
-                "head_new.weight": "vocab_new_rows.head.weight"}[local]
+        return {
+            "norm.weight": "llm.model.norm.weight",
+            "head_text.weight": "llm.lm_head.weight",
+            "head_new.weight": "vocab_new_rows.head.weight",
+        }[local]
     return f"llm.model.layers.{layer - 1}.{local}"
 
 
@@ -81,12 +87,15 @@ def shard_tensor(tensor: torch.Tensor, split_dim: int | None, tp_rank: int, tp: 
     if split_dim is None:
         return tensor
     if tensor.shape[split_dim] % tp:
-        raise ValueError(f"dimension {split_dim} of a {tuple(tensor.shape)} tensor does not split into tp={tp} parts")
+        raise ValueError(
+            f"dimension {split_dim} of a {tuple(tensor.shape)} tensor does not split into tp={tp} parts"
+        )
     return tensor.chunk(tp, dim=split_dim)[tp_rank].contiguous()
 
 
-def shard_state_dict(full: dict[str, torch.Tensor], num_layers: int, tp_rank: int, tp: int,
-                     layers: range | None = None) -> dict[str, torch.Tensor]:
+def shard_state_dict(
+    full: dict[str, torch.Tensor], num_layers: int, tp_rank: int, tp: int, layers: range | None = None
+) -> dict[str, torch.Tensor]:
     """Full MavenModel state -> this tp rank's shards of `layers` (all by default), keys ``"{layer}.{local}"``."""
     out = {}
     for name, tensor in full.items():
@@ -135,7 +144,9 @@ def save_shards(maven_dir: Path, out_dir: Path, tp: int) -> Path:
     for name, tensor in iter_maven_dir(maven_dir):
         place = placement(name, num_layers)
         for r in range(tp):
-            files.setdefault((place.layer, r), {})[place.local] = shard_tensor(tensor, place.split_dim, r, tp).clone()
+            files.setdefault((place.layer, r), {})[place.local] = shard_tensor(
+                tensor, place.split_dim, r, tp
+            ).clone()
     out_dir.mkdir(parents=True, exist_ok=True)
     for (layer, r), state in files.items():
         save_file(state, out_dir / f"layer_{layer:03d}-tp_{r:02d}.safetensors")
@@ -149,7 +160,9 @@ def load_shards(shard_dir: Path) -> dict[str, torch.Tensor]:
     shard_dir = Path(shard_dir)
     path = shard_dir / SHARDS_CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {shard_dir} holds no 3D shards (write them with save_shards)")
+        raise FileNotFoundError(
+            f"{path} is missing: {shard_dir} holds no 3D shards (write them with save_shards)"
+        )
     config = json.loads(path.read_text())
     tp, num_layers = config["tp"], config["num_layers"]
     per_rank: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]

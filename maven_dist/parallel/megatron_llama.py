@@ -44,9 +44,14 @@ class LlamaShape:
 
     @classmethod
     def from_hf(cls, config) -> LlamaShape:
-        rope = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": config.rope_theta}
+        rope = getattr(config, "rope_parameters", None) or {
+            "rope_type": "default",
+            "rope_theta": config.rope_theta,
+        }
         if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"3d backend: rope_type={rope['rope_type']!r} is not supported (only default RoPE, as Vicuna/LLaMA-2)")
+            raise ValueError(
+                f"3d backend: rope_type={rope['rope_type']!r} is not supported (only default RoPE, as Vicuna/LLaMA-2)"
+            )
         if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
             raise ValueError("3d backend: LLaMA with attention/MLP biases is not supported")
         return cls(
@@ -62,8 +67,11 @@ class LlamaShape:
         )
 
     def check_tp(self, tp: int) -> None:
-        for what, n in (("num_attention_heads", self.num_heads), ("num_key_value_heads", self.num_kv_heads),
-                        ("intermediate_size", self.intermediate_size)):
+        for what, n in (
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("intermediate_size", self.intermediate_size),
+        ):
             if n % tp:
                 raise ValueError(f"parallel.tp={tp} must divide the LLM's {what}={n}; choose a tp that does")
 
@@ -103,9 +111,13 @@ class RMSNorm(nn.Module):
         return self.weight * hidden.to(input_dtype)
 
 
-def rope_cos_sin(shape: LlamaShape, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    shape: LlamaShape, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, T, head_dim] for integer positions [B, T] exactly as LlamaRotaryEmbedding computes them."""
-    inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float) / shape.head_dim))
+    inv_freq = 1.0 / (
+        shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float) / shape.head_dim)
+    )
     freqs = positions[..., None].float() * inv_freq.to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -134,14 +146,25 @@ class TPAttention(nn.Module):
         self.local_heads = shape.num_heads // tp
         self.local_kv_heads = shape.num_kv_heads // tp
         d, hd = shape.hidden_size, shape.head_dim
-        column = dict(config=config, init_method=_no_init, bias=False, gather_output=False, skip_bias_add=True)
+        column = dict(
+            config=config, init_method=_no_init, bias=False, gather_output=False, skip_bias_add=True
+        )
         self.q_proj = ColumnParallelLinear(d, shape.num_heads * hd, **column)
         self.k_proj = ColumnParallelLinear(d, shape.num_kv_heads * hd, **column)
         self.v_proj = ColumnParallelLinear(d, shape.num_kv_heads * hd, **column)
-        self.o_proj = RowParallelLinear(shape.num_heads * hd, d, config=config, init_method=_no_init, bias=False,
-                                        input_is_parallel=True, skip_bias_add=True)
+        self.o_proj = RowParallelLinear(
+            shape.num_heads * hd,
+            d,
+            config=config,
+            init_method=_no_init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+        )
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         b, t, _ = hidden.shape
         hd = self.shape.head_dim
         q = self.q_proj(hidden)[0].view(b, t, self.local_heads, hd).transpose(1, 2)
@@ -163,13 +186,18 @@ class TPMLP(nn.Module):
     def __init__(self, shape: LlamaShape, config: ModelParallelConfig):
         super().__init__()
         if shape.hidden_act != "silu":
-            raise ValueError(f"3d backend: hidden_act={shape.hidden_act!r} is not supported (LLaMA uses silu)")
+            raise ValueError(
+                f"3d backend: hidden_act={shape.hidden_act!r} is not supported (LLaMA uses silu)"
+            )
         d, f = shape.hidden_size, shape.intermediate_size
-        column = dict(config=config, init_method=_no_init, bias=False, gather_output=False, skip_bias_add=True)
+        column = dict(
+            config=config, init_method=_no_init, bias=False, gather_output=False, skip_bias_add=True
+        )
         self.gate_proj = ColumnParallelLinear(d, f, **column)
         self.up_proj = ColumnParallelLinear(d, f, **column)
-        self.down_proj = RowParallelLinear(f, d, config=config, init_method=_no_init, bias=False,
-                                           input_is_parallel=True, skip_bias_add=True)
+        self.down_proj = RowParallelLinear(
+            f, d, config=config, init_method=_no_init, bias=False, input_is_parallel=True, skip_bias_add=True
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)[0]) * self.up_proj(x)[0])[0]

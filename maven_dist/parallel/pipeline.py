@@ -69,8 +69,15 @@ def _check_vocab_tp(layout: VocabLayout, tp: int) -> None:
 class InputStage(nn.Module):
     """Stage-0 pieces: images -> visual blocks, token ids -> unified embeddings, assembled sequences."""
 
-    def __init__(self, shape: LlamaShape, layout: VocabLayout, spec: MavenSpec, tower_config: CLIPVisionConfig,
-                 views: Sequence[str], config: ModelParallelConfig):
+    def __init__(
+        self,
+        shape: LlamaShape,
+        layout: VocabLayout,
+        spec: MavenSpec,
+        tower_config: CLIPVisionConfig,
+        views: Sequence[str],
+        config: ModelParallelConfig,
+    ):
         super().__init__()
         _check_vocab_tp(layout, config.tensor_model_parallel_size)
         self.layout, self.spec, self.views = layout, spec, tuple(views)
@@ -103,14 +110,18 @@ class InputStage(nn.Module):
         ids = self.discrete_ids(image_codes)
         return torch.cat([ids, ids.new_full((ids.shape[0], 1), self.spec.eos_token_id)], dim=1)
 
-    def visual_embeds(self, pixel_values: torch.Tensor, image_codes: torch.Tensor, h_eos: torch.Tensor) -> torch.Tensor:
+    def visual_embeds(
+        self, pixel_values: torch.Tensor, image_codes: torch.Tensor, h_eos: torch.Tensor
+    ) -> torch.Tensor:
         blocks = []
         if "discrete" in self.views:
             blocks.append(self.embed_tokens(self.discrete_ids(image_codes)))
         if "continuous" in self.views:
             features = self.vision_tower(pixel_values)
             scores = self.selector(features, h_eos)
-            keep = select_top_patches(scores, num_kept_patches(self.vision_tower.num_patches, self.spec.keep_ratio))
+            keep = select_top_patches(
+                scores, num_kept_patches(self.vision_tower.num_patches, self.spec.keep_ratio)
+            )
             kept = features.gather(1, keep.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
             blocks.append(self.projector(kept.to(next(self.projector.parameters()).dtype)))
         return torch.cat(blocks, dim=1)
@@ -178,7 +189,9 @@ class OutputStage(nn.Module):
         labelled = targets != IGNORE_INDEX
         safe = self.sharded_targets(torch.where(labelled, targets, torch.zeros_like(targets)))
         # megatron wants [s, b, v/tp]; the loss is elementwise so a transpose is all it takes.
-        losses = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), safe.transpose(0, 1).contiguous())
+        losses = vocab_parallel_cross_entropy(
+            logits.transpose(0, 1).contiguous(), safe.transpose(0, 1).contiguous()
+        )
         return losses.transpose(0, 1) * labelled, labelled
 
     def forward(self, inputs: PipeTuple) -> torch.Tensor:
@@ -189,8 +202,14 @@ class OutputStage(nn.Module):
 
 @torch.no_grad()
 def pipeline_eos_states(
-    layers: dict[int, nn.Module], num_layers: int, image_codes: torch.Tensor, pipe_ranks: list[int], stage: int,
-    hidden_size: int, group: dist.ProcessGroup | None = None, dtype: torch.dtype = torch.float32,
+    layers: dict[int, nn.Module],
+    num_layers: int,
+    image_codes: torch.Tensor,
+    pipe_ranks: list[int],
+    stage: int,
+    hidden_size: int,
+    group: dist.ProcessGroup | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """h_eos [N, d] on every rank of the pipe group: the forward-only pass described in the module doc.
 

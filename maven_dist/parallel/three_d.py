@@ -120,7 +120,9 @@ class _Source:
         """A MavenModel on the meta device: configs, layout and spec for the trainer (save_skeleton,
         save_pretrained with gathered weights, parameter counts), no memory."""
         with torch.device("meta"):
-            model = MavenModel.from_configs(self.llm_config, self.tower_config, self.layout, self.spec, init_weights=False)
+            model = MavenModel.from_configs(
+                self.llm_config, self.tower_config, self.layout, self.spec, init_weights=False
+            )
         model.image_processor_config = self.processor
         return model
 
@@ -160,12 +162,19 @@ class ThreeDEngine:
         self.num_layers = self.shape.num_layers
         self.views = tuple(cfg.stage.views)
         tp_config = build_tp_config(dims)
-        specs = [LayerSpec(InputStage, self.shape, self.layout, self.spec, src.tower_config, self.views, tp_config)]
+        specs = [
+            LayerSpec(InputStage, self.shape, self.layout, self.spec, src.tower_config, self.views, tp_config)
+        ]
         checkpointing = cfg.stage.gradient_checkpointing
-        specs += [LayerSpec(TPDecoderLayer, self.shape, tp_config, checkpointing) for _ in range(self.num_layers)]
+        specs += [
+            LayerSpec(TPDecoderLayer, self.shape, tp_config, checkpointing) for _ in range(self.num_layers)
+        ]
         specs += [LayerSpec(OutputStage, self.shape, self.layout, tp_config)]
         self.pipe = PipelineModule(
-            layers=specs, topology=self.topology, loss_fn=None, partition_method="type:TPDecoderLayer",
+            layers=specs,
+            topology=self.topology,
+            loss_fn=None,
+            partition_method="type:TPDecoderLayer",
             dynamic_shape=True,
         )
         self.local_layers = {int(name): layer for name, layer in self.pipe.named_children() if name.isdigit()}
@@ -203,13 +212,17 @@ class ThreeDEngine:
                 raise ValueError(f"{name} -> {key}: not a parameter of the 3D model")
             value = shard_tensor(tensor, place.split_dim, self.tp_rank, self.dims.tp)
             if params[key].shape != value.shape:
-                raise ValueError(f"{name}: shard {tuple(value.shape)} vs parameter {tuple(params[key].shape)}")
+                raise ValueError(
+                    f"{name}: shard {tuple(value.shape)} vs parameter {tuple(params[key].shape)}"
+                )
             with torch.no_grad():
                 params[key].copy_(value)
             loaded.add(key)
         missing = sorted(set(params) - loaded)
         if missing:
-            raise ValueError(f"the starting weights lack {len(missing)} parameters of this stage, e.g. {missing[:5]}")
+            raise ValueError(
+                f"the starting weights lack {len(missing)} parameters of this stage, e.g. {missing[:5]}"
+            )
         self._mark_parallel_attributes()
 
     def _mark_parallel_attributes(self) -> None:
@@ -238,9 +251,11 @@ class ThreeDEngine:
         trains = any(p.requires_grad for _, p in named.named_parameters())
         # A pipeline stage may train nothing (stage 3: only the projector, on stage 0); torch and
         # DeepSpeed still want a parameter group there.
-        groups = build_param_groups(named, opt.lr, opt.weight_decay, opt.part_lr) if trains else [
-            {"params": [], "lr": opt.lr, "weight_decay": 0.0, "name": "none"}
-        ]
+        groups = (
+            build_param_groups(named, opt.lr, opt.weight_decay, opt.part_lr)
+            if trains
+            else [{"params": [], "lr": opt.lr, "weight_decay": 0.0, "name": "none"}]
+        )
         balanced = _equalise_group_count(groups)
         self.zero_stage = 1 if balanced is not None else 0
         groups = balanced or groups
@@ -248,7 +263,9 @@ class ThreeDEngine:
         if self.zero_stage == 1:
             optimizer = torch.optim.AdamW(groups, **kwargs)
         else:
-            optimizer = _GridClippedAdamW(groups, max_norm=opt.grad_clip or math.inf, tp_rank=self.tp_rank, **kwargs)
+            optimizer = _GridClippedAdamW(
+                groups, max_norm=opt.grad_clip or math.inf, tp_rank=self.tp_rank, **kwargs
+            )
         schedule = self.cfg.schedule
 
         def build_scheduler(opt: torch.optim.Optimizer) -> LambdaLR:
@@ -262,7 +279,12 @@ class ThreeDEngine:
     def eos_states(self, image_codes: torch.Tensor) -> torch.Tensor:
         """h_eos [N, d] on every rank of this pipe group (every stage must call it together)."""
         return pipeline_eos_states(
-            self.local_layers, self.num_layers, image_codes, self.pipe_ranks, self.stage, self.shape.hidden_size,
+            self.local_layers,
+            self.num_layers,
+            image_codes,
+            self.pipe_ranks,
+            self.stage,
+            self.shape.hidden_size,
             group=_pipe_group(),
         )
 
@@ -271,7 +293,11 @@ class ThreeDEngine:
         codes = [b.image_codes for b in micro_batches]
         if "continuous" in self.views:
             all_codes = torch.cat(codes) if sum(c.shape[0] for c in codes) else codes[0][:0]
-            h_eos = self.eos_states(all_codes) if all_codes.shape[0] else all_codes.new_zeros(0, self.shape.hidden_size).float()
+            h_eos = (
+                self.eos_states(all_codes)
+                if all_codes.shape[0]
+                else all_codes.new_zeros(0, self.shape.hidden_size).float()
+            )
             h_eos = list(h_eos.split([c.shape[0] for c in codes]))
         else:
             h_eos = [torch.zeros(c.shape[0], self.shape.hidden_size) for c in codes]
@@ -286,7 +312,9 @@ class ThreeDEngine:
         Returns (loss averaged over micro-batches and dp replicas, metrics, input tokens of this replica).
         """
         if len(micro_batches) != self.accumulation:
-            raise ValueError(f"train_step got {len(micro_batches)} micro-batches; the step has {self.accumulation}")
+            raise ValueError(
+                f"train_step got {len(micro_batches)} micro-batches; the step has {self.accumulation}"
+            )
         inputs = self.stage_inputs(micro_batches)
         dummy = torch.zeros(1)
         loss = self.engine.train_batch(iter([(x, dummy) for x in inputs]))
@@ -326,7 +354,11 @@ class ThreeDEngine:
         """Full MavenModel-named weights on rank 0 (None elsewhere); every rank must call it."""
         local = None
         if self.dp_rank == 0:  # megatron layers add `_extra_state` entries (None): not weights
-            local = {k: v.detach().clone() for k, v in self.pipe.state_dict().items() if isinstance(v, torch.Tensor)}
+            local = {
+                k: v.detach().clone()
+                for k, v in self.pipe.state_dict().items()
+                if isinstance(v, torch.Tensor)
+            }
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object((self.tp_rank, local), gathered, dst=0)
         if dist.get_rank() != 0:
@@ -353,8 +385,12 @@ class _GridClippedAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         from megatron.core import parallel_state
 
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None
-                 and (getattr(p, "tensor_model_parallel", False) or self.tp_rank == 0)]
+        grads = [
+            p.grad
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or self.tp_rank == 0)
+        ]
         total = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
         dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
         norm = total.sqrt()

@@ -22,11 +22,16 @@ def build_topology(dims: ParallelDims) -> PipeModelDataParallelTopology:
 def maybe_init_model_parallel(dims: ParallelDims) -> None:
     """megatron-core's tp/pp/dp groups (its layers find the tp group there); idempotent."""
     if parallel_state.model_parallel_is_initialized():
-        if (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) != (dims.tp, dims.pp):
+        if (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+        ) != (dims.tp, dims.pp):
             raise RuntimeError("megatron-core model parallelism is already initialised with another layout")
         return
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp, order="tp-cp-ep-dp-pp",
+        tensor_model_parallel_size=dims.tp,
+        pipeline_model_parallel_size=dims.pp,
+        order="tp-cp-ep-dp-pp",
         create_gloo_process_groups=False,
     )
 
@@ -48,7 +53,11 @@ def check_topologies_agree(topo: PipeModelDataParallelTopology) -> None:
     }
     for axis, group in groups.items():
         members = sorted(dist.get_process_group_ranks(group))
-        ds_members = next(sorted(g) for g in topo.get_axis_comm_lists(axis) if rank in g) if topo.get_dim(axis) > 1 else [rank]
+        ds_members = (
+            next(sorted(g) for g in topo.get_axis_comm_lists(axis) if rank in g)
+            if topo.get_dim(axis) > 1
+            else [rank]
+        )
         if ours[axis] != megatron[axis] or members != ds_members:
             raise RuntimeError(
                 f"rank {rank}: DeepSpeed places it at {axis}={ours[axis]} with {ds_members}, megatron-core at "

@@ -127,7 +127,9 @@ class Zero3Engine:
         if self.load_universal:
             maybe_convert_to_universal(Path(directory))
             tag = UNIVERSAL_TAG
-        path, _ = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint under {directory}/{tag}")
 
@@ -148,8 +150,13 @@ def maybe_convert_to_universal(engine_dir: Path) -> None:
         tmp = engine_dir / (UNIVERSAL_TAG + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         args = Namespace(
-            input_folder=str(engine_dir / CHECKPOINT_TAG), output_folder=str(tmp), num_extract_workers=1,
-            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+            input_folder=str(engine_dir / CHECKPOINT_TAG),
+            output_folder=str(tmp),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
         )
         with _weights_only_torch_load():
             ds_to_universal.main(args)

@@ -12,9 +12,17 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m maven_dist.train", description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/stage4.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe value, e.g. --set stage.max_steps=10 (repeatable)")
-    parser.add_argument("--force", action="store_true", help="resume even if the checkpoint's recipe or world size differ")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set stage.max_steps=10 (repeatable)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="resume even if the checkpoint's recipe or world size differ"
+    )
     args = parser.parse_args(argv)
 
     from maven_dist.config import ConfigError, load_config
@@ -30,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run_stage(cfg, force=args.force)
     finally:
         destroy()
-    print0(f"[{cfg.stage.name}] done: {result.steps} steps, final loss {result.final_loss:.4f}, export {result.export_dir}")
+    print0(
+        f"[{cfg.stage.name}] done: {result.steps} steps, final loss {result.final_loss:.4f}, export {result.export_dir}"
+    )
     return 0
 
 

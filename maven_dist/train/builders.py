@@ -47,11 +47,15 @@ def resolve_model_source(cfg: Config, env: DistEnv) -> ModelSource:
                 f"stage.init_from={init}: {export} does not exist. Run {init} first "
                 f"(python -m maven_dist.pipeline), or set stage.init_from to a MaVEn directory"
             )
-        print0(f"[{cfg.stage.name}] WARNING: {export} not found; starting from the base models (stage.init_missing=base)")
+        print0(
+            f"[{cfg.stage.name}] WARNING: {export} not found; starting from the base models (stage.init_missing=base)"
+        )
     elif init:
         path = Path(init)
         if not (path / hf_layout.CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"stage.init_from={init} is not a saved MaVEn directory (no {hf_layout.CONFIG_FILE})")
+            raise FileNotFoundError(
+                f"stage.init_from={init} is not a saved MaVEn directory (no {hf_layout.CONFIG_FILE})"
+            )
         return _maven_source(path)
     llm_dir = cfg.resolve_path(cfg.model.llm.path)
     tower_dir = cfg.resolve_path(cfg.model.vision.path)
@@ -80,7 +84,9 @@ def load_stage_tokenizer(cfg: Config, source: ModelSource):
     return tokenizer, layout
 
 
-def build_stage_loader(cfg: Config, tokenizer, layout: VocabLayout, source: ModelSource, dp_rank: int, dp_size: int):
+def build_stage_loader(
+    cfg: Config, tokenizer, layout: VocabLayout, source: ModelSource, dp_rank: int, dp_size: int
+):
     from maven_dist.data.loader import build_loader
 
     transform = ImageTransform.from_pretrained(source.tower_dir)
@@ -105,13 +111,24 @@ def model_builder(cfg: Config, source: ModelSource, layout: VocabLayout, spec: M
     if source.kind == "base":
         return partial(MavenModel.from_base, source.path, source.tower_dir, layout, spec, cfg.seed)
     # Settings that do not change weight shapes follow the recipe (e.g. an alpha ablation at stage 4).
-    overrides = {"keep_ratio": spec.keep_ratio, "select_layer": spec.select_layer, "label_threshold": spec.label_threshold}
+    overrides = {
+        "keep_ratio": spec.keep_ratio,
+        "select_layer": spec.select_layer,
+        "label_threshold": spec.label_threshold,
+    }
     return partial(MavenModel.from_pretrained, source.path, overrides)
 
 
 def build_engine(
-    cfg: Config, dims: ParallelDims, env: DistEnv, source: ModelSource, layout: VocabLayout, tokenizer,
-    total_steps: int, accumulation: int, load_universal: bool = False,
+    cfg: Config,
+    dims: ParallelDims,
+    env: DistEnv,
+    source: ModelSource,
+    layout: VocabLayout,
+    tokenizer,
+    total_steps: int,
+    accumulation: int,
+    load_universal: bool = False,
 ) -> Engine:
     """World of one: the plain PyTorch engine (ZeRO over one rank shards nothing). Otherwise the
     recipe's backend."""
@@ -121,11 +138,23 @@ def build_engine(
         from maven_dist.parallel.three_d import ThreeDEngine
 
         # A saved MaVEn directory is streamed shard by shard; base models are built whole first.
-        overrides = {"keep_ratio": spec.keep_ratio, "select_layer": spec.select_layer, "label_threshold": spec.label_threshold}
+        overrides = {
+            "keep_ratio": spec.keep_ratio,
+            "select_layer": spec.select_layer,
+            "label_threshold": spec.label_threshold,
+        }
         if load_universal:
-            raise ConfigError("resuming a 3D checkpoint on another number of ranks is not supported; use the original layout")
-        return ThreeDEngine(source.path if source.kind == "maven" else build, cfg, dims, total_steps, accumulation,
-                            spec_overrides=overrides)
+            raise ConfigError(
+                "resuming a 3D checkpoint on another number of ranks is not supported; use the original layout"
+            )
+        return ThreeDEngine(
+            source.path if source.kind == "maven" else build,
+            cfg,
+            dims,
+            total_steps,
+            accumulation,
+            spec_overrides=overrides,
+        )
     if env.world_size > 1:
         from maven_dist.parallel.zero3 import Zero3Engine
 

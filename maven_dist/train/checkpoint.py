@@ -47,7 +47,13 @@ class Manifest:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"step": self.step, "world_size": self.world_size, "fingerprint": self.fingerprint, "stage": self.stage} | self.extra,
+            {
+                "step": self.step,
+                "world_size": self.world_size,
+                "fingerprint": self.fingerprint,
+                "stage": self.stage,
+            }
+            | self.extra,
             indent=2,
         )
 
@@ -99,7 +105,15 @@ def _rng_from_plain(state: dict) -> dict:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, env: DistEnv, keep_last: int, fingerprint: str, stage: str, skeleton: Path | None = None):
+    def __init__(
+        self,
+        root: Path,
+        env: DistEnv,
+        keep_last: int,
+        fingerprint: str,
+        stage: str,
+        skeleton: Path | None = None,
+    ):
         self.root = Path(root)
         self.skeleton = skeleton
         self.env = env

@@ -50,7 +50,9 @@ class Engine(Protocol):
         ...
 
 
-def build_optimizer(model: torch.nn.Module, cfg: StageConfig, total_steps: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+def build_optimizer(
+    model: torch.nn.Module, cfg: StageConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, LambdaLR]:
     """AdamW over the trainable parameters only, with the stage's warmup + cosine schedule."""
     opt = cfg.optimizer
     groups = build_param_groups(model, opt.lr, opt.weight_decay, opt.part_lr)
@@ -97,9 +99,15 @@ class LocalEngine:
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
 
     def save_state(self, directory: Path) -> None:
-        save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, directory / "model.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in self.module.state_dict().items()}, directory / "model.safetensors"
+        )
         torch.save(
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "micro": self._micro},
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "micro": self._micro,
+            },
             directory / "optimizer.pt",
         )
 

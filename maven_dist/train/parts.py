@@ -47,7 +47,9 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return len(getattr(param, "ds_shape", param.shape)) < 2 or name.endswith(".bias")
 
 
-def build_param_groups(model: nn.Module, lr: float, weight_decay: float, part_lr: dict[str, float]) -> list[dict]:
+def build_param_groups(
+    model: nn.Module, lr: float, weight_decay: float, part_lr: dict[str, float]
+) -> list[dict]:
     """AdamW groups per (part, decay): per-part learning rates where the stage sets them, no decay
     on norms and biases. Frozen parameters are left out, so they get no optimizer state."""
     groups: dict[tuple[str, bool], dict] = {}
@@ -56,8 +58,12 @@ def build_param_groups(model: nn.Module, lr: float, weight_decay: float, part_lr
         decay = not _no_decay(name, param)
         group = groups.setdefault(
             (part, decay),
-            {"params": [], "lr": part_lr.get(part, lr), "weight_decay": weight_decay if decay else 0.0,
-             "name": f"{part}/{'decay' if decay else 'no_decay'}"},
+            {
+                "params": [],
+                "lr": part_lr.get(part, lr),
+                "weight_decay": weight_decay if decay else 0.0,
+                "name": f"{part}/{'decay' if decay else 'no_decay'}",
+            },
         )
         group["params"].append(param)
     if not groups:

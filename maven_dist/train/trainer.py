@@ -60,7 +60,10 @@ class TrainerState:
     loader: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("step", "nonfinite_skipped", "nonfinite_in_row", "resumes", "loader")}
+        return {
+            k: getattr(self, k)
+            for k in ("step", "nonfinite_skipped", "nonfinite_in_row", "resumes", "loader")
+        }
 
 
 @dataclass
@@ -89,13 +92,19 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
     accumulation = dims.accumulation_steps(cfg.stage.global_batch_size, cfg.stage.micro_batch_size)
     total_steps = cfg.stage.max_steps or math.ceil(cfg.stage.epochs * loader.batches_per_epoch / accumulation)
     checkpointer = Checkpointer(
-        stage_dir / "checkpoints", env, cfg.checkpoint.keep_last, cfg.fingerprint(), cfg.stage.name,
+        stage_dir / "checkpoints",
+        env,
+        cfg.checkpoint.keep_last,
+        cfg.fingerprint(),
+        cfg.stage.name,
         skeleton=stage_dir / "model_skeleton",
     )
     latest = checkpointer.latest() if cfg.checkpoint.resume else None
     saved = checkpointer.check(latest, force) if latest is not None else None
     reshard = saved is not None and checkpointer.needs_reshard(saved)
-    engine = build_engine(cfg, dims, env, source, layout, tokenizer, total_steps, accumulation, load_universal=reshard)
+    engine = build_engine(
+        cfg, dims, env, source, layout, tokenizer, total_steps, accumulation, load_universal=reshard
+    )
     if env.is_main:
         engine.module.save_skeleton(checkpointer.skeleton, tokenizer)
     state = TrainerState()
@@ -110,11 +119,20 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
         )
 
     tracker = build_tracker(cfg, rank=env.rank, world_size=env.world_size)
-    layout_params = {"parallel.dp": dims.dp, "parallel.tp": dims.tp, "parallel.pp": dims.pp, "recipe_fingerprint": cfg.fingerprint()}
+    layout_params = {
+        "parallel.dp": dims.dp,
+        "parallel.tp": dims.tp,
+        "parallel.pp": dims.pp,
+        "recipe_fingerprint": cfg.fingerprint(),
+    }
     tracker.start_stage(stage_name=cfg.stage.name, params=layout_params)
     if hasattr(engine, "ds_config"):
         tracker.log_dict(engine.ds_config, "deepspeed_config.json")
-    manifest = {"git_sha": git_sha(), "versions": package_versions(), "layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}}
+    manifest = {
+        "git_sha": git_sha(),
+        "versions": package_versions(),
+        "layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp},
+    }
     metrics_file = MetricsFile(stage_dir / "metrics.jsonl", enabled=env.is_main)
     status = "FAILED"
     try:
@@ -133,8 +151,19 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
     return StageResult(state.step, final_loss, export_dir)
 
 
-def _train_loop(cfg, env: DistEnv, dims: ParallelDims, engine, loader, checkpointer, tracker, metrics_file,
-                state: TrainerState, total_steps: int, manifest: dict) -> float:
+def _train_loop(
+    cfg,
+    env: DistEnv,
+    dims: ParallelDims,
+    engine,
+    loader,
+    checkpointer,
+    tracker,
+    metrics_file,
+    state: TrainerState,
+    total_steps: int,
+    manifest: dict,
+) -> float:
     stage = cfg.stage
     meter = perf.StepMeter(engine.module, dp=dims.dp, world_size=env.world_size)
     # Micro-batch engines (local, ZeRO-3) are driven one micro-batch at a time; the pipeline engine
@@ -142,7 +171,9 @@ def _train_loop(cfg, env: DistEnv, dims: ParallelDims, engine, loader, checkpoin
     run_step = _pipeline_step if hasattr(engine, "train_step") else _micro_batch_step
     last_loss = math.nan
     batches = iter(loader)
-    bar = tqdm(total=total_steps, initial=state.step, desc=stage.name, disable=not env.is_main, dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps, initial=state.step, desc=stage.name, disable=not env.is_main, dynamic_ncols=True
+    )
 
     def save() -> None:
         state.loader = loader.state_dict()
@@ -153,14 +184,20 @@ def _train_loop(cfg, env: DistEnv, dims: ParallelDims, engine, loader, checkpoin
             step_metrics = run_step(engine, batches, state, stage, env.device, meter)
             state.step += 1
             bar.update(1)
-            last_loss = _mean_over_ranks(step_metrics.get("loss/lm", step_metrics.get("loss/selector_bce", math.nan)))
+            last_loss = _mean_over_ranks(
+                step_metrics.get("loss/lm", step_metrics.get("loss/selector_bce", math.nan))
+            )
             if state.step % stage.log_every == 0 or state.step == total_steps:
-                logged = step_metrics | meter.flush() | {
-                    "loss/total": last_loss,
-                    "optim/grad_norm": engine.grad_norm,
-                    "data/skipped_samples": float(getattr(loader, "num_skipped", 0)),
-                    "data/nonfinite_skipped": float(state.nonfinite_skipped),
-                }
+                logged = (
+                    step_metrics
+                    | meter.flush()
+                    | {
+                        "loss/total": last_loss,
+                        "optim/grad_norm": engine.grad_norm,
+                        "data/skipped_samples": float(getattr(loader, "num_skipped", 0)),
+                        "data/nonfinite_skipped": float(state.nonfinite_skipped),
+                    }
+                )
                 logged |= {f"optim/lr/{name}": lr for name, lr in engine.learning_rates().items()}
                 tracker.log_metrics(logged, step=state.step)
                 metrics_file.write(state.step, logged)
@@ -169,7 +206,9 @@ def _train_loop(cfg, env: DistEnv, dims: ParallelDims, engine, loader, checkpoin
             if state.step % cfg.checkpoint.every_steps == 0 or state.step == total_steps or preempted:
                 save()
             if preempted:
-                print0(f"[{stage.name}] preempted: checkpoint at step {state.step} saved, exiting for requeue")
+                print0(
+                    f"[{stage.name}] preempted: checkpoint at step {state.step} saved, exiting for requeue"
+                )
                 raise Preempted()
     finally:
         # Close the iterator now: its DataLoader workers ignore SIGTERM (so a preemption signal cannot kill

@@ -57,4 +57,6 @@ def build_stage_setup(base_dir: Path, stage: str) -> StageSetup:
 
 
 def micro_batches(setup: StageSetup, n: int) -> list:
-    return [make_batch(setup.layout, NUM_CODES, setup.image_size, setup.num_patches, seed=i) for i in range(n)]
+    return [
+        make_batch(setup.layout, NUM_CODES, setup.image_size, setup.num_patches, seed=i) for i in range(n)
+    ]

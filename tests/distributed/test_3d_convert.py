@@ -25,7 +25,9 @@ def maven_model_dir(tiny_base, tmp_path_factory):
     cfg = stage_config("stage4")
     tokenizer = AutoTokenizer.from_pretrained(tiny_base.llm_dir)
     layout = extend_tokenizer(tokenizer, cfg.model.discrete.codebook_size, cfg.model.vocab.pad_to_multiple_of)
-    model = MavenModel.from_base(tiny_base.llm_dir, tiny_base.tower_dir, layout, model_spec(cfg, tokenizer), seed=0)
+    model = MavenModel.from_base(
+        tiny_base.llm_dir, tiny_base.tower_dir, layout, model_spec(cfg, tokenizer), seed=0
+    )
     return model.save_pretrained(tmp_path_factory.mktemp("convert") / "maven", tokenizer)
 
 

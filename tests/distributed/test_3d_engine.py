@@ -33,7 +33,9 @@ def maven_dir(tiny_base, tmp_path_factory) -> Path:
     cfg = stage_config("stage4")
     tokenizer = AutoTokenizer.from_pretrained(tiny_base.llm_dir)
     layout = extend_tokenizer(tokenizer, cfg.model.discrete.codebook_size, cfg.model.vocab.pad_to_multiple_of)
-    model = MavenModel.from_base(tiny_base.llm_dir, tiny_base.tower_dir, layout, model_spec(cfg, tokenizer), seed=0)
+    model = MavenModel.from_base(
+        tiny_base.llm_dir, tiny_base.tower_dir, layout, model_spec(cfg, tokenizer), seed=0
+    )
     return model.save_pretrained(tmp_path_factory.mktemp("maven3d") / "maven", tokenizer)
 
 
@@ -43,12 +45,16 @@ def reference(maven_dir: Path, stage: str) -> dict:
     model = MavenModel.from_pretrained(maven_dir)
     apply_trainable(model, cfg.stage.trainable)
     tower = model.vision_tower
-    batches = micro_batches(model.layout, tower.tower.config.image_size, tower.num_patches, STEPS * GLOBAL // MICRO)
+    batches = micro_batches(
+        model.layout, tower.tower.config.image_size, tower.num_patches, STEPS * GLOBAL // MICRO
+    )
     batch, views = batches[0], cfg.stage.views
     out = model(batch, views=views, loss="lm")
     out.loss.backward()
     visual = model.visual_embeds(batch.pixel_values, batch.image_codes, views)
-    embeds, _, mask = assemble_sequences(batch.input_ids, batch.labels, batch.attention_mask, model.embed_tokens, visual)
+    embeds, _, mask = assemble_sequences(
+        batch.input_ids, batch.labels, batch.attention_mask, model.embed_tokens, visual
+    )
     with torch.no_grad():
         hidden = model.llm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         logits = model.logits(hidden)
@@ -66,8 +72,14 @@ def reference(maven_dir: Path, stage: str) -> dict:
             engine.step()
         losses.append(total / accumulation)
         norms.append(engine.grad_norm)
-    return {"loss": out.loss.detach(), "logits": logits, "grads": grads, "losses": losses, "grad_norms": norms,
-            "state": model.state_dict()}
+    return {
+        "loss": out.loss.detach(),
+        "logits": logits,
+        "grads": grads,
+        "losses": losses,
+        "grad_norms": norms,
+        "state": model.state_dict(),
+    }
 
 
 def check_planner_model_states(memory: list[dict], tp: int, pp: int) -> None:
@@ -78,7 +90,9 @@ def check_planner_model_states(memory: list[dict], tp: int, pp: int) -> None:
     estimates = estimate_3d_stages(cfg, LAYOUT, dp=1, tp=tp, pp=pp, accumulation=GLOBAL // MICRO)
     for est, stage in zip(estimates, (0, pp - 1), strict=False):
         for rank in (m for m in memory if m["stage"] == stage):
-            assert (rank["params"], rank["optimizer"]) == (est.params, est.optimizer), f"stage {stage}: {rank} vs {est}"
+            assert (rank["params"], rank["optimizer"]) == (est.params, est.optimizer), (
+                f"stage {stage}: {rank} vs {est}"
+            )
 
 
 def assert_rel(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str) -> None:
@@ -105,8 +119,21 @@ def test_3d_matches_single_process(maven_dir, tmp_path, tp, pp, nproc, stage):
     # Activation checkpointing recomputes the same arithmetic: the pp2 case runs with it, against the
     # same reference.
     gc = ["gc"] if (tp, pp, stage) == (1, 2, "stage4") else []
-    torchrun(nproc, ["tests/distributed/three_d_worker.py", str(maven_dir), str(out), stage, str(STEPS),
-                     str(tp), str(pp), str(resume_at), str(tmp_path / "ckpt"), *gc])
+    torchrun(
+        nproc,
+        [
+            "tests/distributed/three_d_worker.py",
+            str(maven_dir),
+            str(out),
+            stage,
+            str(STEPS),
+            str(tp),
+            str(pp),
+            str(resume_at),
+            str(tmp_path / "ckpt"),
+            *gc,
+        ],
+    )
     got = torch.load(out, weights_only=True)
     ref = reference(maven_dir, stage)
 
@@ -117,7 +144,9 @@ def test_3d_matches_single_process(maven_dir, tmp_path, tp, pp, nproc, stage):
     for name, g in ref["grads"].items():
         assert_rel(got["grads"][name], g, 1e-4, f"grad {name}")
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-4, atol=0)
-    torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0
+    )
     initial = MavenModel.from_pretrained(maven_dir).state_dict()
     trainable = set(stage_config(stage).stage.trainable)
     for name, want in ref["state"].items():
@@ -132,6 +161,8 @@ def test_3d_matches_single_process(maven_dir, tmp_path, tp, pp, nproc, stage):
         for name, want in got["state"].items():
             assert torch.equal(got["resumed_state"][name], want), f"{name} differs after resume"
         # The 3D export is the HF MaVEn layout the zero3 backend starts the next stage from, bit for bit.
-        export = MavenModel.from_pretrained(maven_dir).save_pretrained(tmp_path / "export", state_dict=got["state"])
+        export = MavenModel.from_pretrained(maven_dir).save_pretrained(
+            tmp_path / "export", state_dict=got["state"]
+        )
         reloaded = MavenModel.from_pretrained(export).state_dict()
         assert all(torch.equal(reloaded[n], w) for n, w in got["state"].items())

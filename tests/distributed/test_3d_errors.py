@@ -11,8 +11,14 @@ from maven_dist.parallel.pipeline import _check_vocab_tp
 
 
 def _llama(**overrides) -> LlamaConfig:
-    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=128, vocab_size=320)
+    base = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=320,
+    )
     return LlamaConfig(**(base | overrides))
 
 
@@ -48,4 +54,6 @@ def test_selector_stage_is_refused_before_any_set_up(tmp_path):
 
     cfg = stage_config("stage1", tp=2)
     with pytest.raises(ConfigError, match="run it with parallel.backend=zero3"):
-        ThreeDEngine(tmp_path, cfg, ParallelDims(dp=1, tp=2, pp=1, world_size=2), total_steps=1, accumulation=1)
+        ThreeDEngine(
+            tmp_path, cfg, ParallelDims(dp=1, tp=2, pp=1, world_size=2), total_steps=1, accumulation=1
+        )

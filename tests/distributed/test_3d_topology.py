@@ -17,7 +17,9 @@ from maven_dist.parallel.topology import build_topology
 AXES = {"tp": "model", "pp": "pipe", "dp": "data"}
 
 
-@pytest.mark.parametrize(("tp", "pp", "world"), [(2, 1, 2), (1, 2, 2), (2, 2, 4), (2, 2, 8), (4, 2, 8), (4, 2, 32), (8, 4, 64)])
+@pytest.mark.parametrize(
+    ("tp", "pp", "world"), [(2, 1, 2), (1, 2, 2), (2, 2, 4), (2, 2, 8), (4, 2, 8), (4, 2, 32), (8, 4, 64)]
+)
 def test_megatron_and_deepspeed_groups_agree(tp, pp, world):
     dims = ParallelDims.build(ParallelConfig(backend="3d", tp=tp, pp=pp), world)
     topo = build_topology(dims)

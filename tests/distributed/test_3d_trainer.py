@@ -12,12 +12,20 @@ pytestmark = pytest.mark.distributed
 
 
 def test_trainer_stage4_tensor_parallel_matches_one_process(tiny_assets, tmp_path):
-    common = ["stage.max_steps=4", "stage.init_missing=base", "tracking.enabled=false", "checkpoint.every_steps=2"]
+    common = [
+        "stage.max_steps=4",
+        "stage.init_missing=base",
+        "tracking.enabled=false",
+        "checkpoint.every_steps=2",
+    ]
     one = tmp_path / "one"
     run_train(1, "recipes/tiny/stage4.yaml", tiny_assets.overrides(one, "conversations") + common)
     tp = tmp_path / "tp2"
-    run_train(2, "recipes/tiny/stage4.yaml", tiny_assets.overrides(tp, "conversations") + common
-              + ["parallel.backend=3d", "parallel.tp=2"])
+    run_train(
+        2,
+        "recipes/tiny/stage4.yaml",
+        tiny_assets.overrides(tp, "conversations") + common + ["parallel.backend=3d", "parallel.tp=2"],
+    )
     want = torch.tensor([r["loss/total"] for r in read_metrics(one / "stage4" / "metrics.jsonl")])
     got = torch.tensor([r["loss/total"] for r in read_metrics(tp / "stage4" / "metrics.jsonl")])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=0)

@@ -21,8 +21,11 @@ STEPS = 10
 def stage_overrides(tiny_assets, run_dir: Path, stage: str) -> list[str]:
     data = "conversations" if stage == "stage4" else "captions"
     return tiny_assets.overrides(run_dir, data) + [
-        f"stage.max_steps={STEPS}", "checkpoint.every_steps=5", "checkpoint.keep_last=3",
-        "stage.init_missing=base", "tracking.enabled=false",
+        f"stage.max_steps={STEPS}",
+        "checkpoint.every_steps=5",
+        "checkpoint.keep_last=3",
+        "stage.init_missing=base",
+        "tracking.enabled=false",
     ]
 
 
@@ -46,7 +49,14 @@ def kill_tree(pid: int) -> None:
 
 def kill_after_checkpoint(cmd: list[str], latest: Path, step_name: str, timeout: float = 600) -> None:
     """Start `cmd`, SIGKILL it and all its ranks as soon as `latest` names `step_name`."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=cpu_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -55,7 +65,9 @@ def kill_after_checkpoint(cmd: list[str], latest: Path, step_name: str, timeout:
                 proc.wait()
                 return
             if proc.poll() is not None:
-                raise AssertionError(f"run ended (exit {proc.returncode}) before {step_name}: {proc.stderr.read()[-4000:]}")
+                raise AssertionError(
+                    f"run ended (exit {proc.returncode}) before {step_name}: {proc.stderr.read()[-4000:]}"
+                )
             time.sleep(0.02)
         raise AssertionError(f"no {step_name} checkpoint within {timeout} s")
     finally:
@@ -70,11 +82,15 @@ def test_sigkill_after_step5_checkpoint_resumes_exactly(tiny_assets, tmp_path, s
     run_train(nproc, recipe, stage_overrides(tiny_assets, straight, stage))
     killed = tmp_path / "killed"
     overrides = stage_overrides(tiny_assets, killed, stage)
-    kill_after_checkpoint(train_command(nproc, recipe, overrides), killed / stage / "checkpoints" / "latest", "step_00000005")
+    kill_after_checkpoint(
+        train_command(nproc, recipe, overrides), killed / stage / "checkpoints" / "latest", "step_00000005"
+    )
     result = run_train(nproc, recipe, overrides)
     assert "resumed from" in result.stdout + result.stderr
     want, got = losses(straight, stage), losses(killed, stage)
-    assert [got[s] for s in range(6, STEPS + 1)] == [want[s] for s in range(6, STEPS + 1)], "steps 6-10 must match exactly"
+    assert [got[s] for s in range(6, STEPS + 1)] == [want[s] for s in range(6, STEPS + 1)], (
+        "steps 6-10 must match exactly"
+    )
     a = load_file(straight / stage / "export" / "maven_modules.safetensors")
     b = load_file(killed / stage / "export" / "maven_modules.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -98,7 +114,9 @@ def test_killed_save_is_never_used_and_changed_recipe_is_refused(tiny_assets, tm
     assert "refusing to resume" in refused.stderr and "--force" in refused.stderr
     assert not partial.exists(), "a killed save's .tmp directory is removed at the next start"
     forced = run_train(1, recipe, longer, extra=["--force"])
-    assert "resumed from" in forced.stdout + forced.stderr and "step_00000005" in forced.stdout + forced.stderr
+    assert (
+        "resumed from" in forced.stdout + forced.stderr and "step_00000005" in forced.stdout + forced.stderr
+    )
     assert (ckpts / "latest").read_text() == "step_00000010"
 
 
@@ -114,7 +132,9 @@ def test_zero3_checkpoint_resumes_on_another_number_of_ranks(tiny_assets, tmp_pa
     run_train(2, recipe, stage_overrides(tiny_assets, straight, "stage3") + batch)
     moved = tmp_path / "moved"
     overrides = stage_overrides(tiny_assets, moved, "stage3") + batch
-    kill_after_checkpoint(train_command(2, recipe, overrides), moved / "stage3" / "checkpoints" / "latest", "step_00000005")
+    kill_after_checkpoint(
+        train_command(2, recipe, overrides), moved / "stage3" / "checkpoints" / "latest", "step_00000005"
+    )
     result = run_train(4, recipe, overrides)
     assert "resharded from 2 to 4 ranks" in result.stdout + result.stderr
     want, got = losses(straight, "stage3"), losses(moved, "stage3")

@@ -52,7 +52,9 @@ def test_frozen_parameters_bitwise_unchanged_and_no_optimizer_state(tiny_base, s
             assert torch.equal(tensor, initial[name]), f"{stage}: frozen {name} changed"
             assert name not in with_state, f"{stage}: frozen {name} has optimizer state"
     if stage == "stage2":  # the 32000-row analogue: every text row of embedding and head, to the bit
-        assert torch.equal(engine.module.llm.get_input_embeddings().weight, initial["llm.model.embed_tokens.weight"])
+        assert torch.equal(
+            engine.module.llm.get_input_embeddings().weight, initial["llm.model.embed_tokens.weight"]
+        )
         assert torch.equal(engine.module.llm.get_output_embeddings().weight, initial["llm.lm_head.weight"])
 
 
@@ -69,7 +71,9 @@ def test_zero3_two_ranks_match_one_process(tiny_base, tmp_path, stage):
     assert set(result["state"]) >= {n for n, _ in engine.module.named_parameters()}
     for name, _ in engine.module.named_parameters():
         got, want = result["state"][name], reference[name]
-        assert (got - want).norm() <= RTOL * want.norm(), f"{name}: {(got - want).norm():.3e} vs |want| {want.norm():.3e}"
+        assert (got - want).norm() <= RTOL * want.norm(), (
+            f"{name}: {(got - want).norm():.3e} vs |want| {want.norm():.3e}"
+        )
 
 
 @pytest.mark.distributed
@@ -83,12 +87,25 @@ def test_trainer_stage4_two_ranks_match_one_process(tiny_assets, tmp_path):
     runs = {}
     for nproc in (1, 2):
         run_dir = tmp_path / f"np{nproc}"
-        run_train(nproc, "recipes/tiny/stage4.yaml", tiny_assets.overrides(run_dir, "conversations") + [
-            "stage.max_steps=6", "stage.init_missing=base", "tracking.enabled=false", "stage.gradient_checkpointing=false",
-        ])
+        run_train(
+            nproc,
+            "recipes/tiny/stage4.yaml",
+            tiny_assets.overrides(run_dir, "conversations")
+            + [
+                "stage.max_steps=6",
+                "stage.init_missing=base",
+                "tracking.enabled=false",
+                "stage.gradient_checkpointing=false",
+            ],
+        )
         runs[nproc] = run_dir
     one, two = (read_metrics(runs[n] / "stage4" / "metrics.jsonl") for n in (1, 2))
-    torch.testing.assert_close(torch.tensor([r["loss/total"] for r in two]), torch.tensor([r["loss/total"] for r in one]), rtol=RTOL, atol=0)
+    torch.testing.assert_close(
+        torch.tensor([r["loss/total"] for r in two]),
+        torch.tensor([r["loss/total"] for r in one]),
+        rtol=RTOL,
+        atol=0,
+    )
     for component in ("llm/model.safetensors", "maven_modules.safetensors"):
         a, b = (load_file(runs[n] / "stage4" / "export" / component) for n in (1, 2))
         for name in a:

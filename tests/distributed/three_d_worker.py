@@ -35,7 +35,9 @@ MICRO = 3
 GLOBAL = 6
 
 
-def stage_config(stage: str, tp: int = 1, pp: int = 1, run_dir: str = "/tmp/unused", checkpointing: bool = False) -> Config:
+def stage_config(
+    stage: str, tp: int = 1, pp: int = 1, run_dir: str = "/tmp/unused", checkpointing: bool = False
+) -> Config:
     """The tiny stage recipe at test size; the vocabulary padded to 128 * 2 so tp=2 divides it."""
     return load_config(
         f"recipes/tiny/{stage}.yaml",
@@ -136,10 +138,18 @@ def measured_memory(engine: ThreeDEngine, batch) -> dict:
     optimizer = sum(t.numel() * t.element_size() for t in getattr(opt, "single_partition_of_fp32_groups", []))
     inner = getattr(opt, "optimizer", opt)
     optimizer += sum(
-        v.numel() * v.element_size() for st in inner.state.values() for v in st.values()
+        v.numel() * v.element_size()
+        for st in inner.state.values()
+        for v in st.values()
         if isinstance(v, torch.Tensor) and v.dim() > 0
     )
-    result = {"stage": engine.stage, "tp": engine.tp_rank, "dp": engine.dp_rank, "params": params, "optimizer": optimizer}
+    result = {
+        "stage": engine.stage,
+        "tp": engine.tp_rank,
+        "dp": engine.dp_rank,
+        "params": params,
+        "optimizer": optimizer,
+    }
     inputs = engine.stage_inputs([batch])[0]  # collective (the h_eos pass): every stage calls it
     if engine.stage == 0:
         x = engine.local_layers[0](inputs)
@@ -175,11 +185,15 @@ def gathered_grads(engine: ThreeDEngine) -> dict[str, torch.Tensor] | None:
     out = {}
     for name, by_rank in shards.items():
         split = placement(name, engine.num_layers).split_dim
-        out[name] = by_rank[0] if split is None else torch.cat([by_rank[r] for r in sorted(by_rank)], dim=split)
+        out[name] = (
+            by_rank[0] if split is None else torch.cat([by_rank[r] for r in sorted(by_rank)], dim=split)
+        )
     return out
 
 
-def run_steps(engine: ThreeDEngine, batches: list, dims: ParallelDims, steps: range) -> tuple[list[float], list[float]]:
+def run_steps(
+    engine: ThreeDEngine, batches: list, dims: ParallelDims, steps: range
+) -> tuple[list[float], list[float]]:
     """Train `steps`; each replica takes its micro-batches of the global step. Losses and grad norms."""
     per_step = engine.accumulation * dims.dp
     losses, norms = [], []
@@ -193,15 +207,22 @@ def run_steps(engine: ThreeDEngine, batches: list, dims: ParallelDims, steps: ra
 
 def main() -> None:
     maven_dir, out_file, stage = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-    steps, tp, pp, resume_at, ckpt_dir = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), Path(sys.argv[8])
+    steps, tp, pp, resume_at, ckpt_dir = (
+        int(sys.argv[4]),
+        int(sys.argv[5]),
+        int(sys.argv[6]),
+        int(sys.argv[7]),
+        Path(sys.argv[8]),
+    )
     env = init_distributed()
     cfg = stage_config(stage, tp, pp, checkpointing=sys.argv[9:] == ["gc"])
     dims = ParallelDims.build(cfg.parallel, env.world_size)
     accumulation = dims.accumulation_steps(cfg.stage.global_batch_size, cfg.stage.micro_batch_size)
     engine = ThreeDEngine(maven_dir, cfg, dims, total_steps=steps, accumulation=accumulation)
     tower = engine.module.vision_tower
-    batches = micro_batches(engine.layout, tower.tower.config.image_size, tower.num_patches, steps * GLOBAL // MICRO)
-
+    batches = micro_batches(
+        engine.layout, tower.tower.config.image_size, tower.num_patches, steps * GLOBAL // MICRO
+    )
 
     start = time.perf_counter()
     codes = batches[0].image_codes
@@ -212,7 +233,12 @@ def main() -> None:
     result = {"eos_pass_s": eos_s}
     # The last stage of rank 0's pipe group holds loss and logits; rank 0 writes them.
     last = engine.pipe_ranks[-1] if dist.get_rank() == 0 else None
-    if engine.dp_rank == 0 and engine.tp_rank == 0 and engine.stage == len(engine.pipe_ranks) - 1 and dist.get_rank() != 0:
+    if (
+        engine.dp_rank == 0
+        and engine.tp_rank == 0
+        and engine.stage == len(engine.pipe_ranks) - 1
+        and dist.get_rank() != 0
+    ):
         dist.send(torch.tensor(list(single["logits"].shape)), dst=0)
         dist.send(single["loss"].reshape(1), dst=0)
         dist.send(single["logits"].contiguous(), dst=0)

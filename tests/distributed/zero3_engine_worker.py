@@ -25,7 +25,9 @@ def main() -> None:
     env = init_distributed()
     setup = build_stage_setup(base_dir, stage)
     dims = ParallelDims.build(setup.cfg.parallel, env.world_size)
-    accumulation = dims.accumulation_steps(setup.cfg.stage.global_batch_size, setup.cfg.stage.micro_batch_size)
+    accumulation = dims.accumulation_steps(
+        setup.cfg.stage.global_batch_size, setup.cfg.stage.micro_batch_size
+    )
     engine = Zero3Engine(setup.builder, setup.cfg, dims, total_steps=steps, accumulation=accumulation)
     batches = micro_batches(setup, steps * 2)
     losses = []

@@ -30,13 +30,27 @@ def test_main_job_two_ranks_survives_a_tracking_outage(tmp_path):
     (tmp_path / "server").mkdir()
     server.start()
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "maven_dist.pipeline", "recipes/tiny", "--nproc", "2",
-           f"--set=run_dir={run_dir}", f"--set=tracking.uri={server.uri}", "--set=tracking.flush_interval_s=0.5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "maven_dist.pipeline",
+        "recipes/tiny",
+        "--nproc",
+        "2",
+        f"--set=run_dir={run_dir}",
+        f"--set=tracking.uri={server.uri}",
+        "--set=tracking.flush_interval_s=0.5",
+    ]
     start = time.monotonic()
     log = (tmp_path / "pipeline.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
-        wait_until(lambda: logged_steps(run_dir / "stage3" / "metrics.jsonl") >= 5 or proc.poll() is not None, timeout=600)
+        wait_until(
+            lambda: logged_steps(run_dir / "stage3" / "metrics.jsonl") >= 5 or proc.poll() is not None,
+            timeout=600,
+        )
         server.kill()  # mid-stage 3
         wait_until(lambda: (run_dir / "stage4").is_dir() or proc.poll() is not None, timeout=600)
         server.start()  # back during stage 4 (or, on a slow machine, by the end: the pipeline syncs the spool)
@@ -54,7 +68,11 @@ def test_main_job_two_ranks_survives_a_tracking_outage(tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("maven.run_kind") == PARENT_KIND]
     assert len(parents) == 1
-    stages = {r.data.tags["maven.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    stages = {
+        r.data.tags["maven.stage"]: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+    }
     assert set(stages) == set(STAGES)
     for name, run in stages.items():
         assert run.data.params["stage.name"] == name
@@ -62,5 +80,7 @@ def test_main_job_two_ranks_survives_a_tracking_outage(tmp_path):
         local = read_metrics(run_dir / name / "metrics.jsonl")
         history = client.get_metric_history(run.info.run_id, "loss/total")
         # Every step of every stage, the outage included, reached the store with the value the trainer logged.
-        assert sorted((m.step, m.value) for m in history) == [(row["step"], row["loss/total"]) for row in local], name
+        assert sorted((m.step, m.value) for m in history) == [
+            (row["step"], row["loss/total"]) for row in local
+        ], name
         assert run.info.status == "FINISHED"

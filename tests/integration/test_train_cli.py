@@ -19,8 +19,17 @@ def test_tiny_stage4_runs_from_scratch_and_its_loss_falls(tmp_path):
     assert len(losses) == 20
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.8 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
-    for key in ("loss/lm", "optim/grad_norm", "perf/tokens_per_s", "perf/samples_per_s", "perf/model_tflops",
-                "memory/peak_rss_gb", "model/visual_tokens_per_image", "data/skipped_samples", "optim/lr/llm/decay"):
+    for key in (
+        "loss/lm",
+        "optim/grad_norm",
+        "perf/tokens_per_s",
+        "perf/samples_per_s",
+        "perf/model_tflops",
+        "memory/peak_rss_gb",
+        "model/visual_tokens_per_image",
+        "data/skipped_samples",
+        "optim/lr/llm/decay",
+    ):
         assert key in rows[-1], key
     assert rows[-1]["model/visual_tokens_per_image"] == 32 + 16  # 32 codes + floor(0.25 * 64) patches
     assert (tmp_path / "stage4" / "export" / "config.json").is_file()
@@ -28,7 +37,11 @@ def test_tiny_stage4_runs_from_scratch_and_its_loss_falls(tmp_path):
 
 
 def test_stage1_logs_selector_quality(tiny_assets, tmp_path):
-    run_train(1, "recipes/tiny/stage1.yaml", tiny_assets.overrides(tmp_path) + ["stage.max_steps=3", "tracking.enabled=false"])
+    run_train(
+        1,
+        "recipes/tiny/stage1.yaml",
+        tiny_assets.overrides(tmp_path) + ["stage.max_steps=3", "tracking.enabled=false"],
+    )
     row = read_metrics(tmp_path / "stage1" / "metrics.jsonl")[-1]
     assert {"loss/selector_bce", "selector/precision", "selector/recall", "selector/f1"} <= row.keys()
 
@@ -37,8 +50,11 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_assets, tmp_path):
     """An absurd learning rate blows the projector up: the NaN steps are skipped and counted, and
     `stage.max_bad_steps` in a row stop the run with a diagnostic naming the samples."""
     overrides = tiny_assets.overrides(tmp_path) + [
-        "stage.optimizer.lr=1e30", "stage.optimizer.grad_clip=0", "stage.schedule.warmup_ratio=0",
-        "stage.max_bad_steps=3", "tracking.enabled=false",
+        "stage.optimizer.lr=1e30",
+        "stage.optimizer.grad_clip=0",
+        "stage.schedule.warmup_ratio=0",
+        "stage.max_bad_steps=3",
+        "tracking.enabled=false",
     ]
     result = run_train(1, "recipes/tiny/stage3.yaml", overrides, check=False)
     output = result.stdout + result.stderr
@@ -48,6 +64,8 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_assets, tmp_path):
 
 
 def test_bad_override_is_a_clear_error_not_a_traceback(tmp_path):
-    result = run_train(1, "recipes/tiny/stage4.yaml", [f"run_dir={tmp_path}", "stage.max_stepz=3"], check=False)
+    result = run_train(
+        1, "recipes/tiny/stage4.yaml", [f"run_dir={tmp_path}", "stage.max_stepz=3"], check=False
+    )
     assert result.returncode == 2
     assert "unknown key 'stage.max_stepz'" in result.stderr and "Traceback" not in result.stderr

@@ -48,7 +48,10 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_fingerprint_ignores_where_and_how_often_but_not_what():
     base = load_config(TINY)
-    assert load_config(TINY, ["run_dir=/elsewhere", "checkpoint.every_steps=3"]).fingerprint() == base.fingerprint()
+    assert (
+        load_config(TINY, ["run_dir=/elsewhere", "checkpoint.every_steps=3"]).fingerprint()
+        == base.fingerprint()
+    )
     assert load_config(TINY, ["stage.optimizer.lr=0.5"]).fingerprint() != base.fingerprint()
 
 

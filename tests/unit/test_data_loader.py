@@ -65,8 +65,14 @@ def world(tmp_path_factory):
 
 
 def _cfg(
-    world, view="conversations", views=("discrete", "continuous"), data="raw", micro=5, workers=0,
-    global_batch=None, **data_kw
+    world,
+    view="conversations",
+    views=("discrete", "continuous"),
+    data="raw",
+    micro=5,
+    workers=0,
+    global_batch=None,
+    **data_kw,
 ):
     cfg = Config()
     cfg.seed = 7
@@ -192,7 +198,9 @@ def test_same_steps_on_any_dp_size_and_resume_across_dp_sizes(world):
     head, _, _ = _loader(world, micro=micro, global_batch=gb)
     _take(head, 4)  # two full steps
     state = json.loads(json.dumps(head.state_dict()))
-    for rank, loader in enumerate(_loader(world, dp_rank=r, dp_size=2, micro=micro, global_batch=gb)[0] for r in range(2)):
+    for rank, loader in enumerate(
+        _loader(world, dp_rank=r, dp_size=2, micro=micro, global_batch=gb)[0] for r in range(2)
+    ):
         loader.load_state_dict(state)
         assert next(iter(loader)).sample_ids == reference[4 + rank]
     _take(head, 1)  # mid-step: cannot be split over 2 ranks

@@ -23,7 +23,12 @@ CODEBOOK = 64
 def make_model(tiny_base, keep_ratio=0.25):
     tokenizer = AutoTokenizer.from_pretrained(tiny_base.llm_dir)
     layout = extend_tokenizer(tokenizer, CODEBOOK, 128)
-    spec = MavenSpec(keep_ratio=keep_ratio, selector_hidden_size=16, num_codes=NUM_CODES, eos_token_id=tokenizer.eos_token_id)
+    spec = MavenSpec(
+        keep_ratio=keep_ratio,
+        selector_hidden_size=16,
+        num_codes=NUM_CODES,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return MavenModel.from_base(tiny_base.llm_dir, tiny_base.tower_dir, layout, spec, seed=0), tokenizer
 
 
@@ -38,10 +43,19 @@ def test_visual_positions_per_image_at_336px(tiny_base, alpha, expected):
     tokenizer = AutoTokenizer.from_pretrained(tiny_base.llm_dir)
     layout = extend_tokenizer(tokenizer, 8192, 1024)
     llm_config = AutoModelForCausalLM.from_pretrained(tiny_base.llm_dir).config
-    tower_config = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    tower_config = CLIPVisionConfig(
+        image_size=336,
+        patch_size=14,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
     spec = MavenSpec(keep_ratio=alpha, selector_hidden_size=8, num_codes=32, eos_token_id=2)
     model = MavenModel.from_configs(llm_config, tower_config, layout, spec)
-    visual = model.visual_embeds(torch.randn(2, 3, 336, 336), torch.randint(0, 8192, (2, 32)), ["discrete", "continuous"])
+    visual = model.visual_embeds(
+        torch.randn(2, 3, 336, 336), torch.randint(0, 8192, (2, 32)), ["discrete", "continuous"]
+    )
     assert visual.shape[1] - 2 == expected == 32 + math.floor(alpha * 576)
 
 
@@ -82,7 +96,9 @@ def test_exactly_the_stage_trainable_parameters_get_gradients(tiny_base, stage):
             assert param.grad is not None, f"{stage}: {name} should have a gradient"
         else:
             assert param.grad is None, f"{stage}: frozen {name} got a gradient"
-    trained_with_signal = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    trained_with_signal = [
+        n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+    ]
     assert {part_of(n) for n in trained_with_signal} == set(cfg.stage.trainable)
 
 
@@ -148,8 +164,11 @@ def test_text_only_batch_still_runs_the_visual_path(tiny_base):
     apply_trainable(model, ["projector", "llm"])
     batch = make_batch(model)
     text_only = Batch(
-        pixel_values=batch.pixel_values[:0], image_codes=batch.image_codes[:0],
-        input_ids=batch.input_ids[2:], labels=batch.labels[2:], attention_mask=batch.attention_mask[2:],
+        pixel_values=batch.pixel_values[:0],
+        image_codes=batch.image_codes[:0],
+        input_ids=batch.input_ids[2:],
+        labels=batch.labels[2:],
+        attention_mask=batch.attention_mask[2:],
     )
     out = model(text_only)
     out.loss.backward()

@@ -16,10 +16,25 @@ from maven_dist.model.vocab import VocabLayout
 from maven_dist.plan import _full_layer, _head_logits_bytes, count_params, main, plan
 
 TINY = [
-    *(f"model.llm.{k}={v}" for k, v in dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128).items()),
-    *(f"model.vision.{k}={v}" for k, v in dict(image_size=56, patch_size=14, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64).items()),
-    "model.discrete.codebook_size=64", "model.vocab.pad_to_multiple_of=256", "model.selector.hidden_size=16",
-    "data.max_length=34", "stage.micro_batch_size=3", "stage.global_batch_size=6", "stage.dtype=fp32",
+    *(
+        f"model.llm.{k}={v}"
+        for k, v in dict(
+            hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128
+        ).items()
+    ),
+    *(
+        f"model.vision.{k}={v}"
+        for k, v in dict(
+            image_size=56, patch_size=14, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64
+        ).items()
+    ),
+    "model.discrete.codebook_size=64",
+    "model.vocab.pad_to_multiple_of=256",
+    "model.selector.hidden_size=16",
+    "data.max_length=34",
+    "stage.micro_batch_size=3",
+    "stage.global_batch_size=6",
+    "stage.dtype=fp32",
     "stage.gradient_checkpointing=false",
 ]
 LAYOUT = VocabLayout.build(320, 64, 256)
@@ -27,11 +42,26 @@ LAYOUT = VocabLayout.build(320, 64, 256)
 
 def test_parameter_count_is_exact():
     cfg = load_config("recipes/tiny/stage4.yaml", TINY)
-    llm = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=320, tie_word_embeddings=False)
-    tower = CLIPVisionConfig(image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=64)
-    model = MavenModel.from_configs(llm, tower, LAYOUT, MavenSpec(selector_hidden_size=16), init_weights=False)
+    llm = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=320,
+        tie_word_embeddings=False,
+    )
+    tower = CLIPVisionConfig(
+        image_size=56,
+        patch_size=14,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    model = MavenModel.from_configs(
+        llm, tower, LAYOUT, MavenSpec(selector_hidden_size=16), init_weights=False
+    )
     assert count_params(cfg, LAYOUT).total == sum(p.numel() for p in model.parameters())
 
 
@@ -76,7 +106,10 @@ def test_activation_estimate_matches_saved_tensors(one_rank_model_parallel):
     mask = torch.ones(3, 34, dtype=torch.long)
     labels = torch.randint(0, LAYOUT.padded_size, (3, 34))
     measured = {}
-    for name, module, run in (("layer", layer, lambda: layer.block(x, mask)), ("head", head, lambda: head((x, mask, labels)))):
+    for name, module, run in (
+        ("layer", layer, lambda: layer.block(x, mask)),
+        ("head", head, lambda: head((x, mask, labels))),
+    ):
         saved = _Saved(module.parameters())
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
             run()
