@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -48,7 +48,46 @@ class SourceTensor:
 
     @property
     def nbytes(self) -> int:
+        if isinstance(self.pieces, InterleavedPieces):
+            return self.pieces.nbytes
         return sum(p.nbytes for p in self.pieces)
+
+
+class InterleavedPieces(Sequence[Piece]):
+    """Byte ranges of a tensor cut over tp ranks along one dimension, in the full tensor's row-major
+    order: for each of `outer` leading index tuples ("rows"), `inner` bytes from each rank's slice in
+    turn. `slices` are the ranks' contiguous slices, in rank order."""
+
+    def __init__(self, slices: Sequence[Piece], outer: int, inner: int):
+        self.slices, self.outer, self.inner = tuple(slices), outer, inner
+
+    def __len__(self) -> int:
+        return self.outer * len(self.slices)
+
+    @property
+    def nbytes(self) -> int:
+        return self.outer * self.inner * len(self.slices)
+
+    def __getitem__(self, i: int) -> Piece:  # type: ignore[override]
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        row, rank = divmod(i, len(self.slices))
+        loc = self.slices[rank]
+        return Piece(loc.path, loc.offset + row * self.inner, self.inner)
+
+    def __iter__(self) -> Iterator[Piece]:
+        for row in range(self.outer):
+            for loc in self.slices:
+                yield Piece(loc.path, loc.offset + row * self.inner, self.inner)
+
+    def blocks(self, max_bytes: int) -> Iterator[tuple[tuple[Piece, ...], int]]:
+        """Runs of whole rows of about `max_bytes` in all (at least one row): each rank's contiguous
+        bytes of the run, and the run's row count. Reading these and interleaving them row by row
+        gives the same bytes as the pieces, with one read per rank instead of one per row."""
+        rows = max(1, max_bytes // (self.inner * len(self.slices)))
+        for first in range(0, self.outer, rows):
+            n = min(rows, self.outer - first)
+            yield tuple(Piece(s.path, s.offset + first * self.inner, n * self.inner) for s in self.slices), n
 
 
 class CheckpointSource(Protocol):

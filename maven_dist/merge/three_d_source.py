@@ -15,15 +15,14 @@ Names and tp slicing come from ``maven_dist.parallel.convert`` (``full_name`` / 
 same table the engine loads and exports with, so the rules live in one place. A tp-sharded tensor
 is the concatenation of the ranks' slices along its split dimension: along dim 0 (column-parallel,
 vocabulary rows) that is each rank's bytes in turn; along dim 1 (row-parallel) it is, row by row,
-each rank's part of the row (``InterleavedPieces``, generated lazily so a 7B plan holds no
-per-row objects).
+each rank's part of the row (``source.InterleavedPieces``: generated lazily, so a 7B plan holds no
+per-row objects, and read in runs of rows, so a 7B merge does not make a million small reads).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,35 +30,12 @@ import torch
 
 from maven_dist.merge.errors import MergeError
 from maven_dist.merge.local_source import part_or_none, trainable_parts_of
-from maven_dist.merge.source import CheckpointRef, Piece, SourceTensor
+from maven_dist.merge.source import CheckpointRef, InterleavedPieces, Piece, SourceTensor
 from maven_dist.merge.torch_files import TensorLocation, TorchFileIndex
 from maven_dist.parallel.convert import full_name, num_llm_layers, placement
 
 _LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 _MP_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt")
-
-
-class InterleavedPieces(Sequence[Piece]):
-    """Byte ranges of a tensor cut over tp ranks along one dimension, in the full tensor's row-major
-    order: for each of `outer` leading index tuples, `inner` bytes from each rank's slice in turn."""
-
-    def __init__(self, slices: Sequence[TensorLocation], outer: int, inner: int):
-        self.slices, self.outer, self.inner = tuple(slices), outer, inner
-
-    def __len__(self) -> int:
-        return self.outer * len(self.slices)
-
-    def __getitem__(self, i: int) -> Piece:  # type: ignore[override]
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        row, rank = divmod(i, len(self.slices))
-        loc = self.slices[rank]
-        return Piece(loc.path, loc.offset + row * self.inner, self.inner)
-
-    def __iter__(self) -> Iterator[Piece]:
-        for row in range(self.outer):
-            for loc in self.slices:
-                yield Piece(loc.path, loc.offset + row * self.inner, self.inner)
 
 
 class ThreeDSource:
@@ -167,7 +143,7 @@ class ThreeDSource:
         shape[split_dim] *= self.tp
         outer = math.prod(first.shape[:split_dim])
         inner = math.prod(first.shape[split_dim:]) * first.dtype.itemsize
-        return SourceTensor(name, tuple(shape), first.dtype, InterleavedPieces(slices, outer, inner), trainable)
+        return SourceTensor(name, tuple(shape), first.dtype, InterleavedPieces([Piece(s.path, s.offset, s.nbytes) for s in slices], outer, inner), trainable)
 
 
 def _tag_dir(engine: Path) -> Path:

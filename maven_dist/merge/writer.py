@@ -19,10 +19,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from maven_dist.merge.errors import MergeError
 from maven_dist.merge.plan import OutFile, OutTensor
+from maven_dist.merge.source import InterleavedPieces, Piece
 
 # safetensors' Dtype enum order (safetensors 0.4-0.8); it sorts tensors by it, descending.
 _DTYPE_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16",
@@ -50,7 +52,8 @@ def safetensors_header(tensors: list[OutTensor], metadata: dict[str, str] | None
 
 class ChunkReader:
     """Positioned reads of source byte ranges on a thread pool (``os.pread`` releases the GIL, so
-    reads of different rank files overlap), keeping at most `read_ahead` chunks in flight."""
+    reads of different rank files overlap), keeping at most `read_ahead` chunks in flight. A chunk is
+    one byte range, or runs of rows from several tp ranks' files interleaved into full rows."""
 
     def __init__(self, threads: int, chunk_bytes: int, read_ahead: int):
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="merge-read")
@@ -81,12 +84,21 @@ class ChunkReader:
             )
         return data
 
-    def stream(self, jobs: Iterator[tuple[Path, int, int, object]]) -> Iterator[tuple[bytes, object]]:
-        """Yield (bytes, tag) for each (path, offset, nbytes, tag) job, in order."""
+    def _read_job(self, pieces: tuple[Piece, ...], rows: int) -> bytes:
+        if len(pieces) == 1:
+            return self._read(pieces[0].path, pieces[0].offset, pieces[0].nbytes)
+        # One run of rows from each tp rank: interleave them row by row (InterleavedPieces.blocks).
+        parts = [np.frombuffer(self._read(p.path, p.offset, p.nbytes), np.uint8).reshape(rows, -1) for p in pieces]
+        return np.concatenate(parts, axis=1).tobytes()
+
+    def stream(self, jobs: Iterator[tuple[tuple[Piece, ...], int, object]]) -> Iterator[tuple[bytes, object]]:
+        """Yield (bytes, tag) for each (pieces, rows, tag) job, in order: one piece is read as it is;
+        several are `rows` rows from each, interleaved row by row."""
         window: deque[tuple[Future, object]] = deque()
-        for path, offset, nbytes, tag in jobs:
-            self._fd(path)  # open in this thread: a missing file fails here, in order
-            window.append((self.pool.submit(self._read, path, offset, nbytes), tag))
+        for pieces, rows, tag in jobs:
+            for piece in pieces:
+                self._fd(piece.path)  # open in this thread: a missing file fails here, in order
+            window.append((self.pool.submit(self._read_job, pieces, rows), tag))
             if len(window) >= self.read_ahead:
                 future, t = window.popleft()
                 yield future.result(), t
@@ -121,11 +133,17 @@ def write_file(path: Path, out: OutFile, reader: ChunkReader, on_bytes: Callable
 def _jobs(ordered: list[OutTensor], chunk_bytes: int):
     for t in ordered:
         for source in t.sources:
+            tag = (source.dtype, t.dtype)
+            if isinstance(source.pieces, InterleavedPieces):
+                # Rows are whole elements (the split dimension's slices), so every job casts cleanly.
+                for pieces, rows in source.pieces.blocks(chunk_bytes):
+                    yield pieces, rows, tag
+                continue
             itemsize = source.dtype.itemsize
             step = max(itemsize, chunk_bytes - chunk_bytes % itemsize)
             for piece in source.pieces:
                 for start in range(0, piece.nbytes, step):
-                    yield piece.path, piece.offset + start, min(step, piece.nbytes - start), (source.dtype, t.dtype)
+                    yield (Piece(piece.path, piece.offset + start, min(step, piece.nbytes - start)),), 1, tag
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
