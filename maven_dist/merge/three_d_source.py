@@ -39,6 +39,8 @@ _MP_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt")
 
 
 class ThreeDSource:
+    """Every MavenModel parameter of a 3D checkpoint as byte ranges in its layer files (see module doc)."""
+
     kind = "3d"
 
     def __init__(self, ref: CheckpointRef, threads: int = 4):
@@ -69,8 +71,9 @@ class ThreeDSource:
                 mp_files[int(match[1])] = path
         where = f"{self.tag_dir} (manifest layout tp={self.tp}, pp={self.pp}, {self.num_layers} decoder layers)"
         extra = sorted(p.name for (layer, r), p in layer_files.items() if r >= self.tp or layer > self.num_layers + 1)
+        extra += sorted(p.name for m, p in mp_files.items() if m >= self.tp * self.pp)
         if extra:
-            raise MergeError(f"{where} has layer files outside the layout: {extra[:6]}; the directory mixes saves of different layouts")
+            raise MergeError(f"{where} has files outside the layout: {extra[:6]}; the directory mixes saves of different layouts")
         missing = [
             f"layer_{layer:02d}-model_{r:02d}-model_states.pt"
             for layer in range(self.num_layers + 2)
