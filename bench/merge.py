@@ -43,7 +43,12 @@ print(json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUS
 
 
 def env() -> dict[str, str]:
-    return os.environ | {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return os.environ | {
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def build_checkpoint(work: Path, args) -> Path:
@@ -59,9 +64,21 @@ def build_checkpoint(work: Path, args) -> Path:
             from maven_dist.data.embedded import prepare_embedded
 
             # Stage 1's recipe builds everything a later stage reads: shards with labels and codes, base models.
-            prepare_embedded(load_config("recipes/tiny/stage1.yaml", [f"run_dir={run_dir}", *llm_overrides(args)]))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               "--master_port=29561", str(Path(__file__).resolve()), "--build-worker", str(run_dir), *llm_overrides(args)]
+            prepare_embedded(
+                load_config("recipes/tiny/stage1.yaml", [f"run_dir={run_dir}", *llm_overrides(args)])
+            )
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            "--master_port=29561",
+            str(Path(__file__).resolve()),
+            "--build-worker",
+            str(run_dir),
+            *llm_overrides(args),
+        ]
         print("building the checkpoint:", " ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=REPO, env=env() | {"OMP_NUM_THREADS": "1"}, check=True)
     return ckpts / (ckpts / "latest").read_text().strip()
@@ -70,8 +87,11 @@ def build_checkpoint(work: Path, args) -> Path:
 def llm_overrides(args) -> list[str]:
     heads = args.hidden_size // 64
     return [
-        f"model.llm.hidden_size={args.hidden_size}", f"model.llm.num_layers={args.layers}", f"model.llm.num_heads={heads}",
-        f"model.llm.num_kv_heads={heads}", f"model.llm.intermediate_size={args.intermediate_size}",
+        f"model.llm.hidden_size={args.hidden_size}",
+        f"model.llm.num_layers={args.layers}",
+        f"model.llm.num_heads={heads}",
+        f"model.llm.num_kv_heads={heads}",
+        f"model.llm.intermediate_size={args.intermediate_size}",
     ]
 
 
@@ -82,8 +102,17 @@ def build_worker(run_dir: Path, overrides: list[str]) -> None:
     from maven_dist.train.builders import build_engine, load_stage_tokenizer, resolve_model_source
     from maven_dist.train.checkpoint import Checkpointer
 
-    cfg = load_config("recipes/tiny/stage4.yaml", [f"run_dir={run_dir}", "embedded.enabled=false", "stage.init_missing=base",
-                                                   "stage.micro_batch_size=1", "stage.global_batch_size=2", *overrides])
+    cfg = load_config(
+        "recipes/tiny/stage4.yaml",
+        [
+            f"run_dir={run_dir}",
+            "embedded.enabled=false",
+            "stage.init_missing=base",
+            "stage.micro_batch_size=1",
+            "stage.global_batch_size=2",
+            *overrides,
+        ],
+    )
     env = init_distributed()
     dims = ParallelDims.build(cfg.parallel, env.world_size)
     source = resolve_model_source(cfg, env)
@@ -92,7 +121,9 @@ def build_worker(run_dir: Path, overrides: list[str]) -> None:
     skeleton = cfg.stage_dir / "model_skeleton"
     if env.is_main:
         engine.module.save_skeleton(skeleton, tokenizer)
-    checkpointer = Checkpointer(cfg.stage_dir / "checkpoints", env, 1, cfg.fingerprint(), cfg.stage.name, skeleton)
+    checkpointer = Checkpointer(
+        cfg.stage_dir / "checkpoints", env, 1, cfg.fingerprint(), cfg.stage.name, skeleton
+    )
     checkpointer.save(0, engine, {"step": 0}, {"layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}})
     barrier()
 
@@ -104,12 +135,12 @@ def zip_copy(checkpoint: Path, work: Path) -> Path:
         return dest
     import torch
 
-    from maven_dist.parallel.zero3 import _DEEPSPEED_SAFE_GLOBALS
+    from maven_dist.parallel.checkpoint_engine import DEEPSPEED_SAFE_GLOBALS
 
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(checkpoint, dest, ignore=shutil.ignore_patterns("*_states.pt", "manifest.json"))
     for f in sorted((checkpoint / "engine" / "zero").glob("*_states.pt")):
-        with torch.serialization.safe_globals(_DEEPSPEED_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
             state = torch.load(f, map_location="cpu", weights_only=True)
         torch.save(state, dest / "engine" / "zero" / f.name, _use_new_zipfile_serialization=True)
         del state
@@ -121,7 +152,9 @@ def zip_copy(checkpoint: Path, work: Path) -> Path:
 
 
 def measure(cmd: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], cwd=REPO, env=env(), capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *cmd], cwd=REPO, env=env(), capture_output=True, text=True
+    )
     if out.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr}")
     return json.loads(out.stdout)
@@ -149,13 +182,17 @@ def compare(ours: Path, theirs: Path) -> tuple[int, bool]:
         with safe_open(f, "pt") as h:
             where |= {k: f for k in h.keys()}  # noqa: SIM118
     seen, equal = set(), True
-    for component, files in ((hf_layout.LLM_DIR, sorted((ours / "llm").glob("*.safetensors"))),
-                             (hf_layout.TOWER_DIR, sorted((ours / "vision_tower").glob("*.safetensors"))),
-                             (hf_layout.MAVEN_MODULES_FILE, [ours / hf_layout.MAVEN_MODULES_FILE])):
+    for component, files in (
+        (hf_layout.LLM_DIR, sorted((ours / "llm").glob("*.safetensors"))),
+        (hf_layout.TOWER_DIR, sorted((ours / "vision_tower").glob("*.safetensors"))),
+        (hf_layout.MAVEN_MODULES_FILE, [ours / hf_layout.MAVEN_MODULES_FILE]),
+    ):
         for f in files:
             with safe_open(f, "pt") as h:
                 for key in h.keys():  # noqa: SIM118
-                    for name, tensor in hf_layout.from_hf_layout(component, key, h.get_tensor(key), layout).items():
+                    for name, tensor in hf_layout.from_hf_layout(
+                        component, key, h.get_tensor(key), layout
+                    ).items():
                         with safe_open(where[name], "pt") as t:
                             equal &= bool(torch.equal(tensor, t.get_tensor(name)))
                         seen.add(name)
@@ -165,7 +202,10 @@ def compare(ours: Path, theirs: Path) -> tuple[int, bool]:
 def hardware() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     meminfo = Path("/proc/meminfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+        platform.processor(),
+    )
     mem = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal")) / 2**20
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
 
@@ -178,7 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layers", type=int, default=26)
     p.add_argument("--intermediate-size", type=int, default=2816)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--min-params", type=float, default=300e6, help="refuse smaller models (0 for a smoke run)")
+    p.add_argument(
+        "--min-params", type=float, default=300e6, help="refuse smaller models (0 for a smoke run)"
+    )
     args = p.parse_args(argv)
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
@@ -188,26 +230,58 @@ def main(argv: list[str] | None = None) -> dict:
 
     num_params = sum(math.prod(s) for s in expected_shapes(checkpoint / "model").values())
     if num_params < args.min_params:
-        raise SystemExit(f"{checkpoint} has {num_params / 1e6:.0f}M parameters, fewer than --min-params {args.min_params:.0f}")
+        raise SystemExit(
+            f"{checkpoint} has {num_params / 1e6:.0f}M parameters, fewer than --min-params {args.min_params:.0f}"
+        )
     zipped = zip_copy(checkpoint, work)
     warm(checkpoint)
     warm(zipped)
     ours_out, theirs_out = work / "out_merge_ckpt", work / "out_zero_to_fp32"
     commands = {
-        "merge_ckpt": [sys.executable, "tools/merge_ckpt.py", str(zipped), str(ours_out), "--force", "--no-progress"],
-        "zero_to_fp32": [sys.executable, "-m", "deepspeed.utils.zero_to_fp32", str(zipped / "engine"), str(theirs_out),
-                         "--safe_serialization", "--tag", "zero"],
+        "merge_ckpt": [
+            sys.executable,
+            "tools/merge_ckpt.py",
+            str(zipped),
+            str(ours_out),
+            "--force",
+            "--no-progress",
+        ],
+        "zero_to_fp32": [
+            sys.executable,
+            "-m",
+            "deepspeed.utils.zero_to_fp32",
+            str(zipped / "engine"),
+            str(theirs_out),
+            "--safe_serialization",
+            "--tag",
+            "zero",
+        ],
     }
     results: dict[str, list[dict]] = {name: [] for name in commands}
     for r in range(args.rounds):
-        for name in (list(commands) if r % 2 else list(reversed(commands))):
+        for name in list(commands) if r % 2 else list(reversed(commands)):
             shutil.rmtree(theirs_out if name == "zero_to_fp32" else ours_out, ignore_errors=True)
             results[name].append(measure(commands[name]))
-            print(f"round {r + 1} {name:13s} {results[name][-1]['wall_s']:7.2f} s  {results[name][-1]['peak_rss_mb']:8.0f} MB", flush=True)
-    legacy = measure([sys.executable, "tools/merge_ckpt.py", str(checkpoint), str(work / "out_legacy"), "--force", "--no-progress"])
+            print(
+                f"round {r + 1} {name:13s} {results[name][-1]['wall_s']:7.2f} s  {results[name][-1]['peak_rss_mb']:8.0f} MB",
+                flush=True,
+            )
+    legacy = measure(
+        [
+            sys.executable,
+            "tools/merge_ckpt.py",
+            str(checkpoint),
+            str(work / "out_legacy"),
+            "--force",
+            "--no-progress",
+        ]
+    )
     tensors, equal = compare(ours_out, theirs_out)
 
-    med = {name: {k: statistics.median(x[k] for x in runs) for k in ("wall_s", "peak_rss_mb")} for name, runs in results.items()}
+    med = {
+        name: {k: statistics.median(x[k] for x in runs) for k in ("wall_s", "peak_rss_mb")}
+        for name, runs in results.items()
+    }
     summary = {
         "hardware": hardware(),
         "checkpoint": str(checkpoint),
@@ -223,12 +297,18 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": results,
     }
     print(f"\nhardware: {summary['hardware']}")
-    print(f"checkpoint: {checkpoint} ({num_params / 1e6:.0f}M parameters, {num_params * 4 / 1e9:.2f} GB fp32, 2 ZeRO-3 ranks)")
+    print(
+        f"checkpoint: {checkpoint} ({num_params / 1e6:.0f}M parameters, {num_params * 4 / 1e9:.2f} GB fp32, 2 ZeRO-3 ranks)"
+    )
     print(f"{'tool':14s} {'wall s':>8s} {'peak RSS MB':>12s}   (median of {args.rounds})")
     for name, m in med.items():
         print(f"{name:14s} {m['wall_s']:8.2f} {m['peak_rss_mb']:12.0f}")
-    print(f"merge_ckpt/zero_to_fp32: time {summary['ratio_time']:.2f}x (target <= 1.0), peak RSS {summary['ratio_peak_rss']:.2f}x (target <= 0.5)")
-    print(f"merge_ckpt on the legacy-format originals: {legacy['wall_s']:.2f} s, {legacy['peak_rss_mb']:.0f} MB")
+    print(
+        f"merge_ckpt/zero_to_fp32: time {summary['ratio_time']:.2f}x (target <= 1.0), peak RSS {summary['ratio_peak_rss']:.2f}x (target <= 0.5)"
+    )
+    print(
+        f"merge_ckpt on the legacy-format originals: {legacy['wall_s']:.2f} s, {legacy['peak_rss_mb']:.0f} MB"
+    )
     print(f"outputs bitwise equal over {tensors} tensors: {equal}")
     (work / "results.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -27,18 +27,36 @@ def main(argv: list[str] | None = None) -> int:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     which.add_argument("--tag", help="checkpoint directory name, e.g. step_00000010 (default: latest)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the written weights")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file per component (default 5GB)")
-    p.add_argument("--only", action="append", default=[], metavar="PART",
-                   help="write only this part (llm, vocab_new_rows, projector, selector, vision_tower); repeatable")
-    p.add_argument("--exclude-frozen", action="store_true", help="leave out parameters the stage did not train")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the written weights"
+    )
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors file per component (default 5GB)"
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="PART",
+        help="write only this part (llm, vocab_new_rows, projector, selector, vision_tower); repeatable",
+    )
+    p.add_argument(
+        "--exclude-frozen", action="store_true", help="leave out parameters the stage did not train"
+    )
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--threads", type=int, default=4, help="reader threads (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     options = MergeOptions(
-        dtype=args.dtype, max_shard_size=args.max_shard_size, only=tuple(args.only), exclude_frozen=args.exclude_frozen,
-        stage=args.stage, step=args.step, tag=args.tag, force=args.force, threads=args.threads,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        only=tuple(args.only),
+        exclude_frozen=args.exclude_frozen,
+        stage=args.stage,
+        step=args.step,
+        tag=args.tag,
+        force=args.force,
+        threads=args.threads,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     try:

@@ -12,8 +12,16 @@ from maven_dist.merge.source import CheckpointRef, Piece, SourceTensor
 from maven_dist.train.parts import part_of
 
 SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
 
 
@@ -58,7 +66,9 @@ class LocalSource:
             begin, end = info["data_offsets"]
             dtype = getattr(torch, SAFETENSORS_DTYPES[info["dtype"]])
             trainable = self.trainable_parts is None or part_or_none(name) in self.trainable_parts
-            out[name] = SourceTensor(name, tuple(info["shape"]), dtype, (Piece(self.path, start + begin, end - begin),), trainable)
+            out[name] = SourceTensor(
+                name, tuple(info["shape"]), dtype, (Piece(self.path, start + begin, end - begin),), trainable
+            )
         return out
 
 

@@ -55,7 +55,9 @@ class MergeResult:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def merge_checkpoint(src: str | Path, out_dir: str | Path, options: MergeOptions = MergeOptions()) -> MergeResult:
+def merge_checkpoint(
+    src: str | Path, out_dir: str | Path, options: MergeOptions = MergeOptions()
+) -> MergeResult:
     """Merge the checkpoint SRC names into OUT_DIR (see ``docs/merge.md``)."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -67,7 +69,9 @@ def merge_checkpoint(src: str | Path, out_dir: str | Path, options: MergeOptions
     source = open_source(ref, threads=options.threads)
     tensors = source.tensors()
     if options.exclude_frozen and not source.knows_trainable:
-        raise MergeError(f"--exclude-frozen: {ref.path.parent.parent}/resolved_recipe.yaml is missing, so which parts trained is unknown")
+        raise MergeError(
+            f"--exclude-frozen: {ref.path.parent.parent}/resolved_recipe.yaml is missing, so which parts trained is unknown"
+        )
     expected = expected_shapes(ref.skeleton)
     names = select_names(expected, tensors, str(ref.path), list(options.only), options.exclude_frozen)
     plan = build_plan(names, tensors, DTYPES[options.dtype], parse_size(options.max_shard_size))
@@ -94,7 +98,9 @@ def merge_checkpoint(src: str | Path, out_dir: str | Path, options: MergeOptions
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-    return MergeResult(out_dir, ref.path, source.kind, ref.step, len(names), plan.nbytes, time.perf_counter() - start, files)
+    return MergeResult(
+        out_dir, ref.path, source.kind, ref.step, len(names), plan.nbytes, time.perf_counter() - start, files
+    )
 
 
 def _write_weights(tmp: Path, plan: Plan, options: MergeOptions) -> dict[str, str]:
@@ -122,13 +128,25 @@ def _verify(tmp: Path, plan: Plan) -> None:
         for t in out.tensors:
             info = header.get(t.key)
             if info is None or info["shape"] != list(t.shape) or info["dtype"] != DTYPE_NAMES[t.dtype]:
-                raise MergeError(f"verification failed: {path} has {t.key} as {info}, planned {t.shape} {t.dtype}")
+                raise MergeError(
+                    f"verification failed: {path} has {t.key} as {info}, planned {t.shape} {t.dtype}"
+                )
         if path.stat().st_size != start + out.nbytes:
-            raise MergeError(f"verification failed: {path} has {path.stat().st_size} bytes, planned {start + out.nbytes}")
+            raise MergeError(
+                f"verification failed: {path} has {path.stat().st_size} bytes, planned {start + out.nbytes}"
+            )
 
 
-def _write_provenance(tmp: Path, ref: CheckpointRef, kind: str, world_size: int, options: MergeOptions, plan: Plan,
-                      files: dict[str, str], expected: dict) -> None:
+def _write_provenance(
+    tmp: Path,
+    ref: CheckpointRef,
+    kind: str,
+    world_size: int,
+    options: MergeOptions,
+    plan: Plan,
+    files: dict[str, str],
+    expected: dict,
+) -> None:
     manifest = ref.manifest
     provenance = {
         "source": str(ref.path.resolve()),

@@ -20,7 +20,10 @@ from maven_dist.model import hf_layout
 from maven_dist.train.parts import PART_PREFIXES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_JOINED = {"llm.model.embed_tokens.weight": "vocab_new_rows.embed.weight", "llm.lm_head.weight": "vocab_new_rows.head.weight"}
+_JOINED = {
+    "llm.model.embed_tokens.weight": "vocab_new_rows.embed.weight",
+    "llm.lm_head.weight": "vocab_new_rows.head.weight",
+}
 _JOINED_PARTS = {v: k for k, v in _JOINED.items()}
 SAFETENSORS_PATTERN = "model{suffix}.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -96,13 +99,19 @@ def select_names(
     A joined vocabulary tensor (text rows + new rows) is written whole when either half is chosen."""
     missing = [n for n in expected if n not in tensors]
     if missing:
-        raise MergeError(f"{where} lacks {len(missing)} expected parameters, e.g. {missing[:5]}; the checkpoint is incomplete")
+        raise MergeError(
+            f"{where} lacks {len(missing)} expected parameters, e.g. {missing[:5]}; the checkpoint is incomplete"
+        )
     unexpected = [n for n in tensors if n not in expected]
     if unexpected:
-        raise MergeError(f"{where} holds {len(unexpected)} parameters the model does not have, e.g. {unexpected[:5]}")
+        raise MergeError(
+            f"{where} holds {len(unexpected)} parameters the model does not have, e.g. {unexpected[:5]}"
+        )
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
-            raise MergeError(f"{where}: {name} has shape {tuple(tensors[name].shape)}, the model config expects {shape}")
+            raise MergeError(
+                f"{where}: {name} has shape {tuple(tensors[name].shape)}, the model config expects {shape}"
+            )
         if tensors[name].nbytes != math.prod(shape) * tensors[name].dtype.itemsize:
             raise MergeError(f"{where}: {name} has {tensors[name].nbytes} bytes on disk for shape {shape}")
     if only:
@@ -120,13 +129,21 @@ def select_names(
         if whole in chosen or rows in chosen:
             chosen |= {whole, rows}
     if not chosen:
-        raise MergeError(f"nothing to merge from {where} with --only {only} --exclude-frozen={exclude_frozen}")
+        raise MergeError(
+            f"nothing to merge from {where} with --only {only} --exclude-frozen={exclude_frozen}"
+        )
     return [n for n in expected if n in chosen]
 
 
-def build_plan(names: list[str], tensors: dict[str, SourceTensor], dtype: torch.dtype, max_shard_size: int) -> Plan:
+def build_plan(
+    names: list[str], tensors: dict[str, SourceTensor], dtype: torch.dtype, max_shard_size: int
+) -> Plan:
     """HF-layout files for the chosen training names, as ``MavenModel.save_pretrained`` splits them."""
-    components: dict[str, list[OutTensor]] = {hf_layout.LLM_DIR: [], hf_layout.TOWER_DIR: [], hf_layout.MAVEN_MODULES_FILE: []}
+    components: dict[str, list[OutTensor]] = {
+        hf_layout.LLM_DIR: [],
+        hf_layout.TOWER_DIR: [],
+        hf_layout.MAVEN_MODULES_FILE: [],
+    }
     for name in names:
         if name in _JOINED_PARTS:
             continue  # written as the tail rows of its LLM tensor
@@ -147,7 +164,9 @@ def build_plan(names: list[str], tensors: dict[str, SourceTensor], dtype: torch.
             _split(plan, component, components[component], max_shard_size)
     if components[hf_layout.MAVEN_MODULES_FILE]:
         # save_pretrained writes this one with safetensors' save_file: one file, no metadata.
-        plan.files.append(OutFile(hf_layout.MAVEN_MODULES_FILE, components[hf_layout.MAVEN_MODULES_FILE], None))
+        plan.files.append(
+            OutFile(hf_layout.MAVEN_MODULES_FILE, components[hf_layout.MAVEN_MODULES_FILE], None)
+        )
     return plan
 
 
@@ -169,7 +188,9 @@ def _split(plan: Plan, component: str, tensors: list[OutTensor], max_shard_size:
         shards.append(current)
     total = sum(t.nbytes for t in tensors)
     if len(shards) == 1:
-        plan.files.append(OutFile(f"{component}/{SAFETENSORS_PATTERN.format(suffix='')}", shards[0], {"format": "pt"}))
+        plan.files.append(
+            OutFile(f"{component}/{SAFETENSORS_PATTERN.format(suffix='')}", shards[0], {"format": "pt"})
+        )
         return
     weight_map = {}
     for i, shard in enumerate(shards):

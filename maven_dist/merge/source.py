@@ -122,7 +122,9 @@ class CheckpointRef:
         return self.path / ENGINE
 
 
-def find_checkpoint(src: Path, stage: str | None = None, step: int | None = None, tag: str | None = None) -> CheckpointRef:
+def find_checkpoint(
+    src: Path, stage: str | None = None, step: int | None = None, tag: str | None = None
+) -> CheckpointRef:
     """Resolve SRC (a run directory, a stage directory, a ``checkpoints`` directory or one checkpoint)
     to one complete checkpoint: `tag` (a directory name such as ``step_00000010``) or `step` if given,
     else the one ``latest`` names."""
@@ -133,7 +135,9 @@ def find_checkpoint(src: Path, stage: str | None = None, step: int | None = None
         raise MergeError("give --step or --tag, not both")
     if (src / MANIFEST).is_file() or src.name.endswith(".tmp"):
         if step is not None or tag is not None:
-            raise MergeError(f"{src} is one checkpoint; --step/--tag choose among checkpoints of a stage or run directory")
+            raise MergeError(
+                f"{src} is one checkpoint; --step/--tag choose among checkpoints of a stage or run directory"
+            )
         return _complete(src)
     root = _checkpoints_root(src, stage)
     if tag is None and step is not None:
@@ -141,7 +145,9 @@ def find_checkpoint(src: Path, stage: str | None = None, step: int | None = None
     if tag is None:
         pointer = root / LATEST
         if not pointer.is_file():
-            raise MergeError(f"{root} has no '{LATEST}' file: no checkpoint was completed there (choose one with --step)")
+            raise MergeError(
+                f"{root} has no '{LATEST}' file: no checkpoint was completed there (choose one with --step)"
+            )
         tag = pointer.read_text().strip()
     path = root / tag
     if not path.is_dir():
@@ -159,7 +165,9 @@ def _checkpoints_root(src: Path, stage: str | None) -> Path:
         return src / "checkpoints"
     stages = {p.parent.name: p for p in src.glob("*/checkpoints") if p.is_dir()}
     if not stages:
-        raise MergeError(f"{src} is no run, stage or checkpoint directory: no manifest.json, 'latest' file or */checkpoints")
+        raise MergeError(
+            f"{src} is no run, stage or checkpoint directory: no manifest.json, 'latest' file or */checkpoints"
+        )
     if stage is not None:
         if stage not in stages:
             raise MergeError(f"{src} has no stage {stage!r} with checkpoints; it has {sorted(stages)}")
@@ -182,7 +190,9 @@ def _complete(path: Path) -> CheckpointRef:
     except json.JSONDecodeError as e:
         raise MergeError(f"{path / MANIFEST} is not valid JSON (line {e.lineno}): {e.msg}") from e
     if not (path / SKELETON / "config.json").is_file():
-        raise MergeError(f"{path} has no {SKELETON}/config.json: it predates the HF skeleton in checkpoints; re-save it")
+        raise MergeError(
+            f"{path} has no {SKELETON}/config.json: it predates the HF skeleton in checkpoints; re-save it"
+        )
     return CheckpointRef(path, manifest)
 
 
@@ -190,7 +200,11 @@ def open_source(ref: CheckpointRef, threads: int = 4) -> CheckpointSource:
     """Detect the engine-state kind of a checkpoint and open its reader."""
     engine = ref.engine_dir
     layout = ref.manifest.get("layout", {})
-    if layout.get("tp", 1) > 1 or layout.get("pp", 1) > 1 or any(engine.glob("*/layer_*-model_*-model_states.pt")):
+    if (
+        layout.get("tp", 1) > 1
+        or layout.get("pp", 1) > 1
+        or any(engine.glob("*/layer_*-model_*-model_states.pt"))
+    ):
         from maven_dist.merge.three_d_source import ThreeDSource
 
         return ThreeDSource(ref, threads=threads)
@@ -202,4 +216,6 @@ def open_source(ref: CheckpointRef, threads: int = 4) -> CheckpointSource:
         from maven_dist.merge.zero3_source import Zero3Source
 
         return Zero3Source(ref, threads=threads)
-    raise MergeError(f"{engine} holds no engine state this tool knows (model.safetensors or DeepSpeed ZeRO files)")
+    raise MergeError(
+        f"{engine} holds no engine state this tool knows (model.safetensors or DeepSpeed ZeRO files)"
+    )

@@ -55,7 +55,9 @@ class ThreeDSource:
         layer_files, mp_files = self._files()
         with ThreadPoolExecutor(max(1, threads)) as pool:
             keys = sorted(layer_files)
-            self.layers = dict(zip(keys, pool.map(lambda k: TorchFileIndex(layer_files[k]), keys), strict=True))
+            self.layers = dict(
+                zip(keys, pool.map(lambda k: TorchFileIndex(layer_files[k]), keys), strict=True)
+            )
             self.mp = list(pool.map(TorchFileIndex, mp_files))
         self._check_same_save()
 
@@ -69,11 +71,17 @@ class ThreeDSource:
                 layer_files[(int(match[1]), int(match[2]))] = path
             elif match := _MP_FILE.fullmatch(path.name):
                 mp_files[int(match[1])] = path
-        where = f"{self.tag_dir} (manifest layout tp={self.tp}, pp={self.pp}, {self.num_layers} decoder layers)"
-        extra = sorted(p.name for (layer, r), p in layer_files.items() if r >= self.tp or layer > self.num_layers + 1)
+        where = (
+            f"{self.tag_dir} (manifest layout tp={self.tp}, pp={self.pp}, {self.num_layers} decoder layers)"
+        )
+        extra = sorted(
+            p.name for (layer, r), p in layer_files.items() if r >= self.tp or layer > self.num_layers + 1
+        )
         extra += sorted(p.name for m, p in mp_files.items() if m >= self.tp * self.pp)
         if extra:
-            raise MergeError(f"{where} has files outside the layout: {extra[:6]}; the directory mixes saves of different layouts")
+            raise MergeError(
+                f"{where} has files outside the layout: {extra[:6]}; the directory mixes saves of different layouts"
+            )
         missing = [
             f"layer_{layer:02d}-model_{r:02d}-model_states.pt"
             for layer in range(self.num_layers + 2)
@@ -108,7 +116,9 @@ class ThreeDSource:
                 )
         for index in self.layers.values():
             if not isinstance(index.obj, dict):
-                raise MergeError(f"{index.path} is not a layer state dict (it holds a {type(index.obj).__name__})")
+                raise MergeError(
+                    f"{index.path} is not a layer state dict (it holds a {type(index.obj).__name__})"
+                )
 
     # ------------------------------------------------------------------ tensors
 
@@ -120,7 +130,9 @@ class ThreeDSource:
             for r, index in enumerate(ranks[1:], start=1):
                 other = [k for k, v in index.obj.items() if isinstance(v, torch.Tensor)]
                 if other != names:
-                    raise MergeError(f"{index.path} holds other parameters than {ranks[0].path.name} (tp rank {r} vs 0)")
+                    raise MergeError(
+                        f"{index.path} holds other parameters than {ranks[0].path.name} (tp rank {r} vs 0)"
+                    )
             for local in names:
                 name = full_name(layer, local, self.num_layers)
                 try:
@@ -128,7 +140,9 @@ class ThreeDSource:
                 except KeyError as e:
                     raise MergeError(f"{ranks[0].path}: {local} is no MaVEn parameter ({e})") from None
                 if (place.layer, place.local) != (layer, local):
-                    raise MergeError(f"{ranks[0].path}: {local} belongs to pipeline layer {place.layer}, not {layer}")
+                    raise MergeError(
+                        f"{ranks[0].path}: {local} belongs to pipeline layer {place.layer}, not {layer}"
+                    )
                 slices = [index.locate(index.obj[local]) for index in ranks]
                 out[name] = self._assemble(name, slices, place.split_dim)
         return out
@@ -137,22 +151,34 @@ class ThreeDSource:
         first = slices[0]
         for loc in slices[1:]:
             if (loc.shape, loc.dtype) != (first.shape, first.dtype):
-                raise MergeError(f"{loc.path}: {name} is {loc.shape} {loc.dtype}, but {first.path.name} has {first.shape} {first.dtype}")
+                raise MergeError(
+                    f"{loc.path}: {name} is {loc.shape} {loc.dtype}, but {first.path.name} has {first.shape} {first.dtype}"
+                )
         trainable = self.trainable_parts is None or part_or_none(name) in self.trainable_parts
         if split_dim is None or self.tp == 1:
             # Replicated over tp ranks (norms, vision tower, selector, projector): rank 0's copy.
-            return SourceTensor(name, first.shape, first.dtype, (Piece(first.path, first.offset, first.nbytes),), trainable)
+            return SourceTensor(
+                name, first.shape, first.dtype, (Piece(first.path, first.offset, first.nbytes),), trainable
+            )
         shape = list(first.shape)
         shape[split_dim] *= self.tp
         outer = math.prod(first.shape[:split_dim])
         inner = math.prod(first.shape[split_dim:]) * first.dtype.itemsize
-        return SourceTensor(name, tuple(shape), first.dtype, InterleavedPieces([Piece(s.path, s.offset, s.nbytes) for s in slices], outer, inner), trainable)
+        return SourceTensor(
+            name,
+            tuple(shape),
+            first.dtype,
+            InterleavedPieces([Piece(s.path, s.offset, s.nbytes) for s in slices], outer, inner),
+            trainable,
+        )
 
 
 def _tag_dir(engine: Path) -> Path:
     tags = sorted({p.parent for p in engine.glob("*/layer_*-model_*-model_states.pt")})
     if not tags:
-        raise MergeError(f"{engine} has no DeepSpeed pipeline tag directory with layer_*-model_*-model_states.pt files")
+        raise MergeError(
+            f"{engine} has no DeepSpeed pipeline tag directory with layer_*-model_*-model_states.pt files"
+        )
     if len(tags) > 1:
         raise MergeError(
             f"mixed tags in {engine}: {[t.name for t in tags]} each hold pipeline layer files; a checkpoint holds "

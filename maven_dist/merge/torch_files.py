@@ -104,7 +104,9 @@ class TorchFileIndex:
         start = tensor.storage_offset() * tensor.element_size()
         nbytes = tensor.numel() * tensor.element_size()
         if start + nbytes > span.nbytes:
-            raise MergeError(f"{self.path}: tensor {tuple(tensor.shape)} overruns its storage; the file is corrupt")
+            raise MergeError(
+                f"{self.path}: tensor {tuple(tensor.shape)} overruns its storage; the file is corrupt"
+            )
         return TensorLocation(self.path, span.offset + start, nbytes, tensor.dtype, tuple(tensor.shape))
 
     # ------------------------------------------------------------------ formats
@@ -145,7 +147,9 @@ class TorchFileIndex:
                     stand_in, cdata = self._stand_in(dtype, numel)
                     nbytes = numel * torch._utils._element_size(dtype)
                     if info.file_size != nbytes:
-                        raise MergeError(f"{self.path}: record {name} has {info.file_size} bytes, expected {nbytes}")
+                        raise MergeError(
+                            f"{self.path}: record {name} has {info.file_size} bytes, expected {nbytes}"
+                        )
                     self._spans[cdata] = StorageSpan(_record_data_offset(raw, info), nbytes)
                     storages[key] = stand_in
                 return storages[key]
@@ -180,7 +184,14 @@ class TorchFileIndex:
                 if view_key not in views:
                     stand_in, cdata = self._stand_in(dtype, size)
                     views[view_key] = stand_in
-                    view_spans.append((cdata, root_key, offset * torch._utils._element_size(dtype), size * torch._utils._element_size(dtype)))
+                    view_spans.append(
+                        (
+                            cdata,
+                            root_key,
+                            offset * torch._utils._element_size(dtype),
+                            size * torch._utils._element_size(dtype),
+                        )
+                    )
                 return views[view_key]
 
             obj = self._unpickle(f, persistent_load)
@@ -191,10 +202,14 @@ class TorchFileIndex:
                 _, cdata, dtype, numel = roots[key]
                 header = _pread(f, offset, 8)
                 if len(header) < 8:
-                    raise MergeError(f"{self.path} is truncated: storage {key} starts past the end of the file")
+                    raise MergeError(
+                        f"{self.path} is truncated: storage {key} starts past the end of the file"
+                    )
                 (stored,) = struct.unpack("<q", header)
                 if stored != numel:
-                    raise MergeError(f"{self.path}: storage {key} has {stored} elements on disk, expected {numel}; corrupt file")
+                    raise MergeError(
+                        f"{self.path}: storage {key} has {stored} elements on disk, expected {numel}; corrupt file"
+                    )
                 nbytes = numel * torch._utils._element_size(dtype)
                 root_spans[key] = StorageSpan(offset + 8, nbytes)
                 self._spans[cdata] = root_spans[key]

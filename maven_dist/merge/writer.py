@@ -27,15 +27,45 @@ from maven_dist.merge.plan import OutFile, OutTensor
 from maven_dist.merge.source import InterleavedPieces, Piece
 
 # safetensors' Dtype enum order (safetensors 0.4-0.8); it sorts tensors by it, descending.
-_DTYPE_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16",
-                "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"]
+_DTYPE_ORDER = [
+    "BOOL",
+    "F4",
+    "F6_E2M3",
+    "F6_E3M2",
+    "U8",
+    "I8",
+    "F8_E5M2",
+    "F8_E4M3",
+    "F8_E8M0",
+    "I16",
+    "U16",
+    "F16",
+    "BF16",
+    "I32",
+    "U32",
+    "F32",
+    "C64",
+    "F64",
+    "I64",
+    "U64",
+]
 DTYPE_NAMES = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
-    torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
 }
 
 
-def safetensors_header(tensors: list[OutTensor], metadata: dict[str, str] | None) -> tuple[bytes, list[OutTensor]]:
+def safetensors_header(
+    tensors: list[OutTensor], metadata: dict[str, str] | None
+) -> tuple[bytes, list[OutTensor]]:
     """The header bytes (length prefix included) and the tensors in file order."""
     ordered = sorted(tensors, key=lambda t: (-_DTYPE_ORDER.index(DTYPE_NAMES[t.dtype]), t.key))
     header: dict[str, object] = {}
@@ -43,7 +73,11 @@ def safetensors_header(tensors: list[OutTensor], metadata: dict[str, str] | None
         header["__metadata__"] = metadata
     offset = 0
     for t in ordered:
-        header[t.key] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.key] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
@@ -88,7 +122,9 @@ class ChunkReader:
         if len(pieces) == 1:
             return self._read(pieces[0].path, pieces[0].offset, pieces[0].nbytes)
         # One run of rows from each tp rank: interleave them row by row (InterleavedPieces.blocks).
-        parts = [np.frombuffer(self._read(p.path, p.offset, p.nbytes), np.uint8).reshape(rows, -1) for p in pieces]
+        parts = [
+            np.frombuffer(self._read(p.path, p.offset, p.nbytes), np.uint8).reshape(rows, -1) for p in pieces
+        ]
         return np.concatenate(parts, axis=1).tobytes()
 
     def stream(self, jobs: Iterator[tuple[tuple[Piece, ...], int, object]]) -> Iterator[tuple[bytes, object]]:
@@ -119,7 +155,13 @@ def write_file(path: Path, out: OutFile, reader: ChunkReader, on_bytes: Callable
         f.write(header)
         for data, (src_dtype, dst_dtype) in reader.stream(_jobs(ordered, reader.chunk_bytes)):
             if src_dtype != dst_dtype:
-                data = torch.frombuffer(bytearray(data), dtype=src_dtype).to(dst_dtype).view(torch.uint8).numpy().tobytes()
+                data = (
+                    torch.frombuffer(bytearray(data), dtype=src_dtype)
+                    .to(dst_dtype)
+                    .view(torch.uint8)
+                    .numpy()
+                    .tobytes()
+                )
             hashing.append(hasher.submit(digest.update, data))
             f.write(data)
             on_bytes(len(data))

@@ -75,15 +75,21 @@ class Zero3Source:
                         f"{first.path.name} has {head.get(key)!r}; every rank file must come from the same save"
                     )
             if _shape_lists(state) != _shape_lists(head):
-                raise MergeError(f"mixed checkpoints in {self.tag_dir}: {index.path.name} lists other parameters than {first.path.name}")
+                raise MergeError(
+                    f"mixed checkpoints in {self.tag_dir}: {index.path.name} lists other parameters than {first.path.name}"
+                )
         for index in self.optim:
             osd = index.obj.get("optimizer_state_dict", {}) if isinstance(index.obj, dict) else {}
             if "fp32_flat_groups" not in osd:
-                raise MergeError(f"{index.path} is not a DeepSpeed ZeRO-3 optimizer-states file (no fp32_flat_groups)")
+                raise MergeError(
+                    f"{index.path} is not a DeepSpeed ZeRO-3 optimizer-states file (no fp32_flat_groups)"
+                )
             stage = osd.get("zero_stage")
             stage = stage.args[0] if hasattr(stage, "args") else stage
             if stage != 3:
-                raise MergeError(f"{index.path} is a ZeRO stage {stage} checkpoint; this reader handles stage 3")
+                raise MergeError(
+                    f"{index.path} is a ZeRO stage {stage} checkpoint; this reader handles stage 3"
+                )
             count = osd.get("partition_count")
             count = max(count) if isinstance(count, list) else count
             if count != self.world_size:
@@ -92,7 +98,9 @@ class Zero3Source:
                     "expected: the files come from runs of different sizes"
                 )
         if head.get("shared_params"):
-            raise MergeError(f"{first.path} has shared (tied) parameters {list(head['shared_params'])}: MaVEn has none")
+            raise MergeError(
+                f"{first.path} has shared (tied) parameters {list(head['shared_params'])}: MaVEn has none"
+            )
 
     # ------------------------------------------------------------------ tensors
 
@@ -102,7 +110,9 @@ class Zero3Source:
         for name in head.get("buffer_names", []):
             tensor = head["module"][name]
             loc = self.model[0].locate(tensor)
-            out[name] = SourceTensor(name, tuple(tensor.shape), tensor.dtype, (Piece(loc.path, loc.offset, loc.nbytes),), False)
+            out[name] = SourceTensor(
+                name, tuple(tensor.shape), tensor.dtype, (Piece(loc.path, loc.offset, loc.nbytes),), False
+            )
         for name, shape in (head.get("frozen_param_shapes") or {}).items():
             out[name] = frozen_tensor(self.model, name, tuple(shape))
         out |= self._trainable()
@@ -112,11 +122,16 @@ class Zero3Source:
         if self.universal:
             return self._trainable_from_universal()
         groups = [index.obj["optimizer_state_dict"]["fp32_flat_groups"] for index in self.optim]
-        locations = [[index.locate(g) for g in rank_groups] for index, rank_groups in zip(self.optim, groups, strict=True)]
+        locations = [
+            [index.locate(g) for g in rank_groups]
+            for index, rank_groups in zip(self.optim, groups, strict=True)
+        ]
         sizes = [g.numel() for g in groups[0]]
         for index, rank_groups in zip(self.optim, groups, strict=True):
             if [g.numel() for g in rank_groups] != sizes:
-                raise MergeError(f"{index.path}: flat group sizes {[g.numel() for g in rank_groups]} differ from rank 0's {sizes}")
+                raise MergeError(
+                    f"{index.path}: flat group sizes {[g.numel() for g in rank_groups]} differ from rank 0's {sizes}"
+                )
         starts = [0]
         for size in sizes:
             starts.append(starts[-1] + size)
@@ -140,7 +155,6 @@ class Zero3Source:
             )
         return out
 
-
     def _trainable_from_universal(self) -> dict[str, SourceTensor]:
         shapes = {k: tuple(v) for group in self.model[0].obj["param_shapes"] for k, v in group.items()}
         out = {}
@@ -150,7 +164,9 @@ class Zero3Source:
             tensor = index.obj if not isinstance(index.obj, dict) else index.obj.get("param")
             # ds_to_universal stores ZeRO-3 parameters flattened; row-major order makes that the same bytes.
             if tensor is None or tensor.numel() != math.prod(shape):
-                raise MergeError(f"{path} holds {getattr(tensor, 'shape', None)}, expected the {math.prod(shape)} elements of {name} {shape}")
+                raise MergeError(
+                    f"{path} holds {getattr(tensor, 'shape', None)}, expected the {math.prod(shape)} elements of {name} {shape}"
+                )
             loc = index.locate(tensor)
             out[name] = SourceTensor(name, shape, loc.dtype, (Piece(loc.path, loc.offset, loc.nbytes),), True)
         return out
@@ -186,7 +202,9 @@ def _flat_range(locs, starts: list[int], offset: int, numel: int, itemsize: int,
         if lo < hi:
             pieces.append(Piece(loc.path, loc.offset + (lo - starts[g]) * itemsize, (hi - lo) * itemsize))
     if sum(p.nbytes for p in pieces) != numel * itemsize:
-        raise MergeError(f"{path}: flat groups end before element {end}; the file does not match its model states")
+        raise MergeError(
+            f"{path}: flat groups end before element {end}; the file does not match its model states"
+        )
     return pieces
 
 
@@ -221,14 +239,18 @@ def _rank_files(tag_dir: Path) -> dict[tuple[int, str], Path]:
             continue
         rank, mp, kind = int(match[1]), int(match[2]), match[3]
         if mp != 0:
-            raise MergeError(f"{path} has model-parallel rank {mp}: a TP checkpoint is not a ZeRO-3 checkpoint")
+            raise MergeError(
+                f"{path} has model-parallel rank {mp}: a TP checkpoint is not a ZeRO-3 checkpoint"
+            )
         files[(rank, kind)] = path
     if not files:
         raise MergeError(f"{tag_dir} has no zero_pp_rank_*_mp_rank_00_*_states.pt files")
     return files
 
 
-def _check_rank_files(tag_dir: Path, files: dict[tuple[int, str], Path], world_size: int, kinds: tuple[str, ...]) -> None:
+def _check_rank_files(
+    tag_dir: Path, files: dict[tuple[int, str], Path], world_size: int, kinds: tuple[str, ...]
+) -> None:
     ranks = {r for r, _ in files}
     extra = sorted(r for r in ranks if r >= world_size)
     if extra:

@@ -24,8 +24,11 @@ from tests.helpers.torchrun import run_train
 pytestmark = pytest.mark.distributed
 
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}
-WEIGHT_FILES = [f"{hf_layout.LLM_DIR}/model.safetensors", f"{hf_layout.TOWER_DIR}/model.safetensors",
-                hf_layout.MAVEN_MODULES_FILE]
+WEIGHT_FILES = [
+    f"{hf_layout.LLM_DIR}/model.safetensors",
+    f"{hf_layout.TOWER_DIR}/model.safetensors",
+    hf_layout.MAVEN_MODULES_FILE,
+]
 OPTIONS = MergeOptions(progress=False)
 _RUNS: dict[str, Path] = {}
 
@@ -38,10 +41,20 @@ def three_d_run(tiny_assets, tmp_path_factory):
         if layout not in _RUNS:
             tp, pp = LAYOUTS[layout]
             run_dir = tmp_path_factory.mktemp(f"merge_3d_{layout}")
-            run_train(tp * pp, "recipes/tiny/stage4.yaml", tiny_assets.overrides(run_dir, "conversations") + [
-                "parallel.backend=3d", f"parallel.tp={tp}", f"parallel.pp={pp}", "stage.max_steps=2",
-                "checkpoint.every_steps=1", "stage.init_missing=base", "tracking.enabled=false",
-            ])
+            run_train(
+                tp * pp,
+                "recipes/tiny/stage4.yaml",
+                tiny_assets.overrides(run_dir, "conversations")
+                + [
+                    "parallel.backend=3d",
+                    f"parallel.tp={tp}",
+                    f"parallel.pp={pp}",
+                    "stage.max_steps=2",
+                    "checkpoint.every_steps=1",
+                    "stage.init_missing=base",
+                    "tracking.enabled=false",
+                ],
+            )
             _RUNS[layout] = run_dir
         return _RUNS[layout]
 
@@ -63,7 +76,9 @@ def test_3d_checkpoint_merges_bitwise_equal_to_the_unsharded_model(three_d_run, 
     assert sorted(p.name for p in engine.glob("layer_*")) == [
         f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in range(4) for r in range(tp)
     ]
-    q_slice = torch.load(engine / "layer_01-model_00-model_states.pt", weights_only=True)["self_attn.q_proj.weight"]
+    q_slice = torch.load(engine / "layer_01-model_00-model_states.pt", weights_only=True)[
+        "self_attn.q_proj.weight"
+    ]
 
     result = merge_checkpoint(run_dir, tmp_path / "merged", OPTIONS)
     assert (result.kind, result.step) == ("3d", 2)
@@ -104,7 +119,9 @@ def damaged(three_d_run, tmp_path):
 
 def test_missing_layer_file_is_named(damaged, tmp_path):
     (damaged / "engine" / "3d" / "layer_02-model_01-model_states.pt").unlink()
-    with pytest.raises(MergeError, match=r"lacks 1 file\(s\).*layer_02-model_01-model_states\.pt.*copy them from the run"):
+    with pytest.raises(
+        MergeError, match=r"lacks 1 file\(s\).*layer_02-model_01-model_states\.pt.*copy them from the run"
+    ):
         merge_checkpoint(damaged, tmp_path / "out", OPTIONS)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.merging").exists()
 

@@ -38,7 +38,9 @@ PROBE_IDS = [[1, 5, 9, 17, 33], [2, 40, 3, 7, 11]]  # text ids; the image-token 
 
 def probe_ids(layout) -> torch.Tensor:
     ids = torch.tensor(PROBE_IDS)
-    new = torch.tensor([[layout.img_start_id, layout.text_size + 5], [layout.text_size + 20, layout.img_end_id]])
+    new = torch.tensor(
+        [[layout.img_start_id, layout.text_size + 5], [layout.text_size + 20, layout.img_end_id]]
+    )
     return torch.cat([ids, new], dim=1)
 
 
@@ -71,7 +73,9 @@ def worker(base_dir: Path, run_dir: Path) -> None:
         engine.backward(out.loss)
         engine.step()
     tokenizer = AutoTokenizer.from_pretrained(base_dir / "llm")
-    extend_tokenizer(tokenizer, setup.cfg.model.discrete.codebook_size, setup.cfg.model.vocab.pad_to_multiple_of)
+    extend_tokenizer(
+        tokenizer, setup.cfg.model.discrete.codebook_size, setup.cfg.model.vocab.pad_to_multiple_of
+    )
     skeleton = run_dir / "skeleton"
     if env.is_main:
         engine.module.save_skeleton(skeleton, tokenizer)
@@ -104,7 +108,9 @@ def zero3_run(tiny_base, tmp_path_factory):
         if world_size not in _RUNS:
             run_dir = tmp_path_factory.mktemp(f"zero3_ws{world_size}")
             base = tiny_base.llm_dir.parent
-            torchrun(world_size, ["-m", "tests.distributed.test_merge_zero3", str(base), str(run_dir)], timeout=600)
+            torchrun(
+                world_size, ["-m", "tests.distributed.test_merge_zero3", str(base), str(run_dir)], timeout=600
+            )
             _RUNS[world_size] = run_dir
         return _RUNS[world_size]
 
@@ -119,11 +125,11 @@ def checkpoint_of(run_dir: Path) -> Path:
 def zip_copy(run_dir: Path, dest: Path) -> Path:
     """The same checkpoint with every DeepSpeed rank file re-saved in torch's zip format (the format
     DeepSpeed's own zero_to_fp32 needs: it memory-maps the optimizer files)."""
-    from maven_dist.parallel.zero3 import _DEEPSPEED_SAFE_GLOBALS
+    from maven_dist.parallel.checkpoint_engine import DEEPSPEED_SAFE_GLOBALS
 
     shutil.copytree(run_dir / STAGE, dest / STAGE)
     for f in (checkpoint_of(dest) / "engine" / "zero").glob("*.pt"):
-        with torch.serialization.safe_globals(_DEEPSPEED_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
             state = torch.load(f, map_location="cpu", weights_only=True)
         torch.save(state, f, _use_new_zipfile_serialization=True)
     return dest
@@ -222,7 +228,11 @@ def merge_fails(run: Path, tmp_path: Path, match: str) -> None:
 @pytest.mark.distributed
 def test_missing_rank_file_is_named(damaged, tmp_path):
     (zero_dir(damaged) / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    merge_fails(damaged, tmp_path, r"lacks 1 rank file\(s\) of a 2-rank checkpoint: \['zero_pp_rank_1_mp_rank_00_optim_states.pt'\]")
+    merge_fails(
+        damaged,
+        tmp_path,
+        r"lacks 1 rank file\(s\) of a 2-rank checkpoint: \['zero_pp_rank_1_mp_rank_00_optim_states.pt'\]",
+    )
 
 
 @pytest.mark.distributed
@@ -237,13 +247,17 @@ def test_rank_files_of_another_save_are_refused(damaged, tmp_path):
     from maven_dist.merge.torch_files import _SAFE_GLOBALS
 
     path = zero_dir(damaged) / "zero_pp_rank_1_mp_rank_00_model_states.pt"
-    from maven_dist.parallel.zero3 import _DEEPSPEED_SAFE_GLOBALS
+    from maven_dist.parallel.checkpoint_engine import DEEPSPEED_SAFE_GLOBALS
 
-    with torch.serialization.safe_globals(_DEEPSPEED_SAFE_GLOBALS + [g for g, _ in _SAFE_GLOBALS]):
+    with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS + [g for g, _ in _SAFE_GLOBALS]):
         state = torch.load(path, weights_only=True)
     state["global_steps"] += 5
     torch.save(state, path)
-    merge_fails(damaged, tmp_path, r"mixed checkpoints in .*zero_pp_rank_1_mp_rank_00_model_states.pt has global_steps=7")
+    merge_fails(
+        damaged,
+        tmp_path,
+        r"mixed checkpoints in .*zero_pp_rank_1_mp_rank_00_model_states.pt has global_steps=7",
+    )
 
 
 @pytest.mark.distributed
@@ -259,17 +273,26 @@ def test_corrupt_rank_file_is_named(damaged, tmp_path):
     data = bytearray(path.read_bytes())
     data[40:240] = os.urandom(200)  # inside the pickle
     path.write_bytes(bytes(data))
-    merge_fails(damaged, tmp_path, r"zero_pp_rank_1_mp_rank_00_model_states.pt is (truncated or corrupt|.*corrupt)")
+    merge_fails(
+        damaged, tmp_path, r"zero_pp_rank_1_mp_rank_00_model_states.pt is (truncated or corrupt|.*corrupt)"
+    )
 
 
 @pytest.mark.distributed
 def test_world_size_that_does_not_match_the_files_is_refused(damaged, tmp_path):
     for kind in ("model", "optim"):
-        shutil.copy(zero_dir(damaged) / f"zero_pp_rank_1_mp_rank_00_{kind}_states.pt", zero_dir(damaged) / f"zero_pp_rank_2_mp_rank_00_{kind}_states.pt")
+        shutil.copy(
+            zero_dir(damaged) / f"zero_pp_rank_1_mp_rank_00_{kind}_states.pt",
+            zero_dir(damaged) / f"zero_pp_rank_2_mp_rank_00_{kind}_states.pt",
+        )
     merge_fails(damaged, tmp_path, r"rank files for ranks \[2\], but the checkpoint was saved by 2 ranks")
     manifest = checkpoint_of(damaged) / "manifest.json"
     manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"world_size": 3}))
-    merge_fails(damaged, tmp_path, r"partitioned over 2 ranks, but 3 rank files are expected|saved by a run of 2 ranks")
+    merge_fails(
+        damaged,
+        tmp_path,
+        r"partitioned over 2 ranks, but 3 rank files are expected|saved by a run of 2 ranks",
+    )
 
 
 # ---------------------------------------------------------------------- the benchmark runs
@@ -280,13 +303,17 @@ def test_bench_runs_at_tiny_size(zero3_run, tmp_path):
     """bench/merge.py end to end on the 2-rank tiny checkpoint (the real bench needs >= 300M parameters)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_merge", Path(__file__).resolve().parents[2] / "bench" / "merge.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_merge", Path(__file__).resolve().parents[2] / "bench" / "merge.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     from maven_dist.merge.plan import expected_shapes
 
     ckpt = checkpoint_of(zero3_run(2))
-    summary = bench.main(["--checkpoint", str(ckpt), "--work-dir", str(tmp_path), "--rounds", "1", "--min-params", "0"])
+    summary = bench.main(
+        ["--checkpoint", str(ckpt), "--work-dir", str(tmp_path), "--rounds", "1", "--min-params", "0"]
+    )
     assert summary["bitwise_equal"] and summary["tensors_compared"] == len(expected_shapes(ckpt / "model"))
     assert summary["ratio_time"] > 0 and summary["ratio_peak_rss"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["parameters"] == summary["parameters"]

@@ -27,8 +27,16 @@ def _raw_source(path: Path, name: str, t: torch.Tensor, pieces: int = 1) -> Sour
     with open(path, "ab") as f:
         start = f.tell()
         f.write(data)
-    cuts = [start + round(i * len(data) / pieces / t.element_size()) * t.element_size() for i in range(pieces + 1)]
-    return SourceTensor(name, tuple(t.shape), t.dtype, tuple(Piece(path, a, b - a) for a, b in zip(cuts, cuts[1:], strict=False) if b > a), True)
+    cuts = [
+        start + round(i * len(data) / pieces / t.element_size()) * t.element_size() for i in range(pieces + 1)
+    ]
+    return SourceTensor(
+        name,
+        tuple(t.shape),
+        t.dtype,
+        tuple(Piece(path, a, b - a) for a, b in zip(cuts, cuts[1:], strict=False) if b > a),
+        True,
+    )
 
 
 @pytest.mark.parametrize("metadata", [None, {"format": "pt"}])
@@ -42,14 +50,24 @@ def test_streamed_file_is_byte_identical_to_safetensors(tmp_path, metadata):
         "empty": torch.zeros(0, 4),
     }
     raw = tmp_path / "raw.bin"
-    out = OutFile("x.safetensors", [OutTensor(k, tuple(v.shape), v.dtype, (_raw_source(raw, k, v, pieces=3),)) for k, v in tensors.items()], metadata)
+    out = OutFile(
+        "x.safetensors",
+        [
+            OutTensor(k, tuple(v.shape), v.dtype, (_raw_source(raw, k, v, pieces=3),))
+            for k, v in tensors.items()
+        ],
+        metadata,
+    )
     reader = ChunkReader(threads=3, chunk_bytes=16, read_ahead=4)  # tiny chunks: many reads per tensor
     try:
         digest = write_file(tmp_path / "ours.safetensors", out, reader, lambda n: None)
     finally:
         reader.close()
     save_file(tensors, tmp_path / "theirs.safetensors", metadata=metadata)
-    ours, theirs = (tmp_path / "ours.safetensors").read_bytes(), (tmp_path / "theirs.safetensors").read_bytes()
+    ours, theirs = (
+        (tmp_path / "ours.safetensors").read_bytes(),
+        (tmp_path / "theirs.safetensors").read_bytes(),
+    )
     assert ours == theirs
     import hashlib
 
@@ -89,12 +107,20 @@ def test_torch_file_index_locates_every_tensor(tmp_path, zip_format):
     torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
     index = TorchFileIndex(path)
     expect = [obj["groups"][0], obj["groups"][1], obj["view"], obj["nested"]["ids"], obj["nested"]["half"]]
-    found = [index.obj["groups"][0], index.obj["groups"][1], index.obj["view"], index.obj["nested"]["ids"], index.obj["nested"]["half"]]
+    found = [
+        index.obj["groups"][0],
+        index.obj["groups"][1],
+        index.obj["view"],
+        index.obj["nested"]["ids"],
+        index.obj["nested"]["half"],
+    ]
     assert index.obj["scalar"] == 3 and all(t.device.type == "meta" for t in found)
     data = path.read_bytes()
     for want, meta in zip(expect, found, strict=True):
         loc = index.locate(meta)
-        got = torch.frombuffer(bytearray(data[loc.offset : loc.offset + loc.nbytes]), dtype=loc.dtype).view(loc.shape)
+        got = torch.frombuffer(bytearray(data[loc.offset : loc.offset + loc.nbytes]), dtype=loc.dtype).view(
+            loc.shape
+        )
         assert torch.equal(got, want)
 
 
@@ -133,18 +159,30 @@ def local_model(tmp_path_factory):
     base = build_tiny_base(tmp_path_factory.mktemp("merge_base"))
     tokenizer = AutoTokenizer.from_pretrained(base.llm_dir)
     layout = extend_tokenizer(tokenizer, 64, 128)
-    model = MavenModel.from_base(base.llm_dir, base.tower_dir, layout, MavenSpec(selector_hidden_size=16, num_codes=8), seed=3)
+    model = MavenModel.from_base(
+        base.llm_dir, base.tower_dir, layout, MavenSpec(selector_hidden_size=16, num_codes=8), seed=3
+    )
     return model, tokenizer
 
 
-def write_local_checkpoint(run: Path, model, tokenizer, step: int = 3, trainable=("projector", "vocab_new_rows")) -> Path:
+def write_local_checkpoint(
+    run: Path, model, tokenizer, step: int = 3, trainable=("projector", "vocab_new_rows")
+) -> Path:
     """The layout Checkpointer + LocalEngine write: manifest, HF skeleton, engine/model.safetensors."""
     stage = run / "stage4"
     ckpt = stage / "checkpoints" / f"step_{step:08d}"
     (ckpt / "engine").mkdir(parents=True)
     model.save_skeleton(ckpt / "model", tokenizer)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt / "engine" / "model.safetensors")
-    manifest = {"step": step, "world_size": 1, "fingerprint": "f00d", "stage": "stage4", "layout": {"dp": 1, "tp": 1, "pp": 1}}
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, ckpt / "engine" / "model.safetensors"
+    )
+    manifest = {
+        "step": step,
+        "world_size": 1,
+        "fingerprint": "f00d",
+        "stage": "stage4",
+        "layout": {"dp": 1, "tp": 1, "pp": 1},
+    }
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     (stage / "checkpoints" / "latest").write_text(ckpt.name)
     (stage / "resolved_recipe.yaml").write_text(f"stage:\n  name: stage4\n  trainable: {list(trainable)}\n")
@@ -152,7 +190,9 @@ def write_local_checkpoint(run: Path, model, tokenizer, step: int = 3, trainable
 
 
 def same_tree(a: Path, b: Path) -> None:
-    files_a = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file() and p.name != PROVENANCE_FILE)
+    files_a = sorted(
+        p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file() and p.name != PROVENANCE_FILE
+    )
     files_b = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
     assert files_a == files_b
     for rel in files_a:
@@ -163,15 +203,25 @@ def same_tree(a: Path, b: Path) -> None:
 def test_local_merge_is_byte_identical_to_save_pretrained(tmp_path, local_model, max_shard_size):
     model, tokenizer = local_model
     write_local_checkpoint(tmp_path / "run", model, tokenizer)
-    result = merge_checkpoint(tmp_path / "run", tmp_path / "merged", MergeOptions(max_shard_size=max_shard_size, progress=False))
+    result = merge_checkpoint(
+        tmp_path / "run", tmp_path / "merged", MergeOptions(max_shard_size=max_shard_size, progress=False)
+    )
     model.save_pretrained(tmp_path / "ref", tokenizer, max_shard_size=max_shard_size)
     same_tree(tmp_path / "merged", tmp_path / "ref")
-    assert (max_shard_size == "20KB") == (tmp_path / "merged" / "llm" / "model.safetensors.index.json").is_file()
+    assert (max_shard_size == "20KB") == (
+        tmp_path / "merged" / "llm" / "model.safetensors.index.json"
+    ).is_file()
     provenance = json.loads((tmp_path / "merged" / PROVENANCE_FILE).read_text())
-    assert provenance["kind"] == "local" and provenance["step"] == 3 and provenance["recipe_fingerprint"] == "f00d"
+    assert (
+        provenance["kind"] == "local"
+        and provenance["step"] == 3
+        and provenance["recipe_fingerprint"] == "f00d"
+    )
     assert provenance["complete"] and set(provenance["sha256"]) == {
-        p.relative_to(tmp_path / "merged").as_posix() for p in (tmp_path / "merged").rglob("*") if p.name != PROVENANCE_FILE
-        and p.is_file()}
+        p.relative_to(tmp_path / "merged").as_posix()
+        for p in (tmp_path / "merged").rglob("*")
+        if p.name != PROVENANCE_FILE and p.is_file()
+    }
     assert result.num_parameters == len(model.state_dict())
 
 
@@ -179,7 +229,11 @@ def test_bf16_merge_equals_save_pretrained_of_bf16_weights(tmp_path, local_model
     model, tokenizer = local_model
     write_local_checkpoint(tmp_path / "run", model, tokenizer)
     merge_checkpoint(tmp_path / "run", tmp_path / "merged", MergeOptions(dtype="bf16", progress=False))
-    model.save_pretrained(tmp_path / "ref", tokenizer, state_dict={k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    model.save_pretrained(
+        tmp_path / "ref",
+        tokenizer,
+        state_dict={k: v.to(torch.bfloat16) for k, v in model.state_dict().items()},
+    )
     same_tree(tmp_path / "merged", tmp_path / "ref")
 
 
@@ -195,12 +249,18 @@ def test_only_and_exclude_frozen_select_parts(tmp_path, local_model):
     assert not json.loads((tmp_path / "proj" / PROVENANCE_FILE).read_text())["complete"]
 
     # Trained: projector and the new vocab rows; the rows are written joined to the (frozen) text rows.
-    merge_checkpoint(tmp_path / "run", tmp_path / "trained", MergeOptions(exclude_frozen=True, progress=False))
+    merge_checkpoint(
+        tmp_path / "run", tmp_path / "trained", MergeOptions(exclude_frozen=True, progress=False)
+    )
     llm = load_file(tmp_path / "trained" / "llm" / "model.safetensors")
     assert llm.keys() == {"model.embed_tokens.weight", "lm_head.weight"}
-    assert torch.equal(llm["lm_head.weight"], torch.cat([state["llm.lm_head.weight"], state["vocab_new_rows.head.weight"]]))
+    assert torch.equal(
+        llm["lm_head.weight"], torch.cat([state["llm.lm_head.weight"], state["vocab_new_rows.head.weight"]])
+    )
     assert not (tmp_path / "trained" / "vision_tower" / "model.safetensors").exists()
-    assert load_file(tmp_path / "trained" / hf_layout.MAVEN_MODULES_FILE).keys() == {k for k in state if k.startswith("projector.")}
+    assert load_file(tmp_path / "trained" / hf_layout.MAVEN_MODULES_FILE).keys() == {
+        k for k in state if k.startswith("projector.")
+    }
     with pytest.raises(MergeError, match="unknown part"):
         merge_checkpoint(tmp_path / "run", tmp_path / "bad", MergeOptions(only=("decoder",), progress=False))
 
@@ -230,7 +290,9 @@ def test_finds_checkpoints_by_run_stage_step_and_tag_and_refuses_incomplete_ones
     assert find_checkpoint(tmp_path / "run" / "stage4", step=3).step == 3
     assert find_checkpoint(ckpts, tag="step_00000003").step == 3
     assert find_checkpoint(ckpts / "step_00000005").step == 5
-    with pytest.raises(MergeError, match=r"no checkpoint step_00000004; available: \['step_00000003', 'step_00000005'\]"):
+    with pytest.raises(
+        MergeError, match=r"no checkpoint step_00000004; available: \['step_00000003', 'step_00000005'\]"
+    ):
         find_checkpoint(tmp_path / "run", step=4)
     partial = ckpts / "step_00000007.tmp"
     (partial / "engine").mkdir(parents=True)
@@ -306,5 +368,7 @@ def test_run_directory_picks_the_newest_stage_unless_told(tmp_path, local_model)
     os.utime(stage3 / "latest", (old, old))
     assert find_checkpoint(tmp_path / "run").path.parents[1].name == "stage4"
     assert find_checkpoint(tmp_path / "run", stage="stage3").path.parents[1].name == "stage3"
-    with pytest.raises(MergeError, match=r"no stage 'stage9' with checkpoints; it has \['stage3', 'stage4'\]"):
+    with pytest.raises(
+        MergeError, match=r"no stage 'stage9' with checkpoints; it has \['stage3', 'stage4'\]"
+    ):
         find_checkpoint(tmp_path / "run", stage="stage9")
