@@ -92,16 +92,23 @@ def iter_checkpoint_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor
     directory = Path(directory)
     files = sorted(directory.glob("*.safetensors"))
     if files:
-        for file in files:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    yield key, f.get_tensor(key)
+        yield from iter_safetensors(files)
         return
     bins = sorted(directory.glob("pytorch_model*.bin"))
     if not bins:
         raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {directory}")
     for file in bins:
         yield from torch.load(file, map_location="cpu", weights_only=True).items()
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (key, tensor) from safetensors files, one tensor in memory at a time."""
+    for file in files:
+        if not Path(file).is_file():
+            raise FileNotFoundError(f"{file} is missing")
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                yield key, f.get_tensor(key)
 
 
 def read_maven_config(directory: Path) -> dict:

@@ -191,10 +191,12 @@ class MavenModel(nn.Module):
     def _load_component(self, component: str, path: Path, copy: CopyFn) -> set[str]:
         params = dict(self.named_parameters())
         buffers = dict(self.named_buffers())
-        source = path.parent if component == hf_layout.MAVEN_MODULES_FILE else path
-        files = [path] if component == hf_layout.MAVEN_MODULES_FILE else None
+        if component == hf_layout.MAVEN_MODULES_FILE:
+            tensors = hf_layout.iter_safetensors([path])
+        else:
+            tensors = hf_layout.iter_checkpoint_tensors(path)
         loaded = set()
-        for key, tensor in _iter_component(source, files):
+        for key, tensor in tensors:
             for name, value in hf_layout.from_hf_layout(component, key, tensor, self.layout).items():
                 target = params.get(name)
                 if target is None:
@@ -407,20 +409,6 @@ def copy_param(param: nn.Parameter, value: torch.Tensor) -> None:
         raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs saved {tuple(value.shape)}")
     with torch.no_grad():
         param.copy_(value.to(param.dtype))
-
-
-def _iter_component(source: Path, files: list[Path] | None):
-    if files is None:
-        yield from hf_layout.iter_checkpoint_tensors(source)
-        return
-    from safetensors import safe_open
-
-    for file in files:
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} is missing")
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118
-                yield key, f.get_tensor(key)
 
 
 def _check_complete(expected: set[str], loaded: set[str], where: str) -> None:
