@@ -49,10 +49,20 @@ def barrier() -> None:
 
 
 def all_reduce_max(value: float) -> float:
+    """Largest `value` over all ranks (a plain float in a world of one)."""
+    return _all_reduce(value, dist.ReduceOp.MAX)
+
+
+def all_reduce_mean(value: float) -> float:
+    """Mean of `value` over all ranks."""
+    return _all_reduce(value, dist.ReduceOp.SUM) / (dist.get_world_size() if dist.is_initialized() else 1)
+
+
+def _all_reduce(value: float, op) -> float:
     if not dist.is_initialized():
         return value
     t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=op)
     return float(t.item())
 
 

@@ -14,14 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from maven_dist.config import Config, save_config
 from maven_dist.data.embedded import maybe_prepare_embedded
 from maven_dist.launch.preemption import REQUEUE_EXIT_CODE, install_preemption_handler, preemption_requested
 from maven_dist.parallel.dims import ParallelDims
-from maven_dist.parallel.distributed import DistEnv, all_reduce_max, barrier, init_distributed, print0
+from maven_dist.parallel.distributed import (
+    DistEnv,
+    all_reduce_max,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    print0,
+)
 from maven_dist.parallel.topology import data_parallel_rank
 from maven_dist.train import perf
 from maven_dist.train.builders import (
@@ -119,13 +125,8 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
         )
 
     tracker = build_tracker(cfg, rank=env.rank, world_size=env.world_size)
-    layout_params = {
-        "parallel.dp": dims.dp,
-        "parallel.tp": dims.tp,
-        "parallel.pp": dims.pp,
-        "recipe_fingerprint": cfg.fingerprint(),
-    }
-    tracker.start_stage(stage_name=cfg.stage.name, params=layout_params)
+    # The tracker already logs the flattened config, the parallel layout and the versions.
+    tracker.start_stage(stage_name=cfg.stage.name, params={"recipe_fingerprint": cfg.fingerprint()})
     if hasattr(engine, "ds_config"):
         tracker.log_dict(engine.ds_config, "deepspeed_config.json")
     manifest = {
@@ -184,7 +185,7 @@ def _train_loop(
             step_metrics = run_step(engine, batches, state, stage, env.device, meter)
             state.step += 1
             bar.update(1)
-            last_loss = _mean_over_ranks(
+            last_loss = all_reduce_mean(
                 step_metrics.get("loss/lm", step_metrics.get("loss/selector_bce", math.nan))
             )
             if state.step % stage.log_every == 0 or state.step == total_steps:
@@ -269,14 +270,6 @@ def _num_samples(batch) -> int:
 def _finite_on_all_ranks(loss: torch.Tensor) -> bool:
     bad = 0.0 if torch.isfinite(loss.detach()).all() else 1.0
     return all_reduce_max(bad) == 0.0
-
-
-def _mean_over_ranks(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
 
 
 def _export(cfg: Config, env: DistEnv, engine, tokenizer) -> Path | None:
