@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed ## create .venv and install the package (CPU torch pinned)
 
 demo: setup ## the main job: four tiny stages on CPU, synthetic data, SQLite MLflow store
-	DS_ACCELERATOR=cpu $(BIN)/python -m maven_dist.pipeline recipes/tiny --nproc $(NPROC) --set run_dir=$(RUN_DIR)
+	DS_ACCELERATOR=cpu $(BIN)/maven pipeline recipes/tiny --nproc $(NPROC) --set run_dir=$(RUN_DIR)
 
 test: setup ## the whole test suite (unit, distributed, integration)
 	bash tests/run_all.sh
@@ -28,6 +28,7 @@ test: setup ## the whole test suite (unit, distributed, integration)
 lint: setup
 	$(BIN)/ruff check maven_dist tools tests bench
 	$(BIN)/ruff format --check maven_dist tools tests bench
+	$(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff format maven_dist tools tests bench

@@ -25,13 +25,13 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
+from maven_dist.data.formats import Example, SampleFormat, collate
 from maven_dist.data.image_transform import ImageTransform
 from maven_dist.data.loader import ShardLoader
 from maven_dist.data.prepare import PrepareOptions, prepare
-from maven_dist.data.synthetic import generate_synthetic
 from maven_dist.data.templates import render
-from maven_dist.data.tokenizer_training import train_tokenizer
-from maven_dist.data.views import Example, ViewSpec, collate
+from maven_dist.offline.synthetic import generate_synthetic
+from maven_dist.offline.tokenizer_training import train_tokenizer
 
 
 class LlavaStyleDataset(torch.utils.data.Dataset):
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         prepare([source], options)
         prepare_s = time.perf_counter() - start
 
-        spec = ViewSpec("conversations", views=("continuous",))
+        spec = SampleFormat("conversations", views=("continuous",))
         ours = ShardLoader(work / "shards", spec, tokenizer, None, transform, args.batch_size,
                            num_workers=args.workers)  # fmt: skip
         usable = ours.batches_per_epoch * args.batch_size

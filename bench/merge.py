@@ -53,7 +53,7 @@ def env() -> dict[str, str]:
 
 def build_checkpoint(work: Path, args) -> Path:
     """A 2-rank ZeRO-3 checkpoint of stage 4 (everything but tower and selector trainable), written by
-    the trainer's own builders and Checkpointer right after the engine is built (bench/merge.py
+    the trainer's own builders and CheckpointManager right after the engine is built (bench/merge.py
     --build-worker under torchrun). No optimizer step: a CPU step of a 330M model under ZeRO-3 needs
     DeepSpeed's 2 GB reduce buckets per rank, and the merge reads the same files either way."""
     run_dir = work / "run"
@@ -61,10 +61,10 @@ def build_checkpoint(work: Path, args) -> Path:
     if not (ckpts / "latest").is_file():
         if not (run_dir / "data" / "conversations").is_dir():
             from maven_dist.config import load_config
-            from maven_dist.data.embedded import prepare_embedded
+            from maven_dist.offline.demo import prepare_demo
 
             # Stage 1's recipe builds everything a later stage reads: shards with labels and codes, base models.
-            prepare_embedded(
+            prepare_demo(
                 load_config("recipes/tiny/stage1.yaml", [f"run_dir={run_dir}", *llm_overrides(args)])
             )
         cmd = [
@@ -99,14 +99,21 @@ def build_worker(run_dir: Path, overrides: list[str]) -> None:
     from maven_dist.config import load_config
     from maven_dist.parallel.dims import ParallelDims
     from maven_dist.parallel.distributed import barrier, init_distributed
-    from maven_dist.train.builders import build_engine, load_stage_tokenizer, resolve_model_source
-    from maven_dist.train.checkpoint import Checkpointer
+    from maven_dist.parallel.engine import NonFiniteGuard
+    from maven_dist.train.builders import (
+        build_engine,
+        build_stage_loader,
+        load_stage_tokenizer,
+        resolve_model_source,
+    )
+    from maven_dist.train.checkpoint import CheckpointManager
+    from maven_dist.train.trainer import TrainerState
 
     cfg = load_config(
         "recipes/tiny/stage4.yaml",
         [
             f"run_dir={run_dir}",
-            "embedded.enabled=false",
+            "demo.enabled=false",
             "stage.init_missing=base",
             "stage.micro_batch_size=1",
             "stage.global_batch_size=2",
@@ -121,10 +128,11 @@ def build_worker(run_dir: Path, overrides: list[str]) -> None:
     skeleton = cfg.stage_dir / "model_skeleton"
     if env.is_main:
         engine.module.save_skeleton(skeleton, tokenizer)
-    checkpointer = Checkpointer(
-        cfg.stage_dir / "checkpoints", env, 1, cfg.fingerprint(), cfg.stage.name, skeleton
-    )
-    checkpointer.save(0, engine, {"step": 0}, {"layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}})
+    loader = build_stage_loader(cfg, tokenizer, layout, source, env.rank, dims.dp)
+    state = TrainerState(NonFiniteGuard(cfg.stage.max_bad_steps, cfg.stage.name))
+    layout_extra = {"layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}}
+    checkpoints = CheckpointManager(cfg, env, engine, loader, state, skeleton, manifest_extra=layout_extra)
+    checkpoints.maybe_save(0, force=True)
     barrier()
 
 
@@ -135,7 +143,7 @@ def zip_copy(checkpoint: Path, work: Path) -> Path:
         return dest
     import torch
 
-    from maven_dist.parallel.checkpoint_engine import DEEPSPEED_SAFE_GLOBALS
+    from maven_dist.parallel.deepspeed_common import DEEPSPEED_SAFE_GLOBALS
 
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(checkpoint, dest, ignore=shutil.ignore_patterns("*_states.pt", "manifest.json"))
@@ -172,8 +180,8 @@ def compare(ours: Path, theirs: Path) -> tuple[int, bool]:
     import torch
     from safetensors import safe_open
 
+    from maven_dist.contract.vocab import VocabLayout
     from maven_dist.model import hf_layout
-    from maven_dist.model.vocab import VocabLayout
 
     layout = VocabLayout(**json.loads((ours / "config.json").read_text())["vocab"])
     theirs_files = sorted(theirs.glob("*.safetensors"))
@@ -226,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = args.checkpoint or build_checkpoint(work, args)
 
-    from maven_dist.merge.plan import expected_shapes
+    from maven_dist.merge.output_files import expected_shapes
 
     num_params = sum(math.prod(s) for s in expected_shapes(checkpoint / "model").values())
     if num_params < args.min_params:

@@ -25,7 +25,7 @@ import yaml
 Part = Literal["llm", "vocab_new_rows", "projector", "selector", "vision_tower"]
 View = Literal["discrete", "continuous"]
 StageName = Literal["stage1", "stage2", "stage3", "stage4"]
-DataView = Literal["patch_labels", "discrete_alignment", "captions", "conversations"]
+DataFormat = Literal["patch_labels", "discrete_alignment", "captions", "conversations"]
 
 
 class ConfigError(ValueError):
@@ -181,8 +181,9 @@ class ModelConfig:
 class DataConfig:
     path: str = "{run_dir}/data/shards"
     """Directory of Arrow shards written by tools/prepare_data.py."""
-    view: DataView = "conversations"
-    """Which view of the shards this stage reads (see maven_dist/data/views.py)."""
+    format: DataFormat = "conversations"
+    """How this stage reads a shard row: patch_labels, discrete_alignment, captions or conversations
+    (maven_dist/data/formats.py)."""
     template: Literal["vicuna_v1", "llama_2", "plain"] = "vicuna_v1"
     """Conversation template used to render and label-mask conversations."""
     max_length: int = 2048
@@ -396,10 +397,10 @@ class TrackingConfig:
 
 
 @dataclass
-class EmbeddedConfig:
+class DemoConfig:
     enabled: bool = False
-    """Before training, build whatever of the embedded default is missing: synthetic images, tokenizer,
-    random base models, shards, patch labels and visual codes (the tiny recipe; see maven_dist/data/embedded.py)."""
+    """This recipe trains on the demo assets (`maven prepare-demo` builds what is missing: synthetic images,
+    tokenizer, random base models, shards, patch labels and visual codes; see maven_dist/offline/demo.py)."""
     num_images: int = 160
     """Synthetic images to generate."""
     image_size: int = 112
@@ -426,8 +427,8 @@ class Config:
     """Checkpointing."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment tracking."""
-    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
-    """The embedded default data and base models (CPU demo and tests)."""
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    """The demo assets: synthetic data and random base models (the tiny recipe: CPU demo and tests)."""
 
     def validate(self) -> None:
         self.model.validate()
@@ -436,11 +437,33 @@ class Config:
         self.parallel.validate()
         self.checkpoint.validate()
         self.tracking.validate()
+        self._validate_stage_data()
         tp = self.parallel.tp
         if self.model.vocab.pad_to_multiple_of % (128 * tp):
             raise ConfigError(
                 f"model.vocab.pad_to_multiple_of={self.model.vocab.pad_to_multiple_of} is not a "
                 f"multiple of 128*parallel.tp={128 * tp}; raise it so each TP shard stays 128-aligned"
+            )
+
+    def _validate_stage_data(self) -> None:
+        """What a stage trains on and what it feeds the LLM must agree: the loss, ``stage.views`` and
+        ``data.format`` (the columns the data must have follow from these, see data/formats.py)."""
+        stage, fmt = self.stage, self.data.format
+        if (stage.loss == "selector_bce") != (fmt == "patch_labels"):
+            raise ConfigError(
+                f"stage.loss={stage.loss} with data.format={fmt}: the selector loss trains on patch labels and "
+                "patch labels train only the selector; use loss selector_bce with format patch_labels (stage 1), "
+                "or loss lm with another format"
+            )
+        if stage.loss == "selector_bce" and sorted(stage.views) != ["continuous", "discrete"]:
+            raise ConfigError(
+                f"stage.views={stage.views} with stage.loss=selector_bce: the selector scores the continuous "
+                "view's patches against the discrete view's h_eos; set stage.views=[discrete, continuous]"
+            )
+        if fmt == "discrete_alignment" and stage.views != ["discrete"]:
+            raise ConfigError(
+                f"stage.views={stage.views} with data.format=discrete_alignment: discrete alignment (stage 2) "
+                "feeds images as their codes only; set stage.views=[discrete]"
             )
 
     def resolve_path(self, path: str) -> Path:
@@ -458,7 +481,7 @@ class Config:
     def fingerprint(self) -> str:
         """Hash of everything that changes what training computes (not where it writes or logs)."""
         d = self.to_dict()
-        for volatile in ("run_dir", "tracking", "checkpoint", "embedded"):
+        for volatile in ("run_dir", "tracking", "checkpoint", "demo"):
             d.pop(volatile)
         d["stage"].pop("log_every")
         d["data"].pop("num_workers")  # the loader resumes exactly with any worker count
@@ -466,6 +489,9 @@ class Config:
 
 
 # --------------------------------------------------------------------------- loading
+
+RENAMED_KEYS = {"embedded": "demo", "data.view": "data.format"}
+"""Keys of older recipes, and what they are called now."""
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -542,8 +568,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
+        key = f"{prefix}{unknown[0]}"
+        if key in RENAMED_KEYS:
+            raise ConfigError(f"'{key}' was renamed to '{RENAMED_KEYS[key]}'; update the recipe")
         where = prefix.rstrip(".") or "the top level"
-        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' in {where}; allowed: {sorted(fields)}")
+        raise ConfigError(f"unknown key '{key}' in {where}; allowed: {sorted(fields)}")
     kwargs = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in fields if name in raw}
     return cls(**kwargs)
 

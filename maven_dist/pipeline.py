@@ -1,8 +1,9 @@
-"""`python -m maven_dist.pipeline RECIPE_DIR [--nproc N] [--set key=value ...]`: the four stages in order.
+"""`maven pipeline RECIPE_DIR [--nproc N] [--stages ...] [--set key=value ...]`: a recipe's stages in order.
 
-Each stage is its own `torchrun` (one process per rank), started from the previous stage's export
-through the recipes' `init_from`. All four share one MLflow parent run via MAVEN_LAUNCH_ID. The
-embedded default (tiny recipe) is prepared once here, before any rank starts.
+Also ``python -m maven_dist.pipeline``. The stages run in the order their ``stage.init_from`` hand-offs
+imply (a stage runs after the stage it starts from), each as its own ``torchrun`` (one process per
+rank). All stages share one MLflow parent run via MAVEN_LAUNCH_ID. Demo assets (recipes with
+``demo.enabled``, the tiny recipe) are prepared once here, before any rank starts.
 """
 
 from __future__ import annotations
@@ -18,59 +19,90 @@ from pathlib import Path
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m maven_dist.pipeline", description=__doc__.splitlines()[0]
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maven pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("recipe_dir", help="directory with stage1.yaml .. stage4.yaml, e.g. recipes/tiny")
-    parser.add_argument("--nproc", type=int, default=1, help="ranks per stage (torchrun --nproc_per_node)")
     parser.add_argument(
-        "--stages", default=",".join(STAGES), help="comma-separated subset, e.g. stage3,stage4"
+        "--nproc", type=int, default=1, help="ranks per stage (torchrun --nproc_per_node; default 1)"
     )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--stages", default=",".join(STAGES), help="comma-separated subset, e.g. stage3,stage4 (default all)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value in every stage's recipe (repeatable)",
+    )
+    return parser
+
+
+def stage_order(configs: dict[str, object]) -> list[str]:
+    """The stages of `configs` ({name: Config}) so that each runs after the stage its ``init_from`` names
+    (when that stage is in the run); ties keep the paper's numbering."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise ValueError(f"stage.init_from forms a cycle through {sorted(visiting)}")
+        visiting.add(name)
+        parent = configs[name].stage.init_from
+        if parent in configs:
+            visit(parent)
+        visiting.discard(name)
+        order.append(name)
+
+    for name in sorted(configs):
+        visit(name)
+    return order
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from maven_dist.config import ConfigError, load_config
-    from maven_dist.data.embedded import prepare_embedded
+    from maven_dist.offline.demo import prepare_demo
 
-    recipes = [Path(args.recipe_dir) / f"{stage}.yaml" for stage in args.stages.split(",")]
+    recipe_dir = Path(args.recipe_dir)
     try:
-        configs = [load_config(r, args.overrides) for r in recipes]
-    except ConfigError as exc:
+        configs = {s: load_config(recipe_dir / f"{s}.yaml", args.overrides) for s in args.stages.split(",")}
+        order = stage_order(configs)
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if configs[0].embedded.enabled:
-        prepare_embedded(configs[0])
+    first = configs[order[0]]
+    if first.demo.enabled:
+        prepare_demo(first)
 
     env = os.environ | {"MAVEN_LAUNCH_ID": os.environ.get("MAVEN_LAUNCH_ID", uuid.uuid4().hex[:12])}
-    for recipe, cfg in zip(recipes, configs, strict=True):
-        cmd = [sys.executable, "-m", "maven_dist.train", str(recipe), *(f"--set={o}" for o in args.overrides)]
+    print(f"[pipeline] stage order: {' -> '.join(order)}", flush=True)
+    for name in order:
+        recipe = recipe_dir / f"{name}.yaml"
+        train = ["-m", "maven_dist.train", str(recipe), *(f"--set={o}" for o in args.overrides)]
+        cmd = [sys.executable, *train]
         if args.nproc > 1:
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc_per_node={args.nproc}",
-                "-m",
-                "maven_dist.train",
-                str(recipe),
-                *(f"--set={o}" for o in args.overrides),
-            ]
-        print(f"[pipeline] {cfg.stage.name}: {' '.join(cmd)}", flush=True)
+            torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+            cmd = [sys.executable, *torchrun, *train]
+        print(f"[pipeline] {name}: {' '.join(cmd)}", flush=True)
         start = time.perf_counter()
         code = subprocess.call(cmd, env=env)
         if code != 0:
             print(
-                f"[pipeline] {cfg.stage.name} failed with exit code {code}; rerun the same command to resume "
+                f"[pipeline] {name} failed with exit code {code}; rerun the same command to resume "
                 "(each stage continues from its latest checkpoint)",
                 file=sys.stderr,
             )
             return code
-        print(f"[pipeline] {cfg.stage.name} finished in {time.perf_counter() - start:.0f} s", flush=True)
-    _deliver_spooled_metrics(configs[-1].run_dir)
+        print(f"[pipeline] {name} finished in {time.perf_counter() - start:.0f} s", flush=True)
+    last = configs[order[-1]]
+    _deliver_spooled_metrics(last.run_dir)
     print(
-        f"[pipeline] all stages done; MLflow store: {configs[-1].tracking.uri or Path(configs[-1].run_dir) / 'mlflow.db'}"
+        f"[pipeline] all stages done; MLflow store: {last.tracking.uri or Path(last.run_dir) / 'mlflow.db'}"
     )
     return 0
 
@@ -86,14 +118,11 @@ def _deliver_spooled_metrics(run_dir: str) -> None:
     try:
         result = sync_spool(run_dir)
     except Exception as exc:  # noqa: BLE001 - tracking must never fail training
-        print(
-            f"[pipeline] tracking store still unreachable ({exc}); later run: python -m maven_dist.train.tracking sync {run_dir}"
-        )
+        print(f"[pipeline] tracking store still unreachable ({exc}); later run: maven sync {run_dir}")
         return
     if result.failed:
         print(
-            f"[pipeline] {len(result.failed)} spool file(s) not delivered yet; later run: "
-            f"python -m maven_dist.train.tracking sync {run_dir}"
+            f"[pipeline] {len(result.failed)} spool file(s) not delivered yet; later run: maven sync {run_dir}"
         )
     else:
         print(f"[pipeline] delivered {result.metrics} spooled metric values to the tracking store")

@@ -15,7 +15,7 @@
 # The recipe defaults to recipes/maven-7b/STAGE.yaml; a relative recipe path is looked up in the
 # directory you submitted from, then in the repository.
 
-MAVEN_REQUEUE_EXIT_CODE=75  # maven_dist.launch.preemption.REQUEUE_EXIT_CODE
+MAVEN_REQUEUE_EXIT_CODE=75  # maven_dist.contract.preemption.REQUEUE_EXIT_CODE
 
 maven_log() { printf '[maven %(%F %T)T] %s\n' -1 "$*" >&2; }
 maven_die() { maven_log "error: $*"; exit "${2:-2}"; }
@@ -133,6 +133,8 @@ maven_run() {
     fi
     "$MAVEN_PYTHON" -m maven_dist.launch.checks "$MAVEN_RECIPE" --nodes "$nodes" --tasks-per-node "$tasks" \
         --gpus-per-node "$gpus" "${MAVEN_SETS[@]}" || exit 2
+    # A demo recipe (the tiny one) builds its assets once, here, before any rank starts.
+    "$MAVEN_PYTHON" -m maven_dist.cli prepare-demo --if-enabled "$MAVEN_RECIPE" "${MAVEN_SETS[@]}" || exit 2
 
     export MAVEN_LAUNCHER=sbatch MAVEN_REQUEUE_COUNT=$restarts
     # MAVEN_TRAIN_CMD: what each task runs (default the trainer; the launcher's own plumbing test

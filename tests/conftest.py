@@ -28,8 +28,8 @@ TEXTS = [
 
 def build_tiny_base(root: Path, image_size: int = 56, vocab_size: int = 320) -> TinyBase:
     from maven_dist.config import LLMConfig, VisionConfig
-    from maven_dist.data.tokenizer_training import train_tokenizer
-    from maven_dist.model.build import build_random_llm, build_random_vision_tower
+    from maven_dist.offline.base_models import build_random_llm, build_random_vision_tower
+    from maven_dist.offline.tokenizer_training import train_tokenizer
 
     tokenizer = train_tokenizer(TEXTS, root / "llm", vocab_size=vocab_size)
     llm = LLMConfig(
@@ -56,7 +56,7 @@ def tiny_base(tmp_path_factory) -> TinyBase:
 
 @dataclass(frozen=True)
 class TinyAssets:
-    """The embedded default (synthetic shards with labels and codes, tokenizer, base models), built once."""
+    """The demo assets (synthetic shards with labels and codes, tokenizer, base models), built once."""
 
     root: Path
 
@@ -64,7 +64,7 @@ class TinyAssets:
         """--set overrides that point a tiny recipe at these assets instead of rebuilding them."""
         return [
             f"run_dir={run_dir}",
-            "embedded.enabled=false",
+            "demo.enabled=false",
             f"model.llm.path={self.root}/base/llm",
             f"model.vision.path={self.root}/base/vision_tower",
             f"model.discrete.path={self.root}/base/kmeans_tokenizer",
@@ -75,8 +75,8 @@ class TinyAssets:
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> TinyAssets:
     from maven_dist.config import load_config
-    from maven_dist.data.embedded import prepare_embedded
+    from maven_dist.offline.demo import prepare_demo
 
     root = tmp_path_factory.mktemp("tiny_assets")
-    prepare_embedded(load_config("recipes/tiny/stage1.yaml", [f"run_dir={root}"]))
+    prepare_demo(load_config("recipes/tiny/stage1.yaml", [f"run_dir={root}"]))
     return TinyAssets(root)

@@ -1,31 +1,11 @@
-"""Write the synthetic shapes data set (images, masks, LLaVA JSON, COCO instances, captions.txt).
+"""`python tools/make_synthetic.py ...`: alias of `maven synthetic ...` (see `maven synthetic --help`)."""
 
-python tools/make_synthetic.py OUT_DIR --num-images 64 --seed 0 --image-size 112
-"""
-
-from __future__ import annotations
-
-import argparse
+import sys
 from pathlib import Path
 
-from maven_dist.data.synthetic import generate_synthetic
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--num-images", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=112)
-    args = parser.parse_args(argv)
-    out = generate_synthetic(args.out_dir, args.num_images, args.seed, args.image_size)
-    print(
-        f"wrote {len(out.images)} images, {out.captions_json.name}, {out.conversations_json.name}, "
-        f"{out.instances_json.name} under {out.root}"
-    )
-
+from maven_dist.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["synthetic", *sys.argv[1:]]))

@@ -4,7 +4,7 @@ LLaVA-1.5 pads every image to a square with the processor's mean colour ("pad" a
 ``expand2square``) and then lets ``CLIPImageProcessor`` resize to 336 and centre-crop, which is a
 no-op on a square. We do the same in one place: centred pad to ``side = max(w, h)``, bicubic resize
 to ``image_size``, normalise. :class:`Letterbox` records where the original pixels land so that
-``maven_dist/pseudo_labels/patch_labels.py`` maps masks through the identical transform.
+``maven_dist/offline/pseudo_labels/patch_labels.py`` maps masks through the identical transform.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The resumable, data-parallel shard loader.
 
-Design: the main process owns the *plan* and workers only decode. From a small index (each
+Design: the main process owns the *step order* and workers only decode. From a small index (each
 sample's length and image count, read from the memory-mapped shards) it computes, for every
 (seed, epoch), the same global list of optimizer-step groups on every rank; rank r takes its slice
 of each group. Resuming is "start at batch k of epoch e": workers are handed batch indices, never
@@ -34,12 +34,12 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
-from maven_dist.data.batch import Batch
+from maven_dist.contract.batch import Batch
+from maven_dist.contract.preemption import ignore_preemption_signals
+from maven_dist.contract.vocab import VocabLayout
+from maven_dist.data.formats import BadSample, DataError, SampleFormat, collate, make_example
 from maven_dist.data.image_transform import ImageTransform
 from maven_dist.data.shards import list_shards, read_shard
-from maven_dist.data.views import BadSample, DataError, ViewSpec, collate, make_example
-from maven_dist.launch.preemption import ignore_preemption_signals
-from maven_dist.model.vocab import VocabLayout
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ GROUP_STEPS = 8
 
 
 class ShardIndex:
-    """Where every sample lives and the two numbers the plan needs (length, image count)."""
+    """Where every sample lives and the two numbers the step order needs (length, image count)."""
 
     def __init__(self, shards_dir: str | Path) -> None:
         self.paths = list_shards(shards_dir)
@@ -80,7 +80,7 @@ class ShardIndex:
         return shard, int(index - self.offsets[shard])
 
 
-def plan_epoch(
+def epoch_steps(
     index: ShardIndex,
     seed: int,
     epoch: int,
@@ -90,7 +90,7 @@ def plan_epoch(
 ) -> list[list[int]]:
     """Every optimizer step of the epoch as global sample indices (`step_size` = the global batch).
 
-    The plan depends on the global batch only, not on how it is split over ranks and accumulation
+    The order depends on the global batch only, not on how it is split over ranks and accumulation
     micro-batches: a run on 2 ranks sees the same samples per step as 1 rank accumulating twice,
     which is what makes data-parallel parity and resuming on another dp size possible."""
     n, per_step = len(index), step_size
@@ -115,7 +115,7 @@ class _BatchReader:
     """Decodes one planned batch; lives in the DataLoader workers (each opens shards lazily)."""
 
     def __init__(
-        self, index: ShardIndex, spec: ViewSpec, tokenizer, layout, transform, pad_id: int, strict: bool
+        self, index: ShardIndex, spec: SampleFormat, tokenizer, layout, transform, pad_id: int, strict: bool
     ):
         self.paths, self.offsets = index.paths, index.offsets
         self.spec, self.tokenizer, self.layout, self.transform = spec, tokenizer, layout, transform
@@ -176,7 +176,7 @@ class ShardLoader:
     def __init__(
         self,
         shards_dir: str | Path,
-        spec: ViewSpec,
+        spec: SampleFormat,
         tokenizer,
         layout: VocabLayout | None,
         transform: ImageTransform,
@@ -217,8 +217,8 @@ class ShardLoader:
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's micro-batches of `epoch` as global sample indices: of each step's micro-batches
-        (in plan order) rank r takes r, r + dp, r + 2 dp, ..."""
-        steps = plan_epoch(
+        (in epoch order) rank r takes r, r + dp, r + 2 dp, ..."""
+        steps = epoch_steps(
             self.index, self.seed, epoch, self.global_batch_size, self.shuffle, self.group_by_length
         )
         micro = self.micro_batch_size
@@ -334,8 +334,8 @@ def build_loader(
     shards_dir = cfg.resolve_path(cfg.data.path)
     _check_prepared_size(shards_dir, transform)
     grid = transform.image_size // cfg.model.vision.patch_size
-    spec = ViewSpec(
-        name=cfg.data.view,
+    spec = SampleFormat(
+        name=cfg.data.format,
         template=cfg.data.template,
         max_length=cfg.data.max_length,
         num_codes=cfg.model.discrete.num_codes,

@@ -32,6 +32,8 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from maven_dist.contract.lengths import visual_tokens_per_image
+from maven_dist.contract.vocab import IMAGE_PLACEHOLDER
 from maven_dist.data.image_transform import ImageTransform
 from maven_dist.data.shards import (
     BASE_SCHEMA,
@@ -41,8 +43,6 @@ from maven_dist.data.shards import (
     write_shard_atomic,
 )
 from maven_dist.data.templates import ConversationError, check_turns, render
-from maven_dist.model.sequence import visual_tokens_per_image
-from maven_dist.model.vocab import IMAGE_PLACEHOLDER
 
 REASONS = (
     "malformed_json",

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from maven_dist.model.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER_ID
+from maven_dist.contract.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER_ID
 
 TemplateName = Literal["vicuna_v1", "llama_2", "plain"]
 TEMPLATES: tuple[str, ...] = ("vicuna_v1", "llama_2", "plain")

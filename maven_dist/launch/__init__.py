@@ -1,6 +1,7 @@
 """Launching stages: on Slurm (slurm/*.sh, submitit) or locally; kept apart from training.
 
-* ``preemption`` - the flag the trainer polls, and ``REQUEUE_EXIT_CODE`` (75) it exits with;
+* ``maven_dist.contract.preemption`` (shared with the trainer) - the flag the trainer polls, and
+  ``REQUEUE_EXIT_CODE`` (75) it exits with;
 * ``slurm_env`` - RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from SLURM_* (and the exec
   wrapper that slurm/launch.sh puts in front of the trainer);
 * ``checks`` - recipe, world size vs tp*pp, GPUs: refused before any rank starts;

@@ -24,7 +24,7 @@ MIN_TIMEOUT_MIN = 11
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m maven_dist.launch", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="maven launch", description=__doc__.splitlines()[0])
     p.add_argument("recipe", help="stage recipe, e.g. recipes/maven-7b/stage4.yaml")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node = tasks per node; 0 = CPU")
@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if cfg.demo.enabled:  # the tiny recipe: its assets are built once here, before any task starts
+        from maven_dist.offline.demo import prepare_demo
+
+        prepare_demo(cfg)
     folder = Path(args.folder) if args.folder else Path(cfg.run_dir) / "submitit"
     executor = build_executor(args, layout, folder, job_name=f"maven-{cfg.stage.name}")
     job = executor.submit(StageJob(args.recipe, list(args.overrides)))

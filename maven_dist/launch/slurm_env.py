@@ -25,7 +25,7 @@ PORT_SPAN = 15000
 
 
 @dataclass(frozen=True)
-class DistEnv:
+class TaskEnv:
     """One task's place in the job, in torch.distributed's terms."""
 
     rank: int
@@ -111,8 +111,8 @@ def _require(environ: Mapping[str, str], *names: str) -> str:
     )
 
 
-def dist_env_from_slurm(environ: Mapping[str, str] | None = None) -> DistEnv:
-    """Derive this task's :class:`DistEnv` from the ``SLURM_*`` variables of an srun task.
+def task_env_from_slurm(environ: Mapping[str, str] | None = None) -> TaskEnv:
+    """Derive this task's :class:`TaskEnv` from the ``SLURM_*`` variables of an srun task.
 
     MASTER_ADDR / MASTER_PORT already in the environment win (a user pinning the rendezvous).
     Step-level variables win over job-level ones: ``srun`` inside a batch script may start
@@ -131,7 +131,7 @@ def dist_env_from_slurm(environ: Mapping[str, str] | None = None) -> DistEnv:
         raise LaunchError(f"SLURM_PROCID={rank} is outside the {world_size} tasks of this step")
     master_addr = env.get("MASTER_ADDR") or first_host(nodelist)
     port = env.get("MASTER_PORT") or str(port_for_job(_require(env, "SLURM_JOB_ID")))
-    return DistEnv(rank, local_rank, world_size, local_world_size, master_addr, int(port))
+    return TaskEnv(rank, local_rank, world_size, local_world_size, master_addr, int(port))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: python -m maven_dist.launch.slurm_env -- CMD [ARGS...]", file=sys.stderr)
         raise SystemExit(2)
     try:
-        dist = dist_env_from_slurm()
+        dist = task_env_from_slurm()
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -21,24 +21,24 @@ from dataclasses import dataclass, field, replace
 
 import submitit
 
-from maven_dist.launch.preemption import (
+from maven_dist.contract.preemption import (
     REQUEUE_EXIT_CODE,
     install_preemption_handler,
     received_signals,
     reset_preemption,
 )
-from maven_dist.launch.slurm_env import DistEnv, dist_env_from_slurm, port_for_job
+from maven_dist.launch.slurm_env import TaskEnv, port_for_job, task_env_from_slurm
 
 USR2_GRACE_S = 3.0
 """How long a task that saved after TERM waits for the USR2 that may follow before just exiting."""
 
 
-def dist_env_from_submitit(job_env: submitit.JobEnvironment) -> DistEnv:
+def task_env_from_submitit(job_env: submitit.JobEnvironment) -> TaskEnv:
     """torch.distributed variables for a submitit task: from SLURM_* on Slurm, else local."""
     if job_env.cluster == "slurm":
-        return dist_env_from_slurm(os.environ)
+        return task_env_from_slurm(os.environ)
     # local executor: every task on this machine; the job id is the controller's pid
-    return DistEnv(
+    return TaskEnv(
         rank=job_env.global_rank,
         local_rank=job_env.local_rank,
         world_size=job_env.num_tasks,
@@ -80,7 +80,7 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> int:
         job_env = submitit.JobEnvironment()
-        dist = dist_env_from_submitit(job_env)
+        dist = task_env_from_submitit(job_env)
         os.environ.update(dist.as_environ())
         os.environ["MAVEN_LAUNCHER"] = f"submitit-{job_env.cluster}"
         os.environ["MAVEN_REQUEUE_COUNT"] = str(self.attempt)
@@ -100,7 +100,7 @@ class StageJob(submitit.helpers.Checkpointable):
             )
         return code
 
-    def _after_save(self, dist: DistEnv, submitit_handler: object) -> int:
+    def _after_save(self, dist: TaskEnv, submitit_handler: object) -> int:
         """The trainer saved and asked for a requeue: who requeues depends on which signal came."""
         # submitit's _interrupt() and Slurm's preemption of submitit jobs send TERM, then USR2;
         # a trainer that saved between the two must still see the USR2 to requeue.

@@ -2,7 +2,7 @@
 
 Pieces, one job each: ``source`` finds the checkpoint and defines what a reader answers;
 ``torch_files`` locates tensors inside ``torch.save`` files without loading them; ``local_source``,
-``zero3_source`` and ``three_d_source`` read the three engine layouts; ``plan`` checks the parameters against the skeleton's
+``zero3_source`` and ``three_d_source`` read the three engine layouts; ``output_files`` checks the parameters against the skeleton's
 model and lays out the output files; ``writer`` streams them; ``merge`` orchestrates, verifies and
 writes the provenance.
 """

@@ -9,7 +9,7 @@ import yaml
 
 from maven_dist.merge.errors import MergeError
 from maven_dist.merge.source import CheckpointRef, Piece, SourceTensor
-from maven_dist.train.parts import part_of
+from maven_dist.model.parts import part_of
 
 SAFETENSORS_DTYPES = {
     "F64": "float64",

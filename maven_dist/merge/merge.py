@@ -12,7 +12,14 @@ from typing import Literal
 
 from maven_dist.merge.errors import MergeError
 from maven_dist.merge.local_source import read_safetensors_header
-from maven_dist.merge.plan import DTYPES, Plan, build_plan, expected_shapes, parse_size, select_names
+from maven_dist.merge.output_files import (
+    DTYPES,
+    OutputFiles,
+    build_output_files,
+    expected_shapes,
+    parse_size,
+    select_names,
+)
 from maven_dist.merge.source import CheckpointRef, find_checkpoint, open_source
 from maven_dist.merge.writer import DTYPE_NAMES, ChunkReader, sha256_file, write_file
 
@@ -74,7 +81,7 @@ def merge_checkpoint(
         )
     expected = expected_shapes(ref.skeleton)
     names = select_names(expected, tensors, str(ref.path), list(options.only), options.exclude_frozen)
-    plan = build_plan(names, tensors, DTYPES[options.dtype], parse_size(options.max_shard_size))
+    layout = build_output_files(names, tensors, DTYPES[options.dtype], parse_size(options.max_shard_size))
 
     tmp = out_dir.with_name(out_dir.name + ".merging")
     if tmp.exists():
@@ -82,16 +89,16 @@ def merge_checkpoint(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
         shutil.copytree(ref.skeleton, tmp)
-        hashes = _write_weights(tmp, plan, options)
-        for relpath, index in plan.indexes.items():
+        hashes = _write_weights(tmp, layout, options)
+        for relpath, index in layout.indexes.items():
             (tmp / relpath).write_text(json.dumps(index, indent=2))
-        _verify(tmp, plan)
+        _verify(tmp, layout)
         files = {
             p.relative_to(tmp).as_posix(): hashes.get(p.relative_to(tmp).as_posix()) or sha256_file(p)
             for p in sorted(tmp.rglob("*"))
             if p.is_file()
         }
-        _write_provenance(tmp, ref, source.kind, source.world_size, options, plan, files, expected)
+        _write_provenance(tmp, ref, source.kind, source.world_size, options, layout, files, expected)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed merge leaves nothing behind
         raise
@@ -99,19 +106,26 @@ def merge_checkpoint(
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return MergeResult(
-        out_dir, ref.path, source.kind, ref.step, len(names), plan.nbytes, time.perf_counter() - start, files
+        out_dir,
+        ref.path,
+        source.kind,
+        ref.step,
+        len(names),
+        layout.nbytes,
+        time.perf_counter() - start,
+        files,
     )
 
 
-def _write_weights(tmp: Path, plan: Plan, options: MergeOptions) -> dict[str, str]:
+def _write_weights(tmp: Path, layout: OutputFiles, options: MergeOptions) -> dict[str, str]:
     from tqdm import tqdm
 
     chunk = max(1, options.chunk_mb) << 20
     reader = ChunkReader(options.threads, chunk, read_ahead=2 * options.threads)
-    bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="merge", disable=not options.progress)
+    bar = tqdm(total=layout.nbytes, unit="B", unit_scale=True, desc="merge", disable=not options.progress)
     hashes = {}
     try:
-        for out in plan.files:
+        for out in layout.files:
             bar.set_postfix_str(out.relpath)
             hashes[out.relpath] = write_file(tmp / out.relpath, out, reader, bar.update)
     finally:
@@ -120,9 +134,9 @@ def _write_weights(tmp: Path, plan: Plan, options: MergeOptions) -> dict[str, st
     return hashes
 
 
-def _verify(tmp: Path, plan: Plan) -> None:
+def _verify(tmp: Path, layout: OutputFiles) -> None:
     """Every planned tensor is in its file with the planned dtype, shape and size."""
-    for out in plan.files:
+    for out in layout.files:
         path = tmp / out.relpath
         header, start = read_safetensors_header(path)
         for t in out.tensors:
@@ -143,7 +157,7 @@ def _write_provenance(
     kind: str,
     world_size: int,
     options: MergeOptions,
-    plan: Plan,
+    layout: OutputFiles,
     files: dict[str, str],
     expected: dict,
 ) -> None:
@@ -159,9 +173,9 @@ def _write_provenance(
         "recipe_fingerprint": manifest.get("fingerprint"),
         "git_sha": manifest.get("git_sha"),
         "options": {k: v for k, v in asdict(options).items() if k not in ("progress", "force")},
-        "complete": len(plan.names) == len(expected),
-        "num_parameters": len(plan.names),
-        "num_weight_bytes": plan.nbytes,
+        "complete": len(layout.names) == len(expected),
+        "num_parameters": len(layout.names),
+        "num_weight_bytes": layout.nbytes,
         "sha256": files,
     }
     (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")

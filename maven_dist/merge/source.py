@@ -9,7 +9,6 @@ nothing else, so a new kind plugs in as one more reader (``open_source``).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +16,16 @@ from typing import Protocol
 
 import torch
 
+from maven_dist.contract.checkpoint_layout import (
+    ENGINE,
+    LATEST,
+    MANIFEST,
+    SKELETON,
+    STEP_DIR,
+    TMP_SUFFIX,
+    step_dir_name,
+)
 from maven_dist.merge.errors import MergeError
-
-LATEST = "latest"
-MANIFEST = "manifest.json"
-SKELETON = "model"
-ENGINE = "engine"
-_STEP_DIR = re.compile(r"step_(\d{8})")
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ def find_checkpoint(
         raise MergeError(f"{src} does not exist")
     if step is not None and tag is not None:
         raise MergeError("give --step or --tag, not both")
-    if (src / MANIFEST).is_file() or src.name.endswith(".tmp"):
+    if (src / MANIFEST).is_file() or src.name.endswith(TMP_SUFFIX):
         if step is not None or tag is not None:
             raise MergeError(
                 f"{src} is one checkpoint; --step/--tag choose among checkpoints of a stage or run directory"
@@ -141,7 +143,7 @@ def find_checkpoint(
         return _complete(src)
     root = _checkpoints_root(src, stage)
     if tag is None and step is not None:
-        tag = f"step_{step:08d}"
+        tag = step_dir_name(step)
     if tag is None:
         pointer = root / LATEST
         if not pointer.is_file():
@@ -151,15 +153,15 @@ def find_checkpoint(
         tag = pointer.read_text().strip()
     path = root / tag
     if not path.is_dir():
-        if (root / f"{tag}.tmp").is_dir():
-            return _complete(root / f"{tag}.tmp")
-        available = sorted(p.name for p in root.iterdir() if _STEP_DIR.fullmatch(p.name))
+        if (root / f"{tag}{TMP_SUFFIX}").is_dir():
+            return _complete(root / f"{tag}{TMP_SUFFIX}")
+        available = sorted(p.name for p in root.iterdir() if STEP_DIR.fullmatch(p.name))
         raise MergeError(f"{root} has no checkpoint {tag}; available: {available or 'none'}")
     return _complete(path)
 
 
 def _checkpoints_root(src: Path, stage: str | None) -> Path:
-    if (src / LATEST).is_file() or any(_STEP_DIR.fullmatch(p.name) for p in src.iterdir()):
+    if (src / LATEST).is_file() or any(STEP_DIR.fullmatch(p.name) for p in src.iterdir()):
         return src
     if (src / "checkpoints").is_dir():
         return src / "checkpoints"
@@ -180,7 +182,7 @@ def _checkpoints_root(src: Path, stage: str | None) -> Path:
 
 
 def _complete(path: Path) -> CheckpointRef:
-    if path.name.endswith(".tmp") or not (path / MANIFEST).is_file():
+    if path.name.endswith(TMP_SUFFIX) or not (path / MANIFEST).is_file():
         raise MergeError(
             f"{path} is an incomplete save (killed before its manifest was written); merge a complete "
             "checkpoint (the 'latest' file names the newest)"

@@ -1,9 +1,9 @@
 """Reader for 3D (TP x PP x ZeRO-1 DP) engine state: DeepSpeed's pipeline checkpoint in ``engine/3d/``.
 
-File format (DeepSpeed 0.19 ``PipelineModule.save_state_dict``, written by ``ThreeDEngine.save_state``):
+File format (DeepSpeed 0.19 ``PipelineModule.save_state_dict``, written by ``ThreeDEngine.save``):
 
 * ``layer_II-model_RR-model_states.pt``: the ``state_dict()`` of pipeline layer II (0 input stage,
-  1..L decoder blocks, L+1 output stage; ``maven_dist/parallel/pipeline.py``) on tp rank RR, written
+  1..L decoder blocks, L+1 output stage; ``maven_dist/parallel/pipe_layers.py``) on tp rank RR, written
   by data-parallel rank 0 of each stage. Every parameter is there, trained or frozen, with the
   layer's local names; megatron-core adds ``*._extra_state`` entries (None), which are not weights.
 * ``mp_rank_MM_model_states.pt`` (one per pp x tp rank): bookkeeping (``global_steps``,
@@ -15,7 +15,7 @@ Names and tp slicing come from ``maven_dist.parallel.convert`` (``full_name`` / 
 same table the engine loads and exports with, so the rules live in one place. A tp-sharded tensor
 is the concatenation of the ranks' slices along its split dimension: along dim 0 (column-parallel,
 vocabulary rows) that is each rank's bytes in turn; along dim 1 (row-parallel) it is, row by row,
-each rank's part of the row (``source.InterleavedPieces``: generated lazily, so a 7B plan holds no
+each rank's part of the row (``source.InterleavedPieces``: generated lazily, so a 7B output layout holds no
 per-row objects, and read in runs of rows, so a 7B merge does not make a million small reads).
 """
 

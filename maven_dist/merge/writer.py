@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from maven_dist.merge.errors import MergeError
-from maven_dist.merge.plan import OutFile, OutTensor
+from maven_dist.merge.output_files import OutFile, OutTensor
 from maven_dist.merge.source import InterleavedPieces, Piece
 
 # safetensors' Dtype enum order (safetensors 0.4-0.8); it sorts tensors by it, descending.

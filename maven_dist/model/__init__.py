@@ -1,6 +1,6 @@
 """The MaVEn model: unified vocabulary, continuous encoder, patch selector, projector, assembly."""
 
-from maven_dist.model.maven import MavenModel, MavenSpec, ModelOutput
-from maven_dist.model.vocab import VocabLayout, extend_tokenizer
+from maven_dist.model.maven import MavenModel, ModelOutput
+from maven_dist.model.spec import MavenSpec
 
-__all__ = ["MavenModel", "MavenSpec", "ModelOutput", "VocabLayout", "extend_tokenizer"]
+__all__ = ["MavenModel", "MavenSpec", "ModelOutput"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from maven_dist.model.vocab import VocabLayout
+from maven_dist.contract.vocab import VocabLayout
 
 LLM_DIR = "llm"
 TOWER_DIR = "vision_tower"

@@ -1,7 +1,7 @@
 """MavenModel: LLM + unified vocabulary + CLIP tower + patch selector + projector.
 
 The model is written once; parallel backends wrap it (``maven_dist/parallel/``) and stages pick
-what trains (``maven_dist/train/parts.py``). Two forward paths, chosen by the stage's loss:
+what trains (``maven_dist/model/parts.py``). Two forward paths, chosen by the stage's loss:
 
 * ``selector_bce`` (stage 1): tower features + h_eos -> selector logits -> BCE on patch labels.
 * ``lm`` (stages 2-4): images expanded into discrete and/or continuous tokens -> LLM -> next-token
@@ -23,28 +23,15 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
-from maven_dist.data.batch import Batch
+from maven_dist.contract.batch import Batch
+from maven_dist.contract.vocab import IGNORE_INDEX, VocabLayout
 from maven_dist.model import hf_layout
-from maven_dist.model.projector import build_projector
-from maven_dist.model.selector import PatchSelector, select_top_patches, selector_bce, selector_metrics
-from maven_dist.model.sequence import assemble_sequences, num_kept_patches
-from maven_dist.model.vision import ContinuousEncoder
-from maven_dist.model.vocab import IGNORE_INDEX, VocabLayout, init_new_rows
+from maven_dist.model.frontend import MavenFrontEnd, eos_input_length, h_eos_spread
+from maven_dist.model.selector import selector_bce, selector_metrics
+from maven_dist.model.spec import MavenSpec
+from maven_dist.model.vocab_init import init_new_rows
 
 CopyFn = Callable[[nn.Parameter, torch.Tensor], None]
-
-
-@dataclass(frozen=True)
-class MavenSpec:
-    """What MaVEn adds around the LLM and the tower; saved in config.json."""
-
-    select_layer: int = -2
-    keep_ratio: float = 0.25
-    selector_hidden_size: int = 1024
-    projector: str = "mlp2x_gelu"
-    num_codes: int = 32
-    eos_token_id: int = 2
-    label_threshold: float = 0.5
 
 
 @dataclass
@@ -71,9 +58,10 @@ class NewVocabRows(nn.Module):
         self.head = nn.Linear(hidden_size, num_rows, bias=False)
 
 
-class MavenModel(nn.Module):
+class MavenModel(MavenFrontEnd):
+    """The LLM with the unified vocabulary behind the MaVEn front end (``maven_dist/model/frontend.py``)."""
+
     def __init__(self, llm: nn.Module, tower: CLIPVisionModel, layout: VocabLayout, spec: MavenSpec):
-        super().__init__()
         if getattr(llm.config, "tie_word_embeddings", False):
             raise ValueError(
                 "LLMs with tied input/output embeddings are not supported (Vicuna/LLaMA-2 are untied)"
@@ -83,16 +71,17 @@ class MavenModel(nn.Module):
                 f"LLM has {llm.get_input_embeddings().num_embeddings} embedding rows but the vocabulary "
                 f"layout expects {layout.text_size} text rows"
             )
-        self.layout = layout
-        self.spec = spec
-        self.llm = llm
         hidden = llm.config.hidden_size
+        super().__init__(tower, layout, spec, hidden)
+        self.llm = llm
         self.vocab_new_rows = NewVocabRows(layout.num_new_rows, hidden)
-        self.vision_tower = ContinuousEncoder(tower, spec.select_layer)
-        feature = self.vision_tower.hidden_size
-        self.selector = PatchSelector(feature, hidden, spec.selector_hidden_size)
-        self.projector = build_projector(spec.projector, feature, hidden)
         self.image_processor_config: dict | None = None
+
+    def text_embedding(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    def new_row_embedding(self) -> nn.Module:
+        return self.vocab_new_rows.embed
 
     # ------------------------------------------------------------------ construction
 
@@ -259,62 +248,16 @@ class MavenModel(nn.Module):
 
     # ------------------------------------------------------------------ pieces of the forward
 
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """Unified-vocabulary embedding lookup: text rows from the LLM, new rows from vocab_new_rows."""
-        text_size = self.layout.text_size
-        is_text = (ids < text_size).unsqueeze(-1)
-        text = self.llm.get_input_embeddings()(ids.clamp(max=text_size - 1))
-        new = self.vocab_new_rows.embed((ids - text_size).clamp(min=0))
-        return torch.where(is_text, text, new)
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Unified-vocabulary output head: [*, d] -> [*, padded_size]."""
         return torch.cat([self.llm.get_output_embeddings()(hidden), self.vocab_new_rows.head(hidden)], dim=-1)
 
-    def discrete_ids(self, image_codes: torch.Tensor) -> torch.Tensor:
-        """[N, K] codes -> [N, K + 2] token ids `<img> c_1 .. c_K </img>`."""
-        n = image_codes.shape[0]
-        start = image_codes.new_full((n, 1), self.layout.img_start_id)
-        end = image_codes.new_full((n, 1), self.layout.img_end_id)
-        return torch.cat([start, self.layout.code_to_token_id(image_codes), end], dim=1)
-
     @torch.no_grad()
     def eos_states(self, image_codes: torch.Tensor) -> torch.Tensor:
-        """h_eos [N, d]: the LLM's last-layer (final-norm) state at `<EOS>` after each image's
-        discrete block. One gradient-free pass batched over all images (paper §3.2)."""
-        ids = self.discrete_ids(image_codes)
-        ids = torch.cat([ids, ids.new_full((ids.shape[0], 1), self.spec.eos_token_id)], dim=1)
-        hidden = self.llm.model(inputs_embeds=self.embed_tokens(ids), use_cache=False).last_hidden_state
-        return hidden[:, -1]
-
-    def selector_logits(
-        self, pixel_values: torch.Tensor, image_codes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch features [N, P, f] and selector logits [N, P]."""
-        features = self.vision_tower(pixel_values)
-        return features, self.selector(features, self.eos_states(image_codes))
-
-    @property
-    def num_kept(self) -> int:
-        return num_kept_patches(self.vision_tower.num_patches, self.spec.keep_ratio)
-
-    def visual_embeds(
-        self, pixel_values: torch.Tensor, image_codes: torch.Tensor, views: Sequence[str]
-    ) -> torch.Tensor:
-        """[N, V, d]: each image's discrete block then its kept, projected patches (per `views`)."""
-        blocks = []
-        if "discrete" in views:
-            blocks.append(self.embed_tokens(self.discrete_ids(image_codes)))
-        if "continuous" in views:
-            features, scores = self.selector_logits(pixel_values, image_codes)
-            keep = select_top_patches(scores, self.num_kept)
-            kept = features.gather(1, keep.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-            blocks.append(self.projector(kept.to(self.projector_dtype)))
-        return torch.cat(blocks, dim=1)
-
-    @property
-    def projector_dtype(self) -> torch.dtype:
-        return next(self.projector.parameters()).dtype
+        """h_eos [N, d]: the LLM's last-layer (final-norm) state at the end of each image's h_eos input
+        (``MavenFrontEnd.eos_input_ids``). One gradient-free pass batched over all images (paper §3.2)."""
+        embeds = self.embed_tokens(self.eos_input_ids(image_codes))
+        return self.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, -1]
 
     # ------------------------------------------------------------------ forward
 
@@ -330,54 +273,48 @@ class MavenModel(nn.Module):
             raise ValueError(
                 f"stage-1 batch without patch labels (samples {batch.sample_ids[:4]}): run tools/make_pseudo_labels.py"
             )
-        _, logits = self.selector_logits(batch.pixel_values, batch.image_codes)
+        features = self.vision_tower(batch.pixel_values)
+        h_eos = self.eos_states(batch.image_codes)
+        logits = self.selector(features, h_eos)
         loss = selector_bce(logits, batch.patch_labels)
         metrics = {"loss/selector_bce": loss.detach()}
-        metrics |= selector_metrics(logits, batch.patch_labels, self.spec.label_threshold)
-        codes = batch.image_codes
+        metrics |= selector_metrics(logits, batch.patch_labels, self.spec.label_threshold, self.num_kept)
+        metrics |= _spread_metric(h_eos)
         return ModelOutput(
             loss,
             metrics,
             num_tokens=batch.patch_labels.numel(),
-            num_input_tokens=codes.shape[0] * (codes.shape[1] + 3),
+            num_input_tokens=batch.num_images * eos_input_length(self.spec),
         )
 
     def lm_forward(self, batch: Batch, views: Sequence[str]) -> ModelOutput:
-        pixel_values, image_codes = batch.pixel_values, batch.image_codes
-        has_images = pixel_values.shape[0] > 0
-        if not has_images:
-            # Every rank must run the same modules under ZeRO-3 (parameter gathers are collective), so a
-            # text-only micro-batch still runs the visual path on one blank image and adds it with weight 0.
-            pixel_values = pixel_values.new_zeros(1, *pixel_values.shape[1:])
-            image_codes = image_codes.new_zeros(1, image_codes.shape[1])
-        visual = self.visual_embeds(pixel_values, image_codes, views)
-        embeds, labels, mask = assemble_sequences(
-            batch.input_ids,
-            batch.labels,
-            batch.attention_mask,
-            self.embed_tokens,
-            visual if has_images else visual[:0],
-        )
-        hidden = self.llm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        inputs = self.sequence_inputs(batch, views, self.eos_states)
+        hidden = self.llm.model(
+            inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask, use_cache=False
+        ).last_hidden_state
         logits = self.logits(hidden[:, :-1]).float()
-        targets = labels[:, 1:]
+        targets = inputs.labels[:, 1:]
         token_loss = F.cross_entropy(
             logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
         )
         labelled = targets != IGNORE_INDEX
         num_tokens = int(labelled.sum())
         loss = token_loss.sum() / max(num_tokens, 1)
-        if not has_images:
-            loss = loss + 0.0 * visual.sum()
-        metrics = {
-            "loss/lm": loss.detach(),
-            "model/visual_tokens_per_image": torch.tensor(float(visual.shape[1] - 2 * ("discrete" in views))),
-        }
+        per_image = self.visual_tokens_per_image(views)
+        metrics = {"loss/lm": loss.detach(), "model/visual_tokens_per_image": torch.tensor(float(per_image))}
         is_visual = targets >= self.layout.text_size
         for name, sel in (("lm_text", labelled & ~is_visual), ("lm_visual_codes", labelled & is_visual)):
             if sel.any():
                 metrics[f"loss/{name}"] = token_loss[sel].mean().detach()
-        return ModelOutput(loss, metrics, num_tokens=num_tokens, num_input_tokens=int(mask.sum()))
+        metrics |= _spread_metric(inputs.h_eos)
+        return ModelOutput(
+            loss, metrics, num_tokens=num_tokens, num_input_tokens=int(inputs.attention_mask.sum())
+        )
+
+
+def _spread_metric(h_eos: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    spread = h_eos_spread(h_eos)
+    return {} if spread is None else {"selector/h_eos_spread": spread}
 
 
 # ---------------------------------------------------------------------- helpers

@@ -41,12 +41,28 @@ def selector_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def selector_metrics(logits: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
-    """Precision, recall and F1 of `sigmoid(logits) > threshold` against the labels (micro-averaged)."""
-    pred = torch.sigmoid(logits.float()) > threshold
+def selector_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, threshold: float, keep: int
+) -> dict[str, torch.Tensor]:
+    """Quality of the selector against the patch labels, micro-averaged over the batch's images:
+
+    * ``precision`` / ``recall`` / ``f1`` of ``sigmoid(logits) > threshold``;
+    * ``precision_at_k`` / ``recall_at_k`` of the top-`keep` selection the model actually uses
+      (k = floor(alpha * N)): labelled patches among the kept ones, and kept ones among the labelled.
+    """
     truth = labels.bool()
+    positives = truth.sum().float().clamp(min=1)
+    pred = torch.sigmoid(logits.float()) > threshold
     tp = (pred & truth).sum().float()
     precision = tp / pred.sum().clamp(min=1)
-    recall = tp / truth.sum().clamp(min=1)
+    recall = tp / positives
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    return {"selector/precision": precision, "selector/recall": recall, "selector/f1": f1}
+    kept = torch.zeros_like(truth).scatter_(1, logits.topk(keep, dim=-1).indices, True)
+    tp_k = (kept & truth).sum().float()
+    return {
+        "selector/precision": precision,
+        "selector/recall": recall,
+        "selector/f1": f1,
+        "selector/precision_at_k": tp_k / kept.sum().clamp(min=1),
+        "selector/recall_at_k": tp_k / positives,
+    }

@@ -2,7 +2,7 @@
 
 A full state dict uses ``MavenModel``'s parameter names (``maven_dist/model/hf_layout.py`` maps them to
 and from the saved HF directory). A *shard* is what one tp rank holds of one pipeline layer
-(``maven_dist/parallel/pipeline.py``: 0 = input stage, 1..L = decoder blocks, L+1 = output stage),
+(``maven_dist/parallel/pipe_layers.py``: 0 = input stage, 1..L = decoder blocks, L+1 = output stage),
 keyed ``"{layer}.{local name}"`` like the parameters of DeepSpeed's ``PipelineModule``. Shards are
 cut per layer and never per stage, so one set of shards serves any pp; tp-sharded tensors are
 contiguous slices along the output dimension (column-parallel, vocabulary rows) or the input
@@ -118,7 +118,7 @@ def unshard_state_dict(shards: list[dict[str, torch.Tensor]], num_layers: int) -
 
 def iter_maven_dir(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream (MavenModel name, tensor) from a saved HF MaVEn directory, one tensor at a time."""
-    from maven_dist.model.vocab import VocabLayout
+    from maven_dist.contract.vocab import VocabLayout
 
     directory = Path(directory)
     layout = VocabLayout(**hf_layout.read_maven_config(directory)["vocab"])

@@ -1,6 +1,6 @@
 """3D backend: megatron-core tensor parallel x DeepSpeed pipeline x ZeRO-1 data parallel.
 
-The model is ``maven_dist/parallel/pipeline.py``'s layer list in a DeepSpeed ``PipelineModule``; each
+The model is ``maven_dist/parallel/pipe_layers.py``'s layer list in a DeepSpeed ``PipelineModule``; each
 rank builds only its stage's layers and reads only its tp slices of them from the MaVEn directory
 (streamed, one full tensor in memory at a time). DeepSpeed's pipeline engine runs a whole optimizer
 step at once, so this engine is step-level: :meth:`ThreeDEngine.train_step` takes the step's
@@ -12,13 +12,9 @@ Loss semantics equal ``LocalEngine``'s: each micro-batch's loss is the mean CE o
 tokens; DeepSpeed averages over the gas micro-batches and the dp replicas, i.e. the same as one
 process accumulating ``loss / (gas * dp)``.
 
-What the trainer calls (docs/parallel_3d.md)::
-
-    engine = ThreeDEngine(source, cfg, dims, total_steps, accumulation, spec_overrides)
-    loss, metrics, input_tokens = engine.train_step(micro_batches)   # one optimizer step
-    engine.grad_norm; engine.learning_rates(); engine.save_state(d); engine.load_state(d)
-    engine.full_state_dict()   # collective; full MavenModel-named weights on rank 0
-    engine.module              # MavenModel skeleton on the meta device (save_skeleton / save_pretrained)
+It implements the engine contract (``maven_dist/parallel/engine.py``); the 3D specifics are the
+``stage_inputs`` (h_eos of the step's images first), ``local_layers`` (this rank's pipeline layers) and
+``module``, a MavenModel skeleton on the meta device (configs, layout and spec; no memory).
 
 The loader's dp rank is ``topology.data_parallel_rank(rank, dims)``: every tp and pp rank of a replica
 gets the same micro-batches.
@@ -32,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import deepspeed
@@ -44,47 +40,45 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoConfig, CLIPVisionConfig
 
 from maven_dist.config import Config, ConfigError
-from maven_dist.data.batch import Batch
+from maven_dist.contract.batch import Batch
+from maven_dist.contract.checkpoint_layout import Manifest
+from maven_dist.contract.lengths import visual_tokens_per_image
+from maven_dist.contract.vocab import VocabLayout
 from maven_dist.model import hf_layout
-from maven_dist.model.maven import MavenModel, MavenSpec
-from maven_dist.model.sequence import visual_tokens_per_image
-from maven_dist.model.vocab import VocabLayout
-from maven_dist.parallel.checkpoint_engine import WeightsOnlyCheckpointEngine
+from maven_dist.model.frontend import h_eos_spread
+from maven_dist.model.maven import MavenModel
+from maven_dist.model.parts import part_of
+from maven_dist.model.spec import MavenSpec
 from maven_dist.parallel.convert import full_name, iter_maven_dir, placement, shard_tensor, unshard_state_dict
+from maven_dist.parallel.deepspeed_common import (
+    DeepSpeedEngineState,
+    base_ds_config,
+    init_deepspeed_distributed,
+)
 from maven_dist.parallel.dims import ParallelDims
+from maven_dist.parallel.engine import LayoutMismatch, NonFiniteGuard, StepResult
 from maven_dist.parallel.megatron_llama import LlamaShape, TPDecoderLayer, build_tp_config
-from maven_dist.parallel.pipeline import InputStage, OutputStage, pipeline_eos_states
+from maven_dist.parallel.optim import build_param_groups, lr_multiplier
+from maven_dist.parallel.pipe_layers import InputStage, OutputStage, pipeline_eos_states
 from maven_dist.parallel.topology import (
     build_topology,
     check_topologies_agree,
     maybe_init_model_parallel,
     pipe_ranks,
 )
-from maven_dist.train.parts import build_param_groups, part_of
-from maven_dist.train.schedule import lr_multiplier
 
 CHECKPOINT_TAG = "3d"
 
 
 def build_ds_config(cfg: Config, dims: ParallelDims, accumulation: int, zero_stage: int = 1) -> dict:
-    stage = cfg.stage
-    bf16 = stage.dtype == "bf16" and torch.cuda.is_available()  # CPU runs are always fp32
-    return {
-        "train_micro_batch_size_per_gpu": stage.micro_batch_size,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": stage.micro_batch_size * accumulation * dims.dp,
+    return base_ds_config(cfg, dims, accumulation) | {
         # Without ZeRO, DeepSpeed's own clipping fails on a stage with nothing to train: the optimizer clips.
-        "gradient_clipping": stage.optimizer.grad_clip if zero_stage else 0.0,
-        "bf16": {"enabled": bf16},
+        "gradient_clipping": cfg.stage.optimizer.grad_clip if zero_stage else 0.0,
         # DeepSpeed refuses ZeRO >= 2 with pipeline parallelism; ZeRO-1 shards Adam state over dp.
         # Stage 0 only where a pipeline stage trains nothing (`_equalise_group_count`).
         "zero_optimization": {"stage": zero_stage},
         # Whole activations between stages (no slicing over tp): the tuple carries int tensors.
         "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
     }
 
 
@@ -127,8 +121,10 @@ class _Source:
         return model
 
 
-class ThreeDEngine:
-    """Step-level engine for ``parallel.backend: 3d`` (see the module doc for what the trainer calls)."""
+class ThreeDEngine(DeepSpeedEngineState):
+    """Step-level engine for ``parallel.backend: 3d`` (see the module doc)."""
+
+    checkpoint_tag = CHECKPOINT_TAG
 
     def __init__(
         self,
@@ -147,7 +143,7 @@ class ThreeDEngine:
         self.cfg = cfg.stage
         self.dims = dims
         self.accumulation = accumulation
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        init_deepspeed_distributed()
         maybe_init_model_parallel(dims)
         self.topology = build_topology(dims)
         check_topologies_agree(self.topology)
@@ -182,12 +178,11 @@ class ThreeDEngine:
         self._apply_trainable(cfg.stage.trainable)
         optimizer, scheduler = self._build_optimizer(total_steps)
         self.ds_config = build_ds_config(cfg, dims, accumulation, self.zero_stage)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+        self.engine, _, _, _ = deepspeed.initialize(
             model=self.pipe, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
-        self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
-        self._torch_optimizer = optimizer
-        self._grad_norm = math.nan
+        self._use_weights_only_checkpoints()
+        self.torch_optimizer = optimizer
 
     # ------------------------------------------------------------------ construction
 
@@ -282,45 +277,54 @@ class ThreeDEngine:
             self.local_layers,
             self.num_layers,
             image_codes,
+            self.spec,
             self.pipe_ranks,
             self.stage,
             self.shape.hidden_size,
             group=_pipe_group(),
         )
 
-    def stage_inputs(self, micro_batches: Sequence[Batch]) -> list[tuple]:
-        """Stage-0 input tuples; h_eos of all the step's images from one forward-only pass."""
-        codes = [b.image_codes for b in micro_batches]
-        if "continuous" in self.views:
-            all_codes = torch.cat(codes) if sum(c.shape[0] for c in codes) else codes[0][:0]
-            h_eos = (
-                self.eos_states(all_codes)
-                if all_codes.shape[0]
-                else all_codes.new_zeros(0, self.shape.hidden_size).float()
-            )
-            h_eos = list(h_eos.split([c.shape[0] for c in codes]))
+    def stage_inputs(self, micro_batches: Sequence[Batch]) -> tuple[list[tuple], torch.Tensor | None]:
+        """Stage-0 input tuples, with h_eos of all the step's images from one forward-only pass (when
+        the selector runs), and that h_eos (for ``selector/h_eos_spread``)."""
+        counts = [b.num_images for b in micro_batches]
+        d = self.shape.hidden_size
+        h_eos = None
+        if self.module.selects_patches(self.views) and sum(counts):
+            h_eos = self.eos_states(torch.cat([b.image_codes for b in micro_batches]))
+            per_batch = list(h_eos.split(counts))
         else:
-            h_eos = [torch.zeros(c.shape[0], self.shape.hidden_size) for c in codes]
-        return [
+            per_batch = [torch.zeros(n, d) for n in counts]
+        inputs = [
             (b.pixel_values, b.image_codes, h, b.input_ids, b.labels, b.attention_mask)
-            for b, h in zip(micro_batches, h_eos, strict=True)
+            for b, h in zip(micro_batches, per_batch, strict=True)
         ]
+        return inputs, h_eos
 
-    def train_step(self, micro_batches: Sequence[Batch]) -> tuple[float, dict[str, float], int]:
-        """One optimizer step over this replica's `accumulation` micro-batches.
-
-        Returns (loss averaged over micro-batches and dp replicas, metrics, input tokens of this replica).
-        """
-        if len(micro_batches) != self.accumulation:
-            raise ValueError(
-                f"train_step got {len(micro_batches)} micro-batches; the step has {self.accumulation}"
-            )
-        inputs = self.stage_inputs(micro_batches)
+    def train_step(self, batches: Iterator[Batch], guard: NonFiniteGuard, step: int) -> StepResult:
+        """One optimizer step over this replica's `accumulation` micro-batches. DeepSpeed's pipeline
+        schedule cannot drop a micro-batch, so a non-finite loss is only counted (the update is applied)."""
+        micro_batches = [next(batches).to(self.engine.device) for _ in range(self.accumulation)]
+        inputs, h_eos = self.stage_inputs(micro_batches)
         dummy = torch.zeros(1)
-        loss = self.engine.train_batch(iter([(x, dummy) for x in inputs]))
-        norm = self.engine.get_global_grad_norm() if self.zero_stage else self._torch_optimizer.last_grad_norm
-        self._grad_norm = float(norm) if norm is not None else math.nan
-        return float(loss), {"loss/lm": float(loss)}, sum(self.input_tokens(b) for b in micro_batches)
+        loss = float(self.engine.train_batch(iter([(x, dummy) for x in inputs])))
+        if math.isfinite(loss):
+            guard.ok()
+        else:
+            guard.bad(step, [i for b in micro_batches for i in b.sample_ids], "update applied")
+        metrics = {"loss/lm": loss}
+        spread = h_eos_spread(h_eos)
+        if spread is not None:
+            metrics["selector/h_eos_spread"] = float(spread)
+        return StepResult(
+            loss=loss,
+            metrics=metrics,
+            grad_norm=self._global_grad_norm() if self.zero_stage else self.torch_optimizer.last_grad_norm,
+            learning_rates=self.learning_rates(),
+            samples=sum(b.num_samples for b in micro_batches),
+            input_tokens=sum(self.input_tokens(b) for b in micro_batches),
+            images=sum(b.num_images for b in micro_batches),
+        )
 
     def input_tokens(self, batch: Batch) -> int:
         """Sequence positions the LLM processes for `batch` (ModelOutput.num_input_tokens): each image
@@ -330,27 +334,20 @@ class ThreeDEngine:
         )
         return int(batch.attention_mask.sum()) + batch.num_images * (per_image - 1)
 
-    @property
-    def grad_norm(self) -> float:
-        return self._grad_norm
-
-    def learning_rates(self) -> dict[str, float]:
-        return {g["name"]: g["lr"] for g in self._torch_optimizer.param_groups}
-
     # ------------------------------------------------------------------ state
 
-    def save_state(self, directory: Path) -> None:
-        """DeepSpeed's pipeline checkpoint: per-layer, per-tp-rank weights + ZeRO-1 optimizer shards."""
-        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
+    def load(self, directory: Path, saved: Manifest) -> None:
+        """DeepSpeed's pipeline checkpoint of the same layout (per-layer, per-tp-rank weights + ZeRO-1 shards)."""
+        mine = {"dp": self.dims.dp, "tp": self.dims.tp, "pp": self.dims.pp}
+        if saved.layout != mine:
+            raise LayoutMismatch(
+                f"{directory} was written by the layout {saved.layout}, this run is {mine}; resuming a 3D "
+                "checkpoint on another layout is not supported: resume with the original one, or start a new "
+                "stage from its export (tools/merge_ckpt.py, then stage.init_from)"
+            )
+        self._load_tag(directory, CHECKPOINT_TAG)
 
-    def load_state(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(
-            str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {directory}/{CHECKPOINT_TAG}")
-
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full MavenModel-named weights on rank 0 (None elsewhere); every rank must call it."""
         local = None
         if self.dp_rank == 0:  # megatron layers add `_extra_state` entries (None): not weights

@@ -4,12 +4,13 @@ The model is constructed inside ``deepspeed.zero.Init`` so no rank ever holds th
 weights; pretrained tensors are streamed from disk and copied into each partitioned parameter
 under ``GatheredParameters`` (rank 0 writes, DeepSpeed re-partitions). Frozen parts are left out
 of the optimizer's parameter groups, so ZeRO keeps no fp32 master copy or Adam moments for them.
+
+A checkpoint written by another number of ranks is loaded through DeepSpeed's universal checkpoint
+format: :meth:`Zero3Engine.load` converts it once and switches the engine's loader to it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 import shutil
 from collections.abc import Callable
@@ -20,46 +21,40 @@ import torch
 import torch.distributed as dist
 
 from maven_dist.config import Config
-from maven_dist.data.batch import Batch
+from maven_dist.contract.batch import Batch
+from maven_dist.contract.checkpoint_layout import Manifest
 from maven_dist.model.maven import MavenModel, ModelOutput, copy_param
-from maven_dist.parallel.checkpoint_engine import DEEPSPEED_SAFE_GLOBALS, WeightsOnlyCheckpointEngine
+from maven_dist.model.parts import apply_trainable
+from maven_dist.parallel.deepspeed_common import (
+    DEEPSPEED_SAFE_GLOBALS,
+    DeepSpeedEngineState,
+    base_ds_config,
+    init_deepspeed_distributed,
+)
 from maven_dist.parallel.dims import ParallelDims
-from maven_dist.train.engine import build_optimizer
-from maven_dist.train.parts import apply_trainable
+from maven_dist.parallel.engine import LayoutMismatch, MicroBatchEngine
+from maven_dist.parallel.optim import build_optimizer
 
 CHECKPOINT_TAG = "zero"
 UNIVERSAL_TAG = "universal"
 
 
-def build_ds_config(cfg: Config, dims: ParallelDims, accumulation: int, load_universal: bool = False) -> dict:
+def build_ds_config(cfg: Config, dims: ParallelDims, accumulation: int) -> dict:
     """DeepSpeed config generated from the recipe (one source of truth for batch sizes and precision)."""
-    stage = cfg.stage
-    bf16 = stage.dtype == "bf16" and torch.cuda.is_available()  # CPU runs are always fp32
-    return {
-        "train_micro_batch_size_per_gpu": stage.micro_batch_size,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": stage.micro_batch_size * accumulation * dims.dp,
-        "gradient_clipping": stage.optimizer.grad_clip,
-        "bf16": {"enabled": bf16},
+    gpu = torch.cuda.is_available()
+    return base_ds_config(cfg, dims, accumulation) | {
         "zero_optimization": {
             "stage": 3,
-            "overlap_comm": torch.cuda.is_available(),
+            "overlap_comm": gpu,
             "contiguous_gradients": True,
             # DeepSpeed's GPU defaults; on CPU they would allocate ~2 GB buffers per rank for nothing.
-            "reduce_bucket_size": 5e8 if torch.cuda.is_available() else 5e7,
-            "stage3_prefetch_bucket_size": 5e8 if torch.cuda.is_available() else 5e7,
+            "reduce_bucket_size": 5e8 if gpu else 5e7,
+            "stage3_prefetch_bucket_size": 5e8 if gpu else 5e7,
             "stage3_param_persistence_threshold": 1e5,
             "stage3_max_live_parameters": 1e9,
             "stage3_max_reuse_distance": 1e9,
             "stage3_gather_16bit_weights_on_model_save": True,
         },
-        # We pass a torch AdamW over the trainable groups; DeepSpeed wraps it in its ZeRO-3 optimizer.
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-        # Resuming on another number of ranks goes through DeepSpeed's universal checkpoint format.
-        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -70,7 +65,9 @@ def zero3_copy(param: torch.nn.Parameter, value: torch.Tensor) -> None:
             copy_param(param, value)
 
 
-class Zero3Engine:
+class Zero3Engine(DeepSpeedEngineState, MicroBatchEngine):
+    checkpoint_tag = CHECKPOINT_TAG
+
     def __init__(
         self,
         build_model: Callable[..., MavenModel],
@@ -78,62 +75,56 @@ class Zero3Engine:
         dims: ParallelDims,
         total_steps: int,
         accumulation: int,
-        load_universal: bool = False,
     ):
         self.cfg = cfg.stage
-        self.load_universal = load_universal
-        self.ds_config = build_ds_config(cfg, dims, accumulation, load_universal)
-        # DeepSpeed's comm layer adopts the process group init_distributed already created.
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.accumulation = accumulation
+        self.ds_config = build_ds_config(cfg, dims, accumulation)
+        init_deepspeed_distributed()
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
             model = build_model(copy_fn=zero3_copy)
         apply_trainable(model, cfg.stage.trainable)
         if cfg.stage.gradient_checkpointing:
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer, scheduler = build_optimizer(model, cfg.stage, total_steps)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        self.torch_optimizer, scheduler = build_optimizer(model, cfg.stage, total_steps)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.torch_optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
-        self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
+        self._use_weights_only_checkpoints()
         self.module: MavenModel = self.engine.module
-        self._grad_norm = math.nan
+        self.device = self.engine.device
 
-    def forward(self, batch: Batch) -> ModelOutput:
+    # ------------------------------------------------------------------ the step
+
+    def _forward(self, batch: Batch) -> ModelOutput:
         return self.engine(batch, views=self.cfg.views, loss=self.cfg.loss)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def _backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed scales by 1 / accumulation, and counts micro-steps in step(): it updates on the last.
         self.engine.backward(loss)
-
-    def step(self) -> bool:
-        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        if boundary:
-            norm = self.engine.get_global_grad_norm()
-            self._grad_norm = float(norm) if norm is not None else math.nan
-        return boundary
 
-    @property
-    def grad_norm(self) -> float:
-        return self._grad_norm
+    def _update(self) -> float:
+        return self._global_grad_norm()
 
-    def learning_rates(self) -> dict[str, float]:
-        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+    # ------------------------------------------------------------------ state
 
-    def save_state(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
-
-    def load_state(self, directory: Path) -> None:
+    def load(self, directory: Path, saved: Manifest) -> None:
+        world = dist.get_world_size()
+        if saved.world_size == 1:
+            raise LayoutMismatch(
+                f"{directory} was written by one process (the plain PyTorch engine), this run has {world} "
+                "ZeRO-3 ranks; the states do not convert. Resume with one process, or start a new stage from "
+                "its export (stage.init_from)."
+            )
         tag = CHECKPOINT_TAG
-        if self.load_universal:
-            maybe_convert_to_universal(Path(directory))
+        if saved.world_size != world:
+            maybe_convert_to_universal(directory)
+            # DeepSpeed decides how to read a checkpoint from this config flag; it has no per-call switch.
+            self.engine._config.load_universal_checkpoint = True
             tag = UNIVERSAL_TAG
-        path, _ = self.engine.load_checkpoint(
-            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {directory}/{tag}")
+        self._load_tag(directory, tag)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
         state = self.engine._zero3_consolidated_16bit_state_dict()
         return state if dist.get_rank() == 0 else None
 
@@ -158,25 +149,18 @@ def maybe_convert_to_universal(engine_dir: Path) -> None:
             strict=True,
             inject_missing_state=True,
         )
-        with _weights_only_torch_load():
-            ds_to_universal.main(args)
+        # The converter calls torch.load(weights_only=False); torch's documented switch forces
+        # weights_only=True for it, with DeepSpeed's own types allowlisted.
+        forced = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
+                ds_to_universal.main(args)
+        finally:
+            if forced is None:
+                os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = forced
         os.replace(tmp, target)
     if dist.is_initialized():
         dist.barrier()
-
-
-@contextlib.contextmanager
-def _weights_only_torch_load():
-    """DeepSpeed's converter calls torch.load(weights_only=False); force weights_only=True for it."""
-    original = torch.load
-
-    def safe_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
-            return original(*args, **kwargs)
-
-    torch.load = safe_load
-    try:
-        yield
-    finally:
-        torch.load = original

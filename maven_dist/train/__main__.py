@@ -1,6 +1,8 @@
-"""`python -m maven_dist.train RECIPE [--set key=value ...] [--force]`: run one stage.
+"""`maven train RECIPE [--set key=value ...] [--force]`: run one stage (also `python -m maven_dist.train`).
 
 Under torchrun (or the Slurm launcher) every rank runs this; a plain `python` run is one process.
+Exit codes: 0 done, 2 a bad recipe or missing input (the message says what to fix), 75 saved after a
+preemption signal (requeue me), 1 anything else.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m maven_dist.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="maven train", description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/stage4.yaml")
     parser.add_argument(
         "--set",
@@ -21,12 +23,15 @@ def main(argv: list[str] | None = None) -> int:
         help="override a recipe value, e.g. --set stage.max_steps=10 (repeatable)",
     )
     parser.add_argument(
-        "--force", action="store_true", help="resume even if the checkpoint's recipe or world size differ"
+        "--force", action="store_true", help="resume even from a checkpoint written by a different recipe"
     )
     args = parser.parse_args(argv)
 
     from maven_dist.config import ConfigError, load_config
+    from maven_dist.data.formats import DataError
     from maven_dist.parallel.distributed import destroy, print0
+    from maven_dist.parallel.engine import LayoutMismatch
+    from maven_dist.train.checkpoint import CheckpointMismatch
     from maven_dist.train.trainer import run_stage
 
     try:
@@ -36,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = run_stage(cfg, force=args.force)
+    except (ConfigError, DataError, FileNotFoundError, CheckpointMismatch, LayoutMismatch) as exc:
+        # Input the user can fix: the message says what; a traceback would bury it.
+        print(f"error: [{cfg.stage.name}] {exc}", file=sys.stderr)
+        return 2
     finally:
         destroy()
     print0(

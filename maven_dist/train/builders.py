@@ -10,14 +10,16 @@ from typing import Literal
 from transformers import AutoTokenizer
 
 from maven_dist.config import Config, ConfigError
+from maven_dist.contract.vocab import VocabLayout, extend_tokenizer
 from maven_dist.data.image_transform import ImageTransform
 from maven_dist.model import hf_layout
-from maven_dist.model.maven import MavenModel, MavenSpec
-from maven_dist.model.vocab import VocabLayout, extend_tokenizer
+from maven_dist.model.maven import MavenModel
+from maven_dist.model.parts import apply_trainable
+from maven_dist.model.spec import MavenSpec
 from maven_dist.parallel.dims import ParallelDims
 from maven_dist.parallel.distributed import DistEnv, print0
-from maven_dist.train.engine import Engine, LocalEngine
-from maven_dist.train.parts import apply_trainable
+from maven_dist.parallel.engine import Engine
+from maven_dist.parallel.local import LocalEngine
 
 STAGE_NAMES = ("stage1", "stage2", "stage3", "stage4")
 
@@ -45,7 +47,7 @@ def resolve_model_source(cfg: Config, env: DistEnv) -> ModelSource:
         if cfg.stage.init_missing == "error":
             raise FileNotFoundError(
                 f"stage.init_from={init}: {export} does not exist. Run {init} first "
-                f"(python -m maven_dist.pipeline), or set stage.init_from to a MaVEn directory"
+                f"(maven pipeline), or set stage.init_from to a MaVEn directory"
             )
         print0(
             f"[{cfg.stage.name}] WARNING: {export} not found; starting from the base models (stage.init_missing=base)"
@@ -62,6 +64,11 @@ def resolve_model_source(cfg: Config, env: DistEnv) -> ModelSource:
     tokenizer_dir = cfg.resolve_path(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else llm_dir
     for what, path in (("model.llm.path", llm_dir), ("model.vision.path", tower_dir)):
         if not path.is_dir():
+            if cfg.demo.enabled:
+                raise FileNotFoundError(
+                    f"{what}={path} does not exist: this recipe trains on the demo assets; build them first with "
+                    f"`maven prepare-demo RECIPE --set run_dir={cfg.run_dir}` (maven pipeline does it itself)"
+                )
             raise FileNotFoundError(f"{what}={path} does not exist: point it at a local HF model directory")
     return ModelSource("base", llm_dir, tower_dir, tokenizer_dir)
 
@@ -102,21 +109,26 @@ def model_spec(cfg: Config, tokenizer) -> MavenSpec:
         projector=m.projector.kind,
         num_codes=m.discrete.num_codes,
         eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         label_threshold=m.selector.label_threshold,
     )
+
+
+def spec_overrides(spec: MavenSpec) -> dict:
+    """Settings that do not change weight shapes follow the recipe over a saved model's (e.g. an alpha
+    ablation at stage 4)."""
+    return {
+        "keep_ratio": spec.keep_ratio,
+        "select_layer": spec.select_layer,
+        "label_threshold": spec.label_threshold,
+    }
 
 
 def model_builder(cfg: Config, source: ModelSource, layout: VocabLayout, spec: MavenSpec):
     """A callable `(copy_fn=None) -> MavenModel`, so a backend can construct it in its own context."""
     if source.kind == "base":
         return partial(MavenModel.from_base, source.path, source.tower_dir, layout, spec, cfg.seed)
-    # Settings that do not change weight shapes follow the recipe (e.g. an alpha ablation at stage 4).
-    overrides = {
-        "keep_ratio": spec.keep_ratio,
-        "select_layer": spec.select_layer,
-        "label_threshold": spec.label_threshold,
-    }
-    return partial(MavenModel.from_pretrained, source.path, overrides)
+    return partial(MavenModel.from_pretrained, source.path, spec_overrides(spec))
 
 
 def build_engine(
@@ -128,7 +140,6 @@ def build_engine(
     tokenizer,
     total_steps: int,
     accumulation: int,
-    load_universal: bool = False,
 ) -> Engine:
     """World of one: the plain PyTorch engine (ZeRO over one rank shards nothing). Otherwise the
     recipe's backend."""
@@ -138,27 +149,18 @@ def build_engine(
         from maven_dist.parallel.three_d import ThreeDEngine
 
         # A saved MaVEn directory is streamed shard by shard; base models are built whole first.
-        overrides = {
-            "keep_ratio": spec.keep_ratio,
-            "select_layer": spec.select_layer,
-            "label_threshold": spec.label_threshold,
-        }
-        if load_universal:
-            raise ConfigError(
-                "resuming a 3D checkpoint on another number of ranks is not supported; use the original layout"
-            )
         return ThreeDEngine(
             source.path if source.kind == "maven" else build,
             cfg,
             dims,
             total_steps,
             accumulation,
-            spec_overrides=overrides,
+            spec_overrides=spec_overrides(spec),
         )
     if env.world_size > 1:
         from maven_dist.parallel.zero3 import Zero3Engine
 
-        return Zero3Engine(build, cfg, dims, total_steps, accumulation, load_universal=load_universal)
+        return Zero3Engine(build, cfg, dims, total_steps, accumulation)
     model = build()
     apply_trainable(model, cfg.stage.trainable)
     if cfg.stage.gradient_checkpointing:

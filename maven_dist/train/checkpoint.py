@@ -1,67 +1,155 @@
-"""Checkpointing: one component with a narrow interface, ``save(step)`` and ``load(step=latest)``.
+"""Checkpointing: one component, built once with everything stateful, called through two methods.
 
-Layout under ``{run_dir}/{stage}/checkpoints``::
+    manager = CheckpointManager(cfg, env, engine, loader, state, skeleton)
+    manager.load_latest()            # at start: resume from the newest complete checkpoint, if any
+    manager.maybe_save(step)         # every step: saves every `checkpoint.every_steps` (or `force=True`)
 
-    step_00000010/            a complete checkpoint
-        manifest.json         step, world size, layout, recipe fingerprint, git sha, versions
-        model/                the HF-layout skeleton (configs, tokenizer; no weights) for merge_ckpt
-        engine/               the engine's state (DeepSpeed shards, or model + optimizer)
-        trainer_rank00000.pt  each rank's RNG states, loader position and counters
-    latest                    name of the newest complete checkpoint
-
-A save is written to ``step_N.tmp`` and renamed only after every rank has finished and the
-manifest is on disk, and ``latest`` is replaced atomically after that: a save killed at any point
-leaves a ``.tmp`` directory that is never loaded (and is removed at the next start).
+The layout on disk is ``maven_dist/contract/checkpoint_layout.py``'s (shared with ``merge_ckpt``). A save
+is written to ``step_N.tmp`` and renamed only after every rank has finished and the manifest is on
+disk, and ``latest`` is replaced atomically after that: a save killed at any point leaves a ``.tmp``
+directory that is never loaded (and is removed at the next start). Whether a checkpoint of another
+layout can be loaded (and how: ZeRO-3 reshards through DeepSpeed's universal format) is the engine's
+decision, in ``Engine.load``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from maven_dist.parallel.distributed import DistEnv, barrier
-from maven_dist.train.engine import Engine
-
-LATEST = "latest"
-MANIFEST = "manifest.json"
+from maven_dist.config import Config
+from maven_dist.contract import checkpoint_layout as layout
+from maven_dist.contract.checkpoint_layout import Manifest
+from maven_dist.parallel.distributed import DistEnv, barrier, print0
+from maven_dist.parallel.engine import Engine
 
 
 class CheckpointMismatch(RuntimeError):
-    """The latest checkpoint was written by a different recipe or layout."""
+    """The latest checkpoint was written by a different recipe."""
 
 
-@dataclass(frozen=True)
-class Manifest:
-    step: int
-    world_size: int
-    fingerprint: str
-    stage: str
-    extra: dict
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "step": self.step,
-                "world_size": self.world_size,
-                "fingerprint": self.fingerprint,
-                "stage": self.stage,
-            }
-            | self.extra,
-            indent=2,
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class CheckpointManager:
+    """Saves and restores the engine, the loader position, the trainer state and every rank's RNG."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        env: DistEnv,
+        engine: Engine,
+        loader: Stateful,
+        trainer_state: Stateful,
+        skeleton: Path,
+        allow_recipe_change: bool = False,
+        manifest_extra: dict | None = None,
+    ):
+        self.root = cfg.stage_dir / "checkpoints"
+        self.every_steps, self.keep_last = cfg.checkpoint.every_steps, cfg.checkpoint.keep_last
+        self.resume = cfg.checkpoint.resume
+        self.fingerprint, self.stage = cfg.fingerprint(), cfg.stage.name
+        self.env, self.engine, self.loader, self.trainer_state = env, engine, loader, trainer_state
+        self.skeleton = skeleton
+        self.allow_recipe_change = allow_recipe_change
+        self.manifest_extra = manifest_extra or {}
+        if env.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("*" + layout.TMP_SUFFIX):
+                shutil.rmtree(stale, ignore_errors=True)
+        barrier()
+
+    # ------------------------------------------------------------------ save
+
+    def maybe_save(self, step: int, force: bool = False) -> Path | None:
+        """Save at `step` when it is a multiple of ``checkpoint.every_steps`` or `force`; the directory or None."""
+        if not force and step % self.every_steps:
+            return None
+        return self._save(step)
+
+    def _save(self, step: int) -> Path:
+        final = self.root / layout.step_dir_name(step)
+        tmp = final.with_name(final.name + layout.TMP_SUFFIX)
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / layout.ENGINE).mkdir(parents=True)
+        barrier()
+        self.engine.save(tmp / layout.ENGINE)
+        loader_state = self.loader.state_dict()
+        rank_state = _to_plain(
+            {"rng": capture_rng_state(), "trainer": self.trainer_state.state_dict(), "loader": loader_state}
         )
+        torch.save(rank_state, tmp / layout.trainer_state_name(self.env.rank))
+        barrier()
+        if self.env.is_main:
+            shutil.copytree(self.skeleton, tmp / layout.SKELETON)
+            extra = self.manifest_extra | {"loader": loader_state}
+            manifest = Manifest(step, self.env.world_size, self.fingerprint, self.stage, extra)
+            _write_atomic(tmp / layout.MANIFEST, manifest.to_json())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(self.root / layout.LATEST, final.name)
+            self._prune()
+        barrier()
+        return final
 
-    @classmethod
-    def read(cls, directory: Path) -> Manifest:
-        data = json.loads((directory / MANIFEST).read_text())
-        core = {k: data.pop(k) for k in ("step", "world_size", "fingerprint", "stage")}
-        return cls(**core, extra=data)
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.iterdir() if layout.STEP_DIR.fullmatch(p.name))
+        for old in done[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        pointer = self.root / layout.LATEST
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if (path / layout.MANIFEST).is_file() else None
+
+    def load_latest(self) -> Manifest | None:
+        """Resume from the newest complete checkpoint (when ``checkpoint.resume``); its manifest, or None.
+
+        Refuses a checkpoint written by another recipe unless ``allow_recipe_change``. After a change of
+        world size every rank takes rank 0's trainer state and data position (the loader re-splits it)
+        and keeps its fresh RNG: ranks that did not exist have no RNG state to restore."""
+        path = self.latest() if self.resume else None
+        if path is None:
+            return None
+        saved = Manifest.read(path)
+        if saved.fingerprint != self.fingerprint and not self.allow_recipe_change:
+            raise CheckpointMismatch(
+                f"refusing to resume from {path}: it was written by a different recipe (fingerprint "
+                f"{saved.fingerprint}, now {self.fingerprint}). Use a new run_dir, restore the recipe, or pass "
+                "--force to resume anyway."
+            )
+        self.engine.load(path / layout.ENGINE, saved)
+        same_world = saved.world_size == self.env.world_size
+        rank = self.env.rank if same_world else 0
+        state = torch.load(path / layout.trainer_state_name(rank), map_location="cpu", weights_only=True)
+        if same_world:
+            restore_rng_state(_rng_from_plain(state["rng"]))
+        self.trainer_state.load_state_dict(state["trainer"])
+        self.loader.load_state_dict(state["loader"])
+        resharded = (
+            "" if same_world else f", resharded from {saved.world_size} to {self.env.world_size} ranks"
+        )
+        print0(f"[{self.stage}] resumed from {path} at step {saved.step}{resharded}")
+        return saved
+
+
+# ---------------------------------------------------------------------- RNG and files
 
 
 def capture_rng_state() -> dict:
@@ -102,108 +190,6 @@ def _rng_from_plain(state: dict) -> dict:
         "python": (python[0], tuple(python[1]), python[2]),
         "numpy": (numpy[0], numpy[1].numpy(), numpy[2], numpy[3], numpy[4]),
     }
-
-
-class Checkpointer:
-    def __init__(
-        self,
-        root: Path,
-        env: DistEnv,
-        keep_last: int,
-        fingerprint: str,
-        stage: str,
-        skeleton: Path | None = None,
-    ):
-        self.root = Path(root)
-        self.skeleton = skeleton
-        self.env = env
-        self.keep_last = keep_last
-        self.fingerprint = fingerprint
-        self.stage = stage
-        if env.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob("*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
-        barrier()
-
-    # ------------------------------------------------------------------ save
-
-    def save(self, step: int, engine: Engine, trainer_state: dict, extra: dict) -> Path:
-        """Write full state of every rank for `step`; returns the final directory."""
-        final = self.root / f"step_{step:08d}"
-        tmp = self.root / f"step_{step:08d}.tmp"
-        if self.env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "engine").mkdir(parents=True)
-        barrier()
-        engine.save_state(tmp / "engine")
-        rank_state = _to_plain({"rng": capture_rng_state(), **trainer_state})
-        torch.save(rank_state, tmp / f"trainer_rank{self.env.rank:05d}.pt")
-        barrier()
-        if self.env.is_main:
-            if self.skeleton is not None:
-                shutil.copytree(self.skeleton, tmp / "model")
-            manifest = Manifest(step, self.env.world_size, self.fingerprint, self.stage, extra)
-            _write_atomic(tmp / MANIFEST, manifest.to_json())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_atomic(self.root / LATEST, final.name)
-            self._prune()
-        barrier()
-        return final
-
-    def _prune(self) -> None:
-        done = sorted(p for p in self.root.glob("step_*") if not p.name.endswith(".tmp"))
-        for old in done[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    # ------------------------------------------------------------------ load
-
-    def latest(self) -> Path | None:
-        pointer = self.root / LATEST
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        return path if (path / MANIFEST).is_file() else None
-
-    def check(self, path: Path, force: bool) -> Manifest:
-        """Refuse a checkpoint written by another recipe (unless `force`) or by an engine that cannot
-        be converted into this run's. Another number of ZeRO-3 ranks is fine: see ``needs_reshard``."""
-        manifest = Manifest.read(path)
-        if manifest.fingerprint != self.fingerprint and not force:
-            raise CheckpointMismatch(
-                f"refusing to resume from {path}: it was written by a different recipe (fingerprint "
-                f"{manifest.fingerprint}, now {self.fingerprint}). Use a new run_dir, restore the recipe, or pass "
-                "--force to resume anyway."
-            )
-        if manifest.world_size != self.env.world_size and 1 in (manifest.world_size, self.env.world_size):
-            raise CheckpointMismatch(
-                f"refusing to resume from {path}: it was written by {manifest.world_size} rank(s), this run has "
-                f"{self.env.world_size}. One process uses the plain PyTorch engine and more use ZeRO-3, whose "
-                "states do not convert into each other; resume with the original number of processes, or start "
-                f"a new stage from its export (stage.init_from)."
-            )
-        return manifest
-
-    def needs_reshard(self, manifest: Manifest) -> bool:
-        """A ZeRO-3 checkpoint from another number of ranks: load it as a DeepSpeed universal checkpoint."""
-        return manifest.world_size != self.env.world_size
-
-    def load(self, path: Path, engine: Engine) -> dict:
-        """Restore engine state and this rank's RNG; return this rank's trainer state.
-
-        After a change of world size, every rank takes rank 0's step and data position (the loader
-        re-splits it) and keeps its fresh RNG: ranks that did not exist have no RNG state to restore."""
-        engine.load_state(path / "engine")
-        manifest = Manifest.read(path)
-        same_world = manifest.world_size == self.env.world_size
-        rank = self.env.rank if same_world else 0
-        state = torch.load(path / f"trainer_rank{rank:05d}.pt", map_location="cpu", weights_only=True)
-        rng = state.pop("rng")
-        if same_world:
-            restore_rng_state(_rng_from_plain(rng))
-        return state
 
 
 def _write_atomic(path: Path, text: str) -> None:

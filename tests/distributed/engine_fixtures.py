@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from maven_dist.config import Config, load_config
-from maven_dist.model.vocab import VocabLayout, extend_tokenizer
+from maven_dist.contract.vocab import VocabLayout, extend_tokenizer
 from maven_dist.train.builders import ModelSource, model_builder, model_spec
 from tests.helpers.batches import make_batch
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from maven_dist.contract.vocab import extend_tokenizer
 from maven_dist.model import hf_layout
 from maven_dist.model.maven import MavenModel
-from maven_dist.model.vocab import extend_tokenizer
 from maven_dist.parallel.convert import (
     load_shards,
     placement,

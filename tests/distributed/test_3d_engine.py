@@ -14,13 +14,13 @@ import torch
 from transformers import AutoTokenizer
 
 from maven_dist.config import load_config
+from maven_dist.contract.vocab import extend_tokenizer
 from maven_dist.model.maven import MavenModel
-from maven_dist.model.sequence import assemble_sequences
-from maven_dist.model.vocab import extend_tokenizer
+from maven_dist.model.parts import apply_trainable, part_of
+from maven_dist.parallel.local import LocalEngine
 from maven_dist.train.builders import model_spec
-from maven_dist.train.engine import LocalEngine
-from maven_dist.train.parts import apply_trainable, part_of
 from tests.distributed.three_d_worker import GLOBAL, MICRO, micro_batches, stage_config
+from tests.helpers.steps import train_steps
 from tests.helpers.torchrun import torchrun
 
 STEPS = 5
@@ -51,27 +51,19 @@ def reference(maven_dir: Path, stage: str) -> dict:
     batch, views = batches[0], cfg.stage.views
     out = model(batch, views=views, loss="lm")
     out.loss.backward()
-    visual = model.visual_embeds(batch.pixel_values, batch.image_codes, views)
-    embeds, _, mask = assemble_sequences(
-        batch.input_ids, batch.labels, batch.attention_mask, model.embed_tokens, visual
-    )
     with torch.no_grad():
-        hidden = model.llm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        inputs = model.sequence_inputs(batch, views, model.eos_states)
+        hidden = model.llm.model(
+            inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask, use_cache=False
+        ).last_hidden_state
         logits = model.logits(hidden)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     accumulation = GLOBAL // MICRO
     engine = LocalEngine(model, cfg.stage, total_steps=STEPS, accumulation=accumulation)
-    losses, norms = [], []
-    for step in range(STEPS):
-        total = 0.0
-        for a in range(accumulation):
-            o = engine.forward(batches[step * accumulation + a])
-            engine.backward(o.loss)
-            total += float(o.loss.detach())
-            engine.step()
-        losses.append(total / accumulation)
-        norms.append(engine.grad_norm)
+    losses, norms = train_steps(
+        engine, lambda step: batches[step * accumulation : (step + 1) * accumulation], range(STEPS)
+    )
     return {
         "loss": out.loss.detach(),
         "logits": logits,
@@ -83,7 +75,7 @@ def reference(maven_dir: Path, stage: str) -> dict:
 
 
 def check_planner_model_states(memory: list[dict], tp: int, pp: int) -> None:
-    from maven_dist.plan import estimate_3d_stages
+    from maven_dist.parallel.memory_plan import estimate_3d_stages
     from tests.unit.test_plan import LAYOUT, TINY
 
     cfg = load_config("recipes/tiny/stage4.yaml", TINY)

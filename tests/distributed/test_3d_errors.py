@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaConfig
 
-from maven_dist.model.vocab import VocabLayout
+from maven_dist.contract.vocab import VocabLayout
 from maven_dist.parallel.megatron_llama import LlamaShape
-from maven_dist.parallel.pipeline import _check_vocab_tp
+from maven_dist.parallel.pipe_layers import _check_vocab_tp
 
 
 def _llama(**overrides) -> LlamaConfig:

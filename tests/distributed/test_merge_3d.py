@@ -1,7 +1,7 @@
 """merge_ckpt on real 3D (TP x PP) checkpoints written by the trainer on 2 and 4 gloo ranks.
 
 One two-step stage-4 run per layout (tp2, pp2, tp2 x pp2) with a checkpoint every step; the stage's
-export (``ThreeDEngine.full_state_dict()`` gathered to rank 0 and written by
+export (``ThreeDEngine.export_state_dict()`` gathered to rank 0 and written by
 ``MavenModel.save_pretrained``) is the unsharded model at the final step. Merging the final
 checkpoint must give byte-identical weight files; merging the earlier step must not (so the
 equality is not the untrained weights agreeing). Errors: a missing and a truncated layer file.

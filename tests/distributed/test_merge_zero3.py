@@ -8,7 +8,7 @@
   does not match the files.
 
 Run as a module under torchrun, this file is also the worker that trains one ZeRO-3 step and saves
-the checkpoint with the project's Checkpointer (argv: BASE_DIR RUN_DIR).
+the checkpoint with the project's CheckpointManager (argv: BASE_DIR RUN_DIR).
 """
 
 from __future__ import annotations
@@ -51,15 +51,18 @@ def unified_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def worker(base_dir: Path, run_dir: Path) -> None:
+    import dataclasses
+
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from maven_dist.model.vocab import extend_tokenizer
+    from maven_dist.contract.vocab import extend_tokenizer
     from maven_dist.parallel.dims import ParallelDims
     from maven_dist.parallel.distributed import init_distributed
     from maven_dist.parallel.zero3 import Zero3Engine
-    from maven_dist.train.checkpoint import Checkpointer
+    from maven_dist.train.checkpoint import CheckpointManager
     from tests.distributed.engine_fixtures import build_stage_setup, micro_batches
+    from tests.helpers.steps import FixedState, train_steps
 
     torch.set_num_threads(1)
     env = init_distributed()
@@ -68,10 +71,7 @@ def worker(base_dir: Path, run_dir: Path) -> None:
     # One micro-batch per rank and step, whatever the world size (the global batch is not under test).
     engine = Zero3Engine(setup.builder, setup.cfg, dims, total_steps=2, accumulation=1)
     batches = micro_batches(setup, 2 * env.world_size)
-    for step in range(2):
-        out = engine.forward(batches[step * env.world_size + env.rank])
-        engine.backward(out.loss)
-        engine.step()
+    train_steps(engine, lambda step: [batches[step * env.world_size + env.rank]], range(2))
     tokenizer = AutoTokenizer.from_pretrained(base_dir / "llm")
     extend_tokenizer(
         tokenizer, setup.cfg.model.discrete.codebook_size, setup.cfg.model.vocab.pad_to_multiple_of
@@ -79,9 +79,12 @@ def worker(base_dir: Path, run_dir: Path) -> None:
     skeleton = run_dir / "skeleton"
     if env.is_main:
         engine.module.save_skeleton(skeleton, tokenizer)
-    checkpointer = Checkpointer(run_dir / STAGE / "checkpoints", env, 2, "fp-test", STAGE, skeleton)
-    layout = {"dp": env.world_size, "tp": 1, "pp": 1}
-    checkpointer.save(2, engine, {"step": 2}, {"layout": layout})
+    cfg = dataclasses.replace(setup.cfg, run_dir=str(run_dir))
+    layout = {"layout": {"dp": env.world_size, "tp": 1, "pp": 1}}
+    manager = CheckpointManager(
+        cfg, env, engine, FixedState(), FixedState({"step": 2}), skeleton, manifest_extra=layout
+    )
+    manager.maybe_save(2, force=True)
     with torch.no_grad():
         logits = unified_logits(engine.module, probe_ids(setup.layout))  # collective under ZeRO-3
     if env.is_main:
@@ -125,7 +128,7 @@ def checkpoint_of(run_dir: Path) -> Path:
 def zip_copy(run_dir: Path, dest: Path) -> Path:
     """The same checkpoint with every DeepSpeed rank file re-saved in torch's zip format (the format
     DeepSpeed's own zero_to_fp32 needs: it memory-maps the optimizer files)."""
-    from maven_dist.parallel.checkpoint_engine import DEEPSPEED_SAFE_GLOBALS
+    from maven_dist.parallel.deepspeed_common import DEEPSPEED_SAFE_GLOBALS
 
     shutil.copytree(run_dir / STAGE, dest / STAGE)
     for f in (checkpoint_of(dest) / "engine" / "zero").glob("*.pt"):
@@ -154,8 +157,8 @@ def merged_training_state(out: Path, layout) -> dict[str, torch.Tensor]:
 def test_merge_equals_deepspeed_zero_to_fp32_bitwise(zero3_run, tmp_path, world_size):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from maven_dist.contract.vocab import VocabLayout
     from maven_dist.model.maven import MavenModel
-    from maven_dist.model.vocab import VocabLayout
 
     run_dir = zero3_run(world_size)
     zipped = zip_copy(run_dir, tmp_path / "zipped")
@@ -247,7 +250,7 @@ def test_rank_files_of_another_save_are_refused(damaged, tmp_path):
     from maven_dist.merge.torch_files import _SAFE_GLOBALS
 
     path = zero_dir(damaged) / "zero_pp_rank_1_mp_rank_00_model_states.pt"
-    from maven_dist.parallel.checkpoint_engine import DEEPSPEED_SAFE_GLOBALS
+    from maven_dist.parallel.deepspeed_common import DEEPSPEED_SAFE_GLOBALS
 
     with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS + [g for g, _ in _SAFE_GLOBALS]):
         state = torch.load(path, weights_only=True)
@@ -308,7 +311,7 @@ def test_bench_runs_at_tiny_size(zero3_run, tmp_path):
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from maven_dist.merge.plan import expected_shapes
+    from maven_dist.merge.output_files import expected_shapes
 
     ckpt = checkpoint_of(zero3_run(2))
     summary = bench.main(

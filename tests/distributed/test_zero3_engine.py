@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maven_dist.train.engine import LocalEngine
-from maven_dist.train.parts import apply_trainable, part_of
+from maven_dist.model.parts import apply_trainable, part_of
+from maven_dist.parallel.local import LocalEngine
 from tests.distributed.engine_fixtures import build_stage_setup, micro_batches
+from tests.helpers.steps import train_steps
 from tests.helpers.torchrun import torchrun
 
 STEPS = 5
@@ -24,15 +25,7 @@ def run_reference(base_dir, stage: str):
     apply_trainable(model, setup.cfg.stage.trainable)
     engine = LocalEngine(model, setup.cfg.stage, total_steps=STEPS, accumulation=2)
     batches = micro_batches(setup, STEPS * 2)
-    losses = []
-    for step in range(STEPS):
-        step_losses = []
-        for a in range(2):
-            out = engine.forward(batches[step * 2 + a])
-            engine.backward(out.loss)
-            step_losses.append(float(out.loss.detach()))
-            engine.step()
-        losses.append(sum(step_losses) / 2)
+    losses, _ = train_steps(engine, lambda step: batches[step * 2 : step * 2 + 2], range(STEPS))
     return setup, engine, initial, losses
 
 

@@ -29,6 +29,7 @@ from maven_dist.parallel.dims import ParallelDims  # noqa: E402
 from maven_dist.parallel.distributed import init_distributed  # noqa: E402
 from maven_dist.parallel.three_d import ThreeDEngine  # noqa: E402
 from tests.helpers.batches import make_batch  # noqa: E402
+from tests.helpers.steps import manifest_for, train_steps  # noqa: E402
 
 NUM_CODES = 8
 MICRO = 3
@@ -79,7 +80,7 @@ def manual_forward_backward(engine: ThreeDEngine, batch) -> dict:
     """Forward and backward of one micro-batch through the pipeline by hand (no DeepSpeed schedule)."""
     layers, stage, ranks = engine.local_layers, engine.stage, engine.pipe_ranks
     pp, num_layers = len(ranks), engine.num_layers
-    inputs = engine.stage_inputs([batch])[0]
+    inputs = engine.stage_inputs([batch])[0][0]
     if stage == 0:
         x = layers[0](inputs)
         received = None
@@ -150,7 +151,7 @@ def measured_memory(engine: ThreeDEngine, batch) -> dict:
         "params": params,
         "optimizer": optimizer,
     }
-    inputs = engine.stage_inputs([batch])[0]  # collective (the h_eos pass): every stage calls it
+    inputs = engine.stage_inputs([batch])[0][0]  # collective (the h_eos pass): every stage calls it
     if engine.stage == 0:
         x = engine.local_layers[0](inputs)
         hidden = x[0].detach().requires_grad_(True)
@@ -196,13 +197,11 @@ def run_steps(
 ) -> tuple[list[float], list[float]]:
     """Train `steps`; each replica takes its micro-batches of the global step. Losses and grad norms."""
     per_step = engine.accumulation * dims.dp
-    losses, norms = [], []
-    for step in steps:
-        mine = [batches[step * per_step + a * dims.dp + engine.dp_rank] for a in range(engine.accumulation)]
-        loss, _, _ = engine.train_step(mine)
-        losses.append(loss)
-        norms.append(engine.grad_norm)
-    return losses, norms
+
+    def mine(step: int) -> list:
+        return [batches[step * per_step + a * dims.dp + engine.dp_rank] for a in range(engine.accumulation)]
+
+    return train_steps(engine, mine, steps)
 
 
 def main() -> None:
@@ -260,7 +259,7 @@ def main() -> None:
     start = time.perf_counter()
     if resume_at:
         first, first_norms = run_steps(engine, batches, dims, range(resume_at))
-        engine.save_state(ckpt_dir)
+        engine.save(ckpt_dir)
         rest, rest_norms = run_steps(engine, batches, dims, range(resume_at, steps))
         result["losses"], result["grad_norms"] = first + rest, first_norms + rest_norms
     else:
@@ -269,12 +268,12 @@ def main() -> None:
     memory = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(measured_memory(engine, batches[0]), memory, dst=0)
     result["memory"] = memory
-    result["state"] = engine.full_state_dict()
+    result["state"] = engine.export_state_dict()
     if resume_at:
         resumed = ThreeDEngine(maven_dir, cfg, dims, total_steps=steps, accumulation=accumulation)
-        resumed.load_state(ckpt_dir)
+        resumed.load(ckpt_dir, manifest_for(env.world_size, tp=tp, pp=pp))
         result["resumed_losses"], _ = run_steps(resumed, batches, dims, range(resume_at, steps))
-        result["resumed_state"] = resumed.full_state_dict()
+        result["resumed_state"] = resumed.export_state_dict()
     if env.rank == 0:
         torch.save(result, out_file)
     dist.barrier()

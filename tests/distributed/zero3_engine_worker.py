@@ -18,6 +18,7 @@ from maven_dist.parallel.dims import ParallelDims  # noqa: E402
 from maven_dist.parallel.distributed import init_distributed  # noqa: E402
 from maven_dist.parallel.zero3 import Zero3Engine  # noqa: E402
 from tests.distributed.engine_fixtures import build_stage_setup, micro_batches  # noqa: E402
+from tests.helpers.steps import train_steps  # noqa: E402
 
 
 def main() -> None:
@@ -30,19 +31,12 @@ def main() -> None:
     )
     engine = Zero3Engine(setup.builder, setup.cfg, dims, total_steps=steps, accumulation=accumulation)
     batches = micro_batches(setup, steps * 2)
-    losses = []
-    for step in range(steps):
-        step_losses = []
-        for a in range(accumulation):
-            batch = batches[step * 2 + a * dims.dp + env.rank]
-            out = engine.forward(batch)
-            engine.backward(out.loss)
-            step_losses.append(out.loss.detach())
-            engine.step()
-        mean = torch.stack(step_losses).mean()
-        dist.all_reduce(mean)
-        losses.append(float(mean) / env.world_size)
-    state = engine.full_state_dict()
+
+    def mine(step: int) -> list:
+        return [batches[step * 2 + a * dims.dp + env.rank] for a in range(accumulation)]
+
+    losses, _ = train_steps(engine, mine, range(steps))
+    state = engine.export_state_dict()
     if env.rank == 0:
         torch.save({"losses": losses, "state": state}, out_file)
     dist.barrier()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from maven_dist.data.batch import Batch
-from maven_dist.model.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+from maven_dist.contract.batch import Batch
+from maven_dist.contract.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 
 
 def make_batch(model_or_layout, num_codes: int, image_size: int, num_patches: int, seed: int = 0) -> Batch:

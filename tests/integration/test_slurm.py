@@ -4,7 +4,7 @@ preemption, the submitit launcher (Slurm and --local), the chained recipe, clear
 A session fixture starts Slurm with the project's script and stops it at the end (only if it was
 not already running). The stage tests run the real trainer on recipes/tiny; the plumbing tests of
 the launcher itself run this file as a stand-in task (see ``standin_main`` at the bottom), which
-reports its torch.distributed variables and handles USR2 through maven_dist.launch.preemption.
+reports its torch.distributed variables and handles USR2 through maven_dist.contract.preemption.
 
 Run alone: ``.venv/bin/pytest tests/integration/test_slurm.py -m integration`` (as root).
 """
@@ -484,7 +484,7 @@ def standin_main(argv: list[str]) -> int:
     Records its torch.distributed variables, counts to $STANDIN_STEPS (0.5 s per step) and, on a
     preemption signal, saves its step and exits with REQUEUE_EXIT_CODE like the trainer does.
     """
-    from maven_dist.launch.preemption import (
+    from maven_dist.contract.preemption import (
         REQUEUE_EXIT_CODE,
         install_preemption_handler,
         preemption_requested,

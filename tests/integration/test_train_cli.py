@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from maven_dist.train.metrics_file import read_metrics
-from tests.helpers.torchrun import run_train
+from tests.helpers.torchrun import REPO, cpu_env, run_train
 
 pytestmark = pytest.mark.timeout(900)
 
 
 def test_tiny_stage4_runs_from_scratch_and_its_loss_falls(tmp_path):
-    """Nothing prepared beforehand: the recipe builds the embedded default itself, then trains."""
+    """Nothing prepared beforehand: training says how to build the demo assets; `maven prepare-demo` does,
+    then the stage trains."""
+    refused = run_train(1, "recipes/tiny/stage4.yaml", [f"run_dir={tmp_path}"], check=False)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "maven prepare-demo" in refused.stderr and "Traceback" not in refused.stderr
+    prepare = [sys.executable, "-m", "maven_dist.cli", "prepare-demo", "recipes/tiny/stage4.yaml"]
+    subprocess.run(
+        [*prepare, "--set", f"run_dir={tmp_path}"], cwd=REPO, env=cpu_env(), check=True, timeout=600
+    )
     result = run_train(1, "recipes/tiny/stage4.yaml", [f"run_dir={tmp_path}"])
     assert "starting from the base models" in result.stdout + result.stderr  # init_missing=base, said aloud
     rows = read_metrics(tmp_path / "stage4" / "metrics.jsonl")

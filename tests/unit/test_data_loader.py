@@ -13,16 +13,16 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from maven_dist.config import Config
+from maven_dist.contract.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, extend_tokenizer
+from maven_dist.data.formats import DataError
 from maven_dist.data.image_transform import ImageTransform
-from maven_dist.data.loader import GROUP_STEPS, ShardIndex, build_loader, plan_epoch
+from maven_dist.data.loader import GROUP_STEPS, ShardIndex, build_loader, epoch_steps
 from maven_dist.data.prepare import PrepareOptions, prepare
 from maven_dist.data.shards import list_shards, read_shard, update_shard_columns
-from maven_dist.data.synthetic import generate_synthetic
 from maven_dist.data.templates import render
-from maven_dist.data.tokenizer_training import train_tokenizer
-from maven_dist.data.views import DataError
-from maven_dist.model.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, extend_tokenizer
-from maven_dist.pseudo_labels.patch_labels import mask_to_patch_labels
+from maven_dist.offline.pseudo_labels.patch_labels import mask_to_patch_labels
+from maven_dist.offline.synthetic import generate_synthetic
+from maven_dist.offline.tokenizer_training import train_tokenizer
 
 SIZE, PATCH, NUM_CODES, CODEBOOK = 32, 8, 8, 64
 GRID = SIZE // PATCH
@@ -72,12 +72,14 @@ def _cfg(
     micro=5,
     workers=0,
     global_batch=None,
+    keep_ratio=0.25,
     **data_kw,
 ):
     cfg = Config()
+    cfg.model.selector.keep_ratio = keep_ratio
     cfg.seed = 7
     cfg.data.path = str(world["dirs"][data])
-    cfg.data.view = view
+    cfg.data.format = view
     cfg.data.num_workers = workers
     for k, v in data_kw.items():
         setattr(cfg.data, k, v)
@@ -212,22 +214,22 @@ def test_same_steps_on_any_dp_size_and_resume_across_dp_sizes(world):
 
 def test_plan_groups_by_modality_and_length(world):
     index = ShardIndex(world["dirs"]["raw"])
-    steps = plan_epoch(index, seed=0, epoch=0, step_size=2, shuffle=True, group_by_length=True)
-    assert steps == plan_epoch(index, 0, 0, 2, True, True)
+    steps = epoch_steps(index, seed=0, epoch=0, step_size=2, shuffle=True, group_by_length=True)
+    assert steps == epoch_steps(index, 0, 0, 2, True, True)
     flat = [i for s in steps for i in s]
     assert len(flat) == len(set(flat)) == len(index) // 2 * 2
     for step in steps:
         keys = [(index.num_images[i], -index.lengths[i]) for i in step]
         assert keys == sorted(keys)
     # Grouping pads less than a plain shuffle.
-    plain = plan_epoch(index, 0, 0, 2, True, False)
+    plain = epoch_steps(index, 0, 0, 2, True, False)
 
     def padding(plan):
         return sum(max(index.lengths[s]) * len(s) - sum(index.lengths[s]) for s in plan)
 
     assert padding(steps) < padding(plain)
     assert GROUP_STEPS >= 1
-    ordered = plan_epoch(index, 0, 0, 2, False, False)
+    ordered = epoch_steps(index, 0, 0, 2, False, False)
     assert [i for s in ordered for i in s] == list(range(len(index) // 2 * 2))
 
 
@@ -289,7 +291,15 @@ def test_missing_columns_say_which_tool_to_run(world, tmp_path):
         _loader(world, data="bare")
     with pytest.raises(DataError, match="tools/make_pseudo_labels.py"):
         _loader(world, data="bare", view="patch_labels")
-    loader, _, _ = _loader(world, data="bare", view="captions", views=("continuous",), micro=4)
+    # The continuous view alone still needs the codes wherever the selector runs (h_eos comes from them) ...
+    with pytest.raises(
+        DataError, match=r"the selector computes h_eos from them\): run tools/tokenize_images.py"
+    ):
+        _loader(world, data="bare", view="captions", views=("continuous",), micro=4)
+    # ... and only there: at alpha = 1 every patch is kept and no selector runs.
+    loader, _, _ = _loader(
+        world, data="bare", view="captions", views=("continuous",), micro=4, keep_ratio=1.0
+    )
     assert _take(loader, 1)[0].image_codes.shape[1] == 0  # not needed, not required
 
 

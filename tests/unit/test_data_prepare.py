@@ -14,8 +14,8 @@ from PIL import Image
 
 from maven_dist.data.prepare import REASONS, PrepareError, PrepareOptions, prepare
 from maven_dist.data.shards import list_shards, read_shard
-from maven_dist.data.synthetic import generate_synthetic
-from maven_dist.data.tokenizer_training import train_tokenizer
+from maven_dist.offline.synthetic import generate_synthetic
+from maven_dist.offline.tokenizer_training import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 

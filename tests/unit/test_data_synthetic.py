@@ -13,8 +13,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 from transformers import AutoTokenizer
 
-from maven_dist.data.synthetic import COLOURS, SHAPES, caption, generate_synthetic
-from maven_dist.data.tokenizer_training import BYTE_TOKENS, train_tokenizer
+from maven_dist.offline.synthetic import COLOURS, SHAPES, caption, generate_synthetic
+from maven_dist.offline.tokenizer_training import BYTE_TOKENS, train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from maven_dist.contract.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from maven_dist.data.templates import (
     LLAMA_2_SYSTEM,
     VICUNA_SYSTEM,
@@ -13,8 +14,7 @@ from maven_dist.data.templates import (
     check_turns,
     render,
 )
-from maven_dist.data.tokenizer_training import train_tokenizer
-from maven_dist.model.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+from maven_dist.offline.tokenizer_training import train_tokenizer
 
 IMG = "<IMG>"  # marks a placeholder in the expected sequences below
 

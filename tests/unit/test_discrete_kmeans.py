@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-from maven_dist.data.synthetic import generate_synthetic
-from maven_dist.model.discrete import DiscreteTokenizer, load_discrete_tokenizer
-from maven_dist.model.discrete_kmeans import fit_kmeans, slot_layout, train_kmeans_tokenizer
+from maven_dist.offline.discrete import DiscreteTokenizer, load_discrete_tokenizer
+from maven_dist.offline.discrete.kmeans import fit_kmeans, slot_layout, train_kmeans_tokenizer
+from maven_dist.offline.synthetic import generate_synthetic
 
 
 def save_tiny_tower(path, image_size: int = 112, seed: int = 0):

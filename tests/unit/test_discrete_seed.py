@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from maven_dist.model.discrete import DiscreteTokenizer, load_discrete_tokenizer
-from maven_dist.model.discrete_seed import (
+from maven_dist.offline.discrete import DiscreteTokenizer, load_discrete_tokenizer
+from maven_dist.offline.discrete.seed import (
     EvaVitConfig,
     SeedConfig,
     VectorQuantizer,
@@ -184,7 +184,7 @@ def test_official_checkpoint_loads_strictly_and_lands_in_the_right_places(seed_d
 
 
 def test_strict_loading_names_the_offending_key(seed_dir, tmp_path):
-    from maven_dist.model.discrete_seed import load_seed_tokenizer
+    from maven_dist.offline.discrete.seed import load_seed_tokenizer
 
     eva = seed_dir / "eva_vit_g.pth"
     broken = official_state_dict(TINY)
@@ -229,7 +229,7 @@ def test_queries_are_causal():
 
     def task_outputs() -> torch.Tensor:
         embeds = model.ln_vision(model.visual_encoder(pixels))
-        from maven_dist.model.discrete_seed import causal_query_mask
+        from maven_dist.offline.discrete.seed import causal_query_mask
 
         hidden = model.qformer(
             query_embeds=model.query_tokens.expand(2, -1, -1),
@@ -301,7 +301,7 @@ def _reference_qformer(
 
 def test_qformer_matches_the_official_causal_qformer_computation(seed_dir):
     """transformers' Blip2QFormerModel + key map + causal mask == SEED's Q-Former on the same weights."""
-    from maven_dist.model.discrete_seed import causal_query_mask
+    from maven_dist.offline.discrete.seed import causal_query_mask
 
     model = load_discrete_tokenizer("seed", seed_dir, seed_config=TINY, device="cpu")
     official = official_state_dict(TINY)

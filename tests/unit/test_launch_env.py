@@ -13,10 +13,10 @@ from maven_dist.launch.checks import LaunchError
 from maven_dist.launch.slurm_env import (
     PORT_BASE,
     PORT_SPAN,
-    DistEnv,
-    dist_env_from_slurm,
+    TaskEnv,
     first_host,
     port_for_job,
+    task_env_from_slurm,
     tasks_per_node,
 )
 
@@ -77,8 +77,8 @@ def _task_env(**extra: str) -> dict[str, str]:
 
 
 def test_dist_env_prefers_the_step_over_the_allocation() -> None:
-    dist = dist_env_from_slurm(_task_env())
-    assert dist == DistEnv(
+    dist = task_env_from_slurm(_task_env())
+    assert dist == TaskEnv(
         rank=5,
         local_rank=1,
         world_size=8,
@@ -100,7 +100,7 @@ def test_dist_env_falls_back_to_job_variables_and_honours_pinned_rendezvous() ->
     env = _task_env(MASTER_ADDR="10.0.0.1", MASTER_PORT="29500")
     for key in ("SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE"):
         del env[key]
-    dist = dist_env_from_slurm(env)
+    dist = task_env_from_slurm(env)
     assert (dist.world_size, dist.local_world_size, dist.master_addr, dist.master_port) == (
         16,
         8,
@@ -113,9 +113,9 @@ def test_dist_env_names_the_missing_variable() -> None:
     env = _task_env()
     del env["SLURM_PROCID"]
     with pytest.raises(LaunchError, match="SLURM_PROCID is not set.*srun"):
-        dist_env_from_slurm(env)
+        task_env_from_slurm(env)
     with pytest.raises(LaunchError, match="outside the 8 tasks"):
-        dist_env_from_slurm(_task_env(SLURM_PROCID="8"))
+        task_env_from_slurm(_task_env(SLURM_PROCID="8"))
 
 
 def test_exec_wrapper_sets_the_variables_for_the_command() -> None:

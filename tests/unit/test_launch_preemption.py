@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from maven_dist.launch import preemption
-from maven_dist.launch.preemption import (
+from maven_dist.contract import preemption
+from maven_dist.contract.preemption import (
     REQUEUE_EXIT_CODE,
     ignore_preemption_signals,
     install_preemption_handler,
@@ -71,7 +71,7 @@ def test_a_training_process_saves_and_exits_with_the_requeue_code(tmp_path) -> N
     script = textwrap.dedent(
         f"""
         import sys, time
-        from maven_dist.launch.preemption import REQUEUE_EXIT_CODE, install_preemption_handler, preemption_requested
+        from maven_dist.contract.preemption import REQUEUE_EXIT_CODE, install_preemption_handler, preemption_requested
         install_preemption_handler()
         print("ready", flush=True)
         for step in range(600):

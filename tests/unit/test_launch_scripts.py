@@ -7,7 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from maven_dist.launch.preemption import REQUEUE_EXIT_CODE
+from maven_dist.contract.preemption import REQUEUE_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from maven_dist.merge import PROVENANCE_FILE, MergeError, MergeOptions, merge_checkpoint
-from maven_dist.merge.plan import OutFile, OutTensor
+from maven_dist.merge.output_files import OutFile, OutTensor
 from maven_dist.merge.source import Piece, SourceTensor, find_checkpoint
 from maven_dist.merge.torch_files import TorchFileIndex
 from maven_dist.merge.writer import ChunkReader, write_file
@@ -152,8 +152,9 @@ def local_model(tmp_path_factory):
     """A tiny MaVEn built from random base models, with its extended tokenizer."""
     from transformers import AutoTokenizer
 
-    from maven_dist.model.maven import MavenModel, MavenSpec
-    from maven_dist.model.vocab import extend_tokenizer
+    from maven_dist.contract.vocab import extend_tokenizer
+    from maven_dist.model.maven import MavenModel
+    from maven_dist.model.spec import MavenSpec
     from tests.conftest import build_tiny_base
 
     base = build_tiny_base(tmp_path_factory.mktemp("merge_base"))
@@ -332,9 +333,9 @@ def test_file_truncated_during_the_merge_fails_cleanly(tmp_path, local_model, mo
     weights = ckpt / "engine" / "model.safetensors"
     original = merge_module._write_weights
 
-    def truncate_then_write(tmp, plan, options):
+    def truncate_then_write(tmp, layout, options):
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-        return original(tmp, plan, options)
+        return original(tmp, layout, options)
 
     monkeypatch.setattr(merge_module, "_write_weights", truncate_then_write)
     with pytest.raises(MergeError, match=r"model.safetensors is truncated: \d+ bytes wanted at offset"):

@@ -9,11 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig
 
 from maven_dist.config import load_config
-from maven_dist.data.batch import Batch
-from maven_dist.model.maven import MavenModel, MavenSpec
+from maven_dist.contract.batch import Batch
+from maven_dist.contract.vocab import code_token, extend_tokenizer
+from maven_dist.model.maven import MavenModel
+from maven_dist.model.parts import apply_trainable, part_of
 from maven_dist.model.selector import select_top_patches
-from maven_dist.model.vocab import code_token, extend_tokenizer
-from maven_dist.train.parts import apply_trainable, part_of
+from maven_dist.model.spec import MavenSpec
 from tests.helpers.batches import make_batch as helper_batch
 
 NUM_CODES = 8
@@ -53,10 +54,12 @@ def test_visual_positions_per_image_at_336px(tiny_base, alpha, expected):
     )
     spec = MavenSpec(keep_ratio=alpha, selector_hidden_size=8, num_codes=32, eos_token_id=2)
     model = MavenModel.from_configs(llm_config, tower_config, layout, spec)
-    visual = model.visual_embeds(
-        torch.randn(2, 3, 336, 336), torch.randint(0, 8192, (2, 32)), ["discrete", "continuous"]
-    )
+    views = ["discrete", "continuous"]
+    codes = torch.randint(0, 8192, (2, 32))
+    h_eos = model.eos_states(codes) if model.selects_patches(views) else None
+    visual = model.visual_embeds(torch.randn(2, 3, 336, 336), codes, h_eos, views)
     assert visual.shape[1] - 2 == expected == 32 + math.floor(alpha * 576)
+    assert model.visual_tokens_per_image(views) == expected
 
 
 def test_select_top_patches_keeps_top_in_raster_order():
@@ -74,11 +77,13 @@ def test_select_top_patches_keeps_top_in_raster_order():
 def test_continuous_tokens_are_the_projected_top_scoring_patches(tiny_base):
     model, _ = make_model(tiny_base, keep_ratio=0.25)
     batch = make_batch(model)
-    features, scores = model.selector_logits(batch.pixel_values, batch.image_codes)
+    features = model.vision_tower(batch.pixel_values)
+    h_eos = model.eos_states(batch.image_codes)
+    scores = model.selector(features, h_eos)
     keep = math.floor(0.25 * features.shape[1])
     top = scores.topk(keep, dim=-1).indices.sort(dim=-1).values
     expected = model.projector(features.gather(1, top.unsqueeze(-1).expand(-1, -1, features.shape[-1])))
-    got = model.visual_embeds(batch.pixel_values, batch.image_codes, ["continuous"])
+    got = model.visual_embeds(batch.pixel_values, batch.image_codes, h_eos, ["continuous"])
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 

@@ -11,9 +11,10 @@ import torch.distributed as dist
 from transformers import CLIPVisionConfig, LlamaConfig
 
 from maven_dist.config import load_config
-from maven_dist.model.maven import MavenModel, MavenSpec
-from maven_dist.model.vocab import VocabLayout
-from maven_dist.plan import _full_layer, _head_logits_bytes, count_params, main, plan
+from maven_dist.contract.vocab import VocabLayout
+from maven_dist.model.maven import MavenModel
+from maven_dist.model.spec import MavenSpec
+from maven_dist.parallel.memory_plan import _full_layer, _head_logits_bytes, count_params, main, plan
 
 TINY = [
     *(
@@ -96,7 +97,7 @@ def one_rank_model_parallel(tmp_path):
 def test_activation_estimate_matches_saved_tensors(one_rank_model_parallel):
     """Layer and loss activations of the real 3D modules (tp=1) against the planner's formulas."""
     from maven_dist.parallel.megatron_llama import LlamaShape, TPDecoderLayer, build_tp_config
-    from maven_dist.parallel.pipeline import OutputStage
+    from maven_dist.parallel.pipe_layers import OutputStage
 
     cfg = load_config("recipes/tiny/stage4.yaml", TINY)
     config = build_tp_config(one_rank_model_parallel)

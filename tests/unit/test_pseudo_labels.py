@@ -13,13 +13,13 @@ from pycocotools import mask as mask_utils
 
 from maven_dist.data.image_transform import ImageTransform
 from maven_dist.data.shards import BASE_SCHEMA, read_shard, shard_name, write_shard_atomic
-from maven_dist.data.synthetic import generate_synthetic
-from maven_dist.pseudo_labels.coco import CocoMasks, annotation_mask
-from maven_dist.pseudo_labels.make_labels import grid_from_tower, make_patch_labels
-from maven_dist.pseudo_labels.noun_phrases import extract_noun_phrases, grounding_prompt
-from maven_dist.pseudo_labels.patch_labels import mask_to_patch_labels
-from maven_dist.pseudo_labels.sources import MaskFailure, MaskRequest, box_mask
-from maven_dist.pseudo_labels.visual_genome import VisualGenomeBoxes
+from maven_dist.offline.pseudo_labels.coco import CocoMasks, annotation_mask
+from maven_dist.offline.pseudo_labels.make_labels import grid_from_tower, make_patch_labels
+from maven_dist.offline.pseudo_labels.noun_phrases import extract_noun_phrases, grounding_prompt
+from maven_dist.offline.pseudo_labels.patch_labels import mask_to_patch_labels
+from maven_dist.offline.pseudo_labels.sources import MaskFailure, MaskRequest, box_mask
+from maven_dist.offline.pseudo_labels.visual_genome import VisualGenomeBoxes
+from maven_dist.offline.synthetic import generate_synthetic
 
 
 def _labels_grid(mask: np.ndarray, grid: int, threshold: float = 0.0) -> np.ndarray:

@@ -31,9 +31,9 @@ from transformers import (
 )
 
 from maven_dist.data.shards import BASE_SCHEMA, read_shard, shard_name, write_shard_atomic
-from maven_dist.pseudo_labels.grounding_sam import GroundingSam, GroundingSamConfig
-from maven_dist.pseudo_labels.make_labels import make_patch_labels
-from maven_dist.pseudo_labels.sources import MaskFailure, MaskRequest
+from maven_dist.offline.pseudo_labels.grounding_sam import GroundingSam, GroundingSamConfig
+from maven_dist.offline.pseudo_labels.make_labels import make_patch_labels
+from maven_dist.offline.pseudo_labels.sources import MaskFailure, MaskRequest
 
 WORDS = [
     "[PAD]",

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from maven_dist.data.shards import BASE_SCHEMA, list_shards, read_shard, shard_name, write_shard_atomic
-from maven_dist.pseudo_labels.shard_jobs import tokenize_shards
+from maven_dist.offline.shard_jobs import tokenize_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ def _png(width: int, height: int, seed: int) -> bytes:
 
 
 def test_tokenize_shards_with_a_seed_tokenizer_records_undecodable_images(tmp_path):
-    from maven_dist.model.discrete_seed import build_seed_tokenizer
+    from maven_dist.offline.discrete.seed import build_seed_tokenizer
     from tests.unit.test_discrete_seed import TINY
 
     torch.manual_seed(0)
@@ -92,7 +92,7 @@ def test_tool_arguments_are_checked(tmp_path):
 def test_stage1_trains_from_labels_written_by_the_tools(tmp_path):
     """The tiny recipe's data, labels and codes rewritten by the two CLIs, then stage 1 trains on them."""
     from maven_dist.config import load_config
-    from maven_dist.data.embedded import prepare_embedded
+    from maven_dist.offline.demo import prepare_demo
     from maven_dist.parallel.distributed import destroy
     from maven_dist.train.trainer import run_stage
 
@@ -101,18 +101,16 @@ def test_stage1_trains_from_labels_written_by_the_tools(tmp_path):
         ROOT / "recipes/tiny/stage1.yaml",
         [
             f"run_dir={run}",
-            "embedded.num_images=24",
+            "demo.num_images=24",
             "stage.max_steps=4",
             "tracking.enabled=false",
             "data.num_workers=0",
         ],
     )
-    prepare_embedded(cfg)
+    prepare_demo(cfg)
     captions = run / "data" / "captions"
     labels_tool, codes_tool = _tool("make_pseudo_labels"), _tool("tokenize_images")
-    for shard in list_shards(
-        captions
-    ):  # drop what the embedded set-up wrote, so only the tools' output is used
+    for shard in list_shards(captions):  # drop what the demo set-up wrote, so only the tools' output is used
         table = read_shard(shard)
         write_shard_atomic(table.drop_columns(["patch_labels", "image_codes"]), shard)
         del table

@@ -238,7 +238,7 @@ def test_compare_runs_shows_final_metrics_and_only_params_that_differ(
     assert "run_dir" in lines  # differs too (each launch has its own run directory)
     assert "stage.optimizer.betas" not in lines and "model.llm.num_layers" not in lines
 
-    from tools.compare_runs import main
+    from maven_dist.cli.compare import main
 
     assert main(["--uri", f"sqlite:///{store}", "--stage", "stage3", "--metrics", "loss/"]) == 0
     assert "ablation-b/stage3" in capsys.readouterr().out

@@ -38,7 +38,7 @@ the outage length and how much it buffered. :meth:`~MLflowTracker.end_stage` and
 ``close`` is written to ``{run_dir}/mlflow_spool/*.jsonl`` and replayed by the next tracker that opens
 the same store (the next stage), or by hand::
 
-    python -m maven_dist.train.tracking sync RUN_DIR [--uri URI]   # --uri: replay into another store
+    maven sync RUN_DIR [--uri URI]   # --uri: replay into another store
 
 The SQLite default suits one machine (laptop, CI, one node); on a cluster whose run directory sits on
 NFS/Lustre point ``tracking.uri`` at a tracking server instead (SQLite locking is unreliable there).

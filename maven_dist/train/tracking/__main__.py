@@ -1,4 +1,9 @@
-"""``python -m maven_dist.train.tracking sync RUN_DIR [--uri URI]``: replay the tracking spool."""
+"""``maven sync RUN_DIR [--uri URI]`` (also ``python -m maven_dist.train.tracking sync ...``): deliver a run
+directory's spooled tracking data to its store.
+
+A stage that ended while the tracking server was unreachable leaves what it could not send in
+``RUN_DIR/mlflow_spool/*.jsonl``; the next stage replays it, and this command does it by hand.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,14 @@ from .sync import sync_spool
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m maven_dist.train.tracking", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sync = sub.add_parser("sync", help="deliver {RUN_DIR}/mlflow_spool/*.jsonl to the tracking store")
-    sync.add_argument("run_dir", help="the run directory whose mlflow_spool/ to replay")
-    sync.add_argument("--uri", default=None, help="replay into this store instead of the one each file names")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sync"]:  # the older spelling, python -m maven_dist.train.tracking sync RUN_DIR
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(prog="maven sync", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="the run directory whose mlflow_spool/ to replay")
+    parser.add_argument(
+        "--uri", default=None, help="replay into this store instead of the one each file names"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     result = sync_spool(args.run_dir, uri=args.uri)

@@ -37,7 +37,7 @@ class MLflowTracker:
 
     Calls only queue ops; a daemon thread delivers them (see :mod:`.sender`). Undelivered ops are
     written to ``spool_dir`` at :meth:`close` and replayed first by the next tracker with the same
-    store (or by ``python -m maven_dist.train.tracking sync RUN_DIR``).
+    store (or by ``maven sync RUN_DIR``).
     """
 
     def __init__(
@@ -150,7 +150,7 @@ class MLflowTracker:
             n = sum(op.num_metrics for op in leftover)
             logger.warning(
                 "MLflow tracking store %s was not reachable before exit; %d ops (%d metric values) saved to "
-                "%s. The next stage replays them; or run: python -m maven_dist.train.tracking sync %s",
+                "%s. The next stage replays them; or run: maven sync %s",
                 self.uri,
                 len(leftover),
                 n,
@@ -256,7 +256,7 @@ class MLflowTracker:
             if uri != self.uri:
                 logger.warning(
                     "tracking spool %s was written for %s, not %s; left in place (replay it with "
-                    "python -m maven_dist.train.tracking sync %s --uri URI)",
+                    "maven sync %s --uri URI)",
                     path,
                     uri,
                     self.uri,

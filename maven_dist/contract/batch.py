@@ -12,7 +12,7 @@ class Batch:
     """A collated micro-batch.
 
     Text tensors are right-padded. Image placeholders in ``input_ids`` are
-    ``maven_dist.model.vocab.IMAGE_PLACEHOLDER_ID``; the model expands each one into the image's
+    ``maven_dist.contract.vocab.IMAGE_PLACEHOLDER_ID``; the model expands each one into the image's
     visual block. Images are listed sample-major in order of appearance, so the k-th placeholder of
     the batch (row-major) belongs to ``pixel_values[k]`` / ``image_codes[k]``.
     """
@@ -43,3 +43,8 @@ class Batch:
     @property
     def num_images(self) -> int:
         return self.pixel_values.shape[0]
+
+    @property
+    def num_samples(self) -> int:
+        """Rows of text, or images for an image-only (stage 1) batch."""
+        return self.input_ids.shape[0] if self.input_ids is not None else self.num_images

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from maven_dist.data.shards import list_shards, read_shard, update_shard_columns
-from maven_dist.model.discrete import DiscreteTokenizer, TokenizerKind, load_discrete_tokenizer
+from maven_dist.offline.discrete import DiscreteTokenizer, TokenizerKind, load_discrete_tokenizer
 
 
 @dataclass(frozen=True)

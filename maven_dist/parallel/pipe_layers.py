@@ -45,12 +45,11 @@ from megatron.core.tensor_parallel import (
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from maven_dist.model.maven import MavenSpec, maybe_skip_hf_init
-from maven_dist.model.projector import build_projector
-from maven_dist.model.selector import PatchSelector, select_top_patches
-from maven_dist.model.sequence import assemble_sequences, num_kept_patches
-from maven_dist.model.vision import ContinuousEncoder
-from maven_dist.model.vocab import IGNORE_INDEX, VocabLayout
+from maven_dist.contract.batch import Batch
+from maven_dist.contract.vocab import IGNORE_INDEX, VocabLayout
+from maven_dist.model.frontend import MavenFrontEnd, eos_input_length
+from maven_dist.model.maven import maybe_skip_hf_init
+from maven_dist.model.spec import MavenSpec
 from maven_dist.parallel.megatron_llama import LlamaShape, PipeTuple, RMSNorm, _no_init
 
 StageInputs = tuple[torch.Tensor, ...]
@@ -66,8 +65,8 @@ def _check_vocab_tp(layout: VocabLayout, tp: int) -> None:
             )
 
 
-class InputStage(nn.Module):
-    """Stage-0 pieces: images -> visual blocks, token ids -> unified embeddings, assembled sequences."""
+class InputStage(MavenFrontEnd):
+    """Stage-0 layer: the MaVEn front end with the unified vocabulary's two row sets vocabulary-parallel."""
 
     def __init__(
         self,
@@ -78,70 +77,34 @@ class InputStage(nn.Module):
         views: Sequence[str],
         config: ModelParallelConfig,
     ):
-        super().__init__()
         _check_vocab_tp(layout, config.tensor_model_parallel_size)
-        self.layout, self.spec, self.views = layout, spec, tuple(views)
+        with maybe_skip_hf_init(True):  # weights are loaded next
+            tower = CLIPVisionModel(tower_config)
+        super().__init__(tower, layout, spec, shape.hidden_size)
+        self.views = tuple(views)
         d = shape.hidden_size
         self.embed_text = VocabParallelEmbedding(layout.text_size, d, init_method=_no_init, config=config)
         self.embed_new = VocabParallelEmbedding(layout.num_new_rows, d, init_method=_no_init, config=config)
-        with maybe_skip_hf_init(True):  # weights are loaded next
-            tower = CLIPVisionModel(tower_config)
-        self.vision_tower = ContinuousEncoder(tower, spec.select_layer)
-        feature = self.vision_tower.hidden_size
-        self.selector = PatchSelector(feature, d, spec.selector_hidden_size)
-        self.projector = build_projector(spec.projector, feature, d)
 
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """MavenModel.embed_tokens with the two row sets vocabulary-parallel."""
-        text_size = self.layout.text_size
-        is_text = (ids < text_size).unsqueeze(-1)
-        text = self.embed_text(ids.clamp(max=text_size - 1))
-        new = self.embed_new((ids - text_size).clamp(min=0))
-        return torch.where(is_text, text, new)
+    def text_embedding(self) -> nn.Module:
+        return self.embed_text
 
-    def discrete_ids(self, image_codes: torch.Tensor) -> torch.Tensor:
-        n = image_codes.shape[0]
-        start = image_codes.new_full((n, 1), self.layout.img_start_id)
-        end = image_codes.new_full((n, 1), self.layout.img_end_id)
-        return torch.cat([start, self.layout.code_to_token_id(image_codes), end], dim=1)
-
-    def eos_ids(self, image_codes: torch.Tensor) -> torch.Tensor:
-        """[N, K + 3]: the discrete block followed by `<EOS>` (the h_eos pass's input)."""
-        ids = self.discrete_ids(image_codes)
-        return torch.cat([ids, ids.new_full((ids.shape[0], 1), self.spec.eos_token_id)], dim=1)
-
-    def visual_embeds(
-        self, pixel_values: torch.Tensor, image_codes: torch.Tensor, h_eos: torch.Tensor
-    ) -> torch.Tensor:
-        blocks = []
-        if "discrete" in self.views:
-            blocks.append(self.embed_tokens(self.discrete_ids(image_codes)))
-        if "continuous" in self.views:
-            features = self.vision_tower(pixel_values)
-            scores = self.selector(features, h_eos)
-            keep = select_top_patches(
-                scores, num_kept_patches(self.vision_tower.num_patches, self.spec.keep_ratio)
-            )
-            kept = features.gather(1, keep.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-            blocks.append(self.projector(kept.to(next(self.projector.parameters()).dtype)))
-        return torch.cat(blocks, dim=1)
+    def new_row_embedding(self) -> nn.Module:
+        return self.embed_new
 
     def forward(self, inputs: StageInputs) -> PipeTuple:
         pixel_values, image_codes, h_eos, input_ids, labels, attention_mask = inputs
-        has_images = pixel_values.shape[0] > 0
-        if not has_images:
-            # As MavenModel: a text-only micro-batch runs one blank image with weight 0, so every
-            # trainable part gets a (zero) gradient and every rank runs the same ops.
-            pixel_values = pixel_values.new_zeros(1, *pixel_values.shape[1:])
-            image_codes = image_codes.new_zeros(1, image_codes.shape[1])
-            h_eos = h_eos.new_zeros(1, h_eos.shape[-1])
-        visual = self.visual_embeds(pixel_values, image_codes, h_eos)
-        embeds, labels, mask = assemble_sequences(
-            input_ids, labels, attention_mask, self.embed_tokens, visual if has_images else visual[:0]
-        )
-        if not has_images:
-            embeds = embeds + 0.0 * visual.sum()
-        return embeds, mask, labels
+        batch = Batch(pixel_values, image_codes, input_ids, labels, attention_mask)
+
+        def precomputed_eos_states(codes: torch.Tensor) -> torch.Tensor:
+            # h_eos came from the engine's pipeline pass; the blank image of a text-only micro-batch
+            # (weight 0) gets zeros, as that pass never saw it.
+            return (
+                h_eos if h_eos.shape[0] == codes.shape[0] else h_eos.new_zeros(codes.shape[0], h_eos.shape[1])
+            )
+
+        inputs = self.sequence_inputs(batch, self.views, precomputed_eos_states)
+        return inputs.embeds, inputs.attention_mask, inputs.labels
 
 
 class OutputStage(nn.Module):
@@ -205,6 +168,7 @@ def pipeline_eos_states(
     layers: dict[int, nn.Module],
     num_layers: int,
     image_codes: torch.Tensor,
+    spec: MavenSpec,
     pipe_ranks: list[int],
     stage: int,
     hidden_size: int,
@@ -218,10 +182,10 @@ def pipeline_eos_states(
     """
     pp = len(pipe_ranks)
     device = next(p for layer in layers.values() for p in layer.parameters()).device
-    n, length = image_codes.shape[0], image_codes.shape[1] + 3
+    n, length = image_codes.shape[0], eos_input_length(spec)
     if stage == 0:
         inp: InputStage = layers[0]
-        hidden = inp.embed_tokens(inp.eos_ids(image_codes.to(device)))
+        hidden = inp.embed_tokens(inp.eos_input_ids(image_codes.to(device)))
     else:
         hidden = torch.empty(n, length, hidden_size, dtype=dtype, device=device)
         dist.recv(hidden, src=pipe_ranks[stage - 1])

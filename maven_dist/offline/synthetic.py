@@ -1,6 +1,6 @@
 """Synthetic data set: coloured shapes on textured backgrounds, with exact masks and LLaVA-format text.
 
-It is the embedded default data for the demo and the tests, and ground truth for the patch selector:
+It is the demo data set (the tiny recipe, the tests), and ground truth for the patch selector:
 every object's mask is known exactly, and the COCO annotation written for it decodes (with
 pycocotools) to precisely that mask, because the image is *painted from* the decoded mask:
 

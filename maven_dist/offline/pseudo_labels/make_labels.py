@@ -12,12 +12,12 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from maven_dist.pseudo_labels.coco import CocoMasks
-from maven_dist.pseudo_labels.grounding_sam import GroundingSam, GroundingSamConfig
-from maven_dist.pseudo_labels.patch_labels import mask_to_patch_labels
-from maven_dist.pseudo_labels.shard_jobs import ImageItem, ItemFailure, JobReport, run_column_job
-from maven_dist.pseudo_labels.sources import MaskFailure, MaskRequest, MaskSource
-from maven_dist.pseudo_labels.visual_genome import VisualGenomeBoxes
+from maven_dist.offline.pseudo_labels.coco import CocoMasks
+from maven_dist.offline.pseudo_labels.grounding_sam import GroundingSam, GroundingSamConfig
+from maven_dist.offline.pseudo_labels.patch_labels import mask_to_patch_labels
+from maven_dist.offline.pseudo_labels.sources import MaskFailure, MaskRequest, MaskSource
+from maven_dist.offline.pseudo_labels.visual_genome import VisualGenomeBoxes
+from maven_dist.offline.shard_jobs import ImageItem, ItemFailure, JobReport, run_column_job
 
 SourceName = Literal["coco", "vg", "grounding_sam"]
 

@@ -40,32 +40,3 @@ def apply_trainable(model: nn.Module, parts: Iterable[str]) -> list[str]:
 
 def trainable_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
-
-
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    """Norm weights and biases are 1-D: decaying them only hurts (LLaVA, nanoGPT, torchtitan)."""
-    return len(getattr(param, "ds_shape", param.shape)) < 2 or name.endswith(".bias")
-
-
-def build_param_groups(
-    model: nn.Module, lr: float, weight_decay: float, part_lr: dict[str, float]
-) -> list[dict]:
-    """AdamW groups per (part, decay): per-part learning rates where the stage sets them, no decay
-    on norms and biases. Frozen parameters are left out, so they get no optimizer state."""
-    groups: dict[tuple[str, bool], dict] = {}
-    for name, param in trainable_named_parameters(model):
-        part = part_of(name)
-        decay = not _no_decay(name, param)
-        group = groups.setdefault(
-            (part, decay),
-            {
-                "params": [],
-                "lr": part_lr.get(part, lr),
-                "weight_decay": weight_decay if decay else 0.0,
-                "name": f"{part}/{'decay' if decay else 'no_decay'}",
-            },
-        )
-        group["params"].append(param)
-    if not groups:
-        raise ValueError("the stage trains no parameters; check stage.trainable")
-    return list(groups.values())

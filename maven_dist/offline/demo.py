@@ -1,4 +1,4 @@
-"""The embedded default: everything the tiny recipe needs, built on this machine, once.
+"""The demo assets: everything the tiny recipe needs, built on this machine, once (``maven prepare-demo``).
 
     {run_dir}/data/synthetic/        images, masks, captions.json, conversations.json, instances.json
     {run_dir}/base/llm/              tokenizer trained on the synthetic texts + a random tiny LLaMA
@@ -9,7 +9,9 @@
 
 Each step runs the same tools a user runs on real data (tools/prepare_data.py,
 tools/make_pseudo_labels.py, tools/tokenize_images.py, as functions) and is skipped when its
-output exists, so calling this before every stage costs nothing after the first time.
+output exists, so calling it before every launch costs nothing after the first time. The recipe runner
+(``maven pipeline``) and the launchers (``slurm/*.sh``, ``maven launch``) call it for recipes with
+``demo.enabled``; the trainer never does (training does not import this package).
 """
 
 from __future__ import annotations
@@ -17,45 +19,40 @@ from __future__ import annotations
 from pathlib import Path
 
 from maven_dist.config import Config
-from maven_dist.parallel.distributed import DistEnv, barrier, print0
 
 _DONE = ".done"
 
 
-def maybe_prepare_embedded(cfg: Config, env: DistEnv) -> None:
-    """Build what is missing on rank 0 while the other ranks wait."""
-    if not cfg.embedded.enabled:
-        return
-    if env.is_main:
-        prepare_embedded(cfg)
-    barrier()
+def log(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
 
 
-def prepare_embedded(cfg: Config) -> None:
+def prepare_demo(cfg: Config) -> None:
+    """Build whatever of the demo assets under ``cfg.run_dir`` is missing (one process)."""
     from maven_dist.data.prepare import PrepareOptions, prepare
-    from maven_dist.data.synthetic import generate_synthetic
-    from maven_dist.data.tokenizer_training import train_tokenizer
-    from maven_dist.model.build import build_random_llm, build_random_vision_tower
-    from maven_dist.model.discrete_kmeans import train_kmeans_tokenizer
-    from maven_dist.pseudo_labels.make_labels import make_patch_labels
-    from maven_dist.pseudo_labels.shard_jobs import tokenize_shards
+    from maven_dist.offline.base_models import build_random_llm, build_random_vision_tower
+    from maven_dist.offline.discrete.kmeans import train_kmeans_tokenizer
+    from maven_dist.offline.pseudo_labels.make_labels import make_patch_labels
+    from maven_dist.offline.shard_jobs import tokenize_shards
+    from maven_dist.offline.synthetic import generate_synthetic
+    from maven_dist.offline.tokenizer_training import train_tokenizer
 
     run = Path(cfg.run_dir)
     synthetic_dir = run / "data" / "synthetic"
     if not (synthetic_dir / _DONE).exists():
-        print0(f"[embedded] generating {cfg.embedded.num_images} synthetic images in {synthetic_dir}")
-        generate_synthetic(synthetic_dir, cfg.embedded.num_images, cfg.seed, cfg.embedded.image_size)
+        log(f"generating {cfg.demo.num_images} synthetic images in {synthetic_dir}")
+        generate_synthetic(synthetic_dir, cfg.demo.num_images, cfg.seed, cfg.demo.image_size)
         (synthetic_dir / _DONE).touch()
 
     llm_dir = cfg.resolve_path(cfg.model.llm.path)
     if cfg.model.llm.init == "random" and not (llm_dir / "config.json").is_file():
-        print0(f"[embedded] training the tokenizer and building a random LLM in {llm_dir}")
+        log(f"training the tokenizer and building a random LLM in {llm_dir}")
         texts = (synthetic_dir / "captions.txt").read_text().splitlines()
-        tokenizer = train_tokenizer(texts, llm_dir, vocab_size=cfg.embedded.tokenizer_vocab_size)
+        tokenizer = train_tokenizer(texts, llm_dir, vocab_size=cfg.demo.tokenizer_vocab_size)
         build_random_llm(cfg.model.llm, tokenizer, llm_dir, cfg.seed)
     tower_dir = cfg.resolve_path(cfg.model.vision.path)
     if cfg.model.vision.init == "random" and not (tower_dir / "config.json").is_file():
-        print0(f"[embedded] building a random vision tower in {tower_dir}")
+        log(f"building a random vision tower in {tower_dir}")
         build_random_vision_tower(cfg.model.vision, tower_dir, cfg.seed)
 
     shard_sets = {
@@ -65,7 +62,7 @@ def prepare_embedded(cfg: Config) -> None:
     for name, source in shard_sets.items():
         out = run / "data" / name
         if not (out / "manifest.json").is_file():
-            print0(f"[embedded] preparing shards {out}")
+            log(f"preparing shards {out}")
             options = PrepareOptions(
                 image_root=synthetic_dir / "images",
                 out_dir=out,
@@ -91,7 +88,7 @@ def prepare_embedded(cfg: Config) -> None:
 
     kmeans_dir = cfg.resolve_path(cfg.model.discrete.path)
     if not (kmeans_dir / "config.json").is_file():
-        print0(f"[embedded] training the k-means visual tokenizer in {kmeans_dir}")
+        log(f"training the k-means visual tokenizer in {kmeans_dir}")
         train_kmeans_tokenizer(
             run / "data" / "captions",
             tower_dir,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from maven_dist.pseudo_labels.sources import MaskFailure, MaskRequest, MaskResult
+from maven_dist.offline.pseudo_labels.sources import MaskFailure, MaskRequest, MaskResult
 
 
 def annotation_mask(segmentation: Any, width: int, height: int) -> np.ndarray:

@@ -1,7 +1,10 @@
-"""Each stage's view of the same shards: one shard row -> one :class:`Example`; examples -> :class:`Batch`.
+"""Each stage's format of the same shards: one shard row -> one :class:`Example`; examples -> :class:`Batch`.
+
+A *format* (``data.format``) is how a stage reads a shard row; which visual *views* (discrete,
+continuous) each image then contributes to the sequence is ``stage.views``, the model's business.
 
 ======================  ========================================================================
-view (``data.view``)    what a sample becomes
+``data.format``         what a sample becomes
 ======================  ========================================================================
 ``patch_labels``        stage 1: its images, their codes and patch labels; no text
 ``discrete_alignment``  stage 2: image -> caption (``plain`` template), or, for a deterministic
@@ -13,7 +16,7 @@ view (``data.view``)    what a sample becomes
 
 The caption is the sample's first answer. A sample whose expanded length exceeds ``data.max_length``
 raises :class:`BadSample`, which the loader counts and skips (preparation already rejected samples
-too long for the longest view, so this only fires when a stage is configured longer than the data
+too long for the longest format, so this only fires when a stage is configured longer than the data
 was prepared for).
 """
 
@@ -28,13 +31,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from maven_dist.data.batch import Batch
+from maven_dist.contract.batch import Batch
+from maven_dist.contract.lengths import num_kept_patches, visual_tokens_per_image
+from maven_dist.contract.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER, VocabLayout
 from maven_dist.data.image_transform import ImageTransform
 from maven_dist.data.templates import check_turns, render
-from maven_dist.model.sequence import visual_tokens_per_image
-from maven_dist.model.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER, VocabLayout
 
-DATA_VIEWS = ("patch_labels", "discrete_alignment", "captions", "conversations")
+DATA_FORMATS = ("patch_labels", "discrete_alignment", "captions", "conversations")
 
 
 class BadSample(ValueError):
@@ -58,7 +61,7 @@ class Example:
 
 
 @dataclass(frozen=True)
-class ViewSpec:
+class SampleFormat:
     """Everything a worker needs to turn a row into an example (picklable, no model objects)."""
 
     name: str
@@ -72,8 +75,16 @@ class ViewSpec:
     seed: int = 0
 
     @property
+    def selector_runs(self) -> bool:
+        """The continuous view with alpha < 1: the selector scores patches against each image's h_eos."""
+        kept = num_kept_patches(self.num_patches, self.keep_ratio)
+        return self.name == "patch_labels" or ("continuous" in self.views and kept < self.num_patches)
+
+    @property
     def needs_codes(self) -> bool:
-        return self.name in ("patch_labels", "discrete_alignment") or "discrete" in self.views
+        """Codes are read for the discrete view, for stage 2's targets, and for h_eos wherever the
+        selector runs (stage 3 too, though its sequence has no discrete block)."""
+        return self.name == "discrete_alignment" or "discrete" in self.views or self.selector_runs
 
     @property
     def needs_patch_labels(self) -> bool:
@@ -81,9 +92,7 @@ class ViewSpec:
 
     @property
     def tokens_per_image(self) -> int:
-        # Stage 2 feeds only the discrete view whatever stage.views says.
-        views = ("discrete",) if self.name == "discrete_alignment" else self.views
-        return visual_tokens_per_image(self.num_codes, self.num_patches, self.keep_ratio, views)
+        return visual_tokens_per_image(self.num_codes, self.num_patches, self.keep_ratio, self.views)
 
     @property
     def columns(self) -> list[str]:
@@ -95,11 +104,12 @@ class ViewSpec:
         return cols
 
     def check_columns(self, column_names: Sequence[str], where: str) -> None:
-        """Raise DataError naming the tool to run when the shards lack a column this view needs."""
+        """Raise DataError naming the tool to run when the shards lack a column this format needs."""
         missing = []
         if self.needs_codes and "image_codes" not in column_names:
+            why = "; the selector computes h_eos from them" if self.selector_runs else ""
             missing.append(
-                f"'image_codes' (view {self.name!r} with views {list(self.views)}): run tools/tokenize_images.py"
+                f"'image_codes' (format {self.name!r}, views {list(self.views)}{why}): run tools/tokenize_images.py"
             )
         if self.needs_patch_labels and "patch_labels" not in column_names:
             missing.append("'patch_labels' (stage 1 targets): run tools/make_pseudo_labels.py")
@@ -163,7 +173,7 @@ def _pixel_batch(pixels: list[torch.Tensor | ScaledPixels], transform: ImageTran
 
 
 def make_example(
-    spec: ViewSpec,
+    spec: SampleFormat,
     row: dict,
     tokenizer,
     layout: VocabLayout | None,

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor, SamModel, SamProcessor
 
-from maven_dist.pseudo_labels.noun_phrases import extract_noun_phrases, grounding_prompt
-from maven_dist.pseudo_labels.sources import MaskFailure, MaskRequest, MaskResult
+from maven_dist.offline.pseudo_labels.noun_phrases import extract_noun_phrases, grounding_prompt
+from maven_dist.offline.pseudo_labels.sources import MaskFailure, MaskRequest, MaskResult
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 if TYPE_CHECKING:
-    from maven_dist.model.discrete_seed import SeedConfig
+    from maven_dist.offline.discrete.seed import SeedConfig
 
 TokenizerKind = Literal["seed", "kmeans"]
 
@@ -54,11 +54,11 @@ def load_discrete_tokenizer(
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "seed":
-        from maven_dist.model.discrete_seed import load_seed_tokenizer
+        from maven_dist.offline.discrete.seed import load_seed_tokenizer
 
         return load_seed_tokenizer(path, eva_path=eva_path, cfg=seed_config, device=device, dtype=dtype)
     if kind == "kmeans":
-        from maven_dist.model.discrete_kmeans import KMeansTokenizer
+        from maven_dist.offline.discrete.kmeans import KMeansTokenizer
 
         return KMeansTokenizer.from_pretrained(path, tower_path=tower_path, device=device, dtype=dtype)
     raise ValueError(f"unknown discrete tokenizer {kind!r}; choose 'seed' or 'kmeans'")

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from maven_dist.pseudo_labels.sources import MaskFailure, MaskRequest, MaskResult, box_mask
+from maven_dist.offline.pseudo_labels.sources import MaskFailure, MaskRequest, MaskResult, box_mask
 
 
 def _normalise(text: str) -> str:

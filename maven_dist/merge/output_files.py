@@ -17,7 +17,7 @@ import torch
 from maven_dist.merge.errors import MergeError
 from maven_dist.merge.source import SourceTensor
 from maven_dist.model import hf_layout
-from maven_dist.train.parts import PART_PREFIXES
+from maven_dist.model.parts import PART_PREFIXES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _JOINED = {
@@ -55,7 +55,7 @@ class OutFile:
 
 
 @dataclass
-class Plan:
+class OutputFiles:
     files: list[OutFile]
     indexes: dict[str, dict] = field(default_factory=dict)
     """relpath -> index json content, for sharded components."""
@@ -72,8 +72,9 @@ def expected_shapes(skeleton: Path) -> dict[str, tuple[int, ...]]:
     model the skeleton describes (built on the meta device: no memory, no weights)."""
     from transformers import AutoConfig, CLIPVisionConfig
 
-    from maven_dist.model.maven import MavenModel, MavenSpec
-    from maven_dist.model.vocab import VocabLayout
+    from maven_dist.contract.vocab import VocabLayout
+    from maven_dist.model.maven import MavenModel
+    from maven_dist.model.spec import MavenSpec
 
     cfg = hf_layout.read_maven_config(skeleton)
     with torch.device("meta"):
@@ -135,9 +136,9 @@ def select_names(
     return [n for n in expected if n in chosen]
 
 
-def build_plan(
+def build_output_files(
     names: list[str], tensors: dict[str, SourceTensor], dtype: torch.dtype, max_shard_size: int
-) -> Plan:
+) -> OutputFiles:
     """HF-layout files for the chosen training names, as ``MavenModel.save_pretrained`` splits them."""
     components: dict[str, list[OutTensor]] = {
         hf_layout.LLM_DIR: [],
@@ -158,19 +159,19 @@ def build_plan(
         elif component == hf_layout.TOWER_DIR:
             key = name.removeprefix("vision_tower.tower.")
         components[component].append(OutTensor(key, shape, out_dtype, parts))
-    plan = Plan(files=[], names=list(names))
+    layout = OutputFiles(files=[], names=list(names))
     for component in (hf_layout.LLM_DIR, hf_layout.TOWER_DIR):
         if components[component]:
-            _split(plan, component, components[component], max_shard_size)
+            _split(layout, component, components[component], max_shard_size)
     if components[hf_layout.MAVEN_MODULES_FILE]:
         # save_pretrained writes this one with safetensors' save_file: one file, no metadata.
-        plan.files.append(
+        layout.files.append(
             OutFile(hf_layout.MAVEN_MODULES_FILE, components[hf_layout.MAVEN_MODULES_FILE], None)
         )
-    return plan
+    return layout
 
 
-def _split(plan: Plan, component: str, tensors: list[OutTensor], max_shard_size: int) -> None:
+def _split(layout: OutputFiles, component: str, tensors: list[OutTensor], max_shard_size: int) -> None:
     """``huggingface_hub.split_torch_state_dict_into_shards``: greedy in order, an oversize tensor alone."""
     shards: list[list[OutTensor]] = []
     current: list[OutTensor] = []
@@ -188,16 +189,19 @@ def _split(plan: Plan, component: str, tensors: list[OutTensor], max_shard_size:
         shards.append(current)
     total = sum(t.nbytes for t in tensors)
     if len(shards) == 1:
-        plan.files.append(
+        layout.files.append(
             OutFile(f"{component}/{SAFETENSORS_PATTERN.format(suffix='')}", shards[0], {"format": "pt"})
         )
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = SAFETENSORS_PATTERN.format(suffix=f"-{i + 1:05d}-of-{len(shards):05d}")
-        plan.files.append(OutFile(f"{component}/{name}", shard, {"format": "pt"}))
+        layout.files.append(OutFile(f"{component}/{name}", shard, {"format": "pt"}))
         weight_map |= {t.key: name for t in shard}
-    plan.indexes[f"{component}/{INDEX_FILE}"] = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    layout.indexes[f"{component}/{INDEX_FILE}"] = {
+        "metadata": {"total_size": total},
+        "weight_map": weight_map,
+    }
 
 
 def parse_size(size: str | int) -> int:

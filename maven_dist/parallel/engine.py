@@ -1,0 +1,179 @@
+"""The contract between the trainer and the engines that run optimizer steps.
+
+An engine owns the (possibly sharded) model, the optimizer and the learning-rate schedule. Three
+implement :class:`Engine`:
+
+* :class:`~maven_dist.parallel.local.LocalEngine` - one process, plain PyTorch: the reference every
+  parallel path is tested against;
+* :class:`~maven_dist.parallel.zero3.Zero3Engine` - the HF model under DeepSpeed ZeRO-3;
+* :class:`~maven_dist.parallel.three_d.ThreeDEngine` - megatron-core TP x DeepSpeed PP x ZeRO-1.
+
+The trainer sees only this contract: ``train_step`` runs one whole optimizer step and reports it as a
+:class:`StepResult`; ``save``/``load`` write and restore the engine's state in a checkpoint
+directory (resharding, where the saved layout differs, is the engine's decision at load time);
+``export_state_dict`` gathers the full weights for the stage export; ``artifacts`` names the files
+worth attaching to the tracking run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from maven_dist.contract.batch import Batch
+from maven_dist.contract.checkpoint_layout import Manifest
+from maven_dist.model.maven import MavenModel, ModelOutput
+from maven_dist.parallel.distributed import all_reduce_max, all_reduce_mean, print0
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive micro-batches produced a NaN/inf loss."""
+
+
+class LayoutMismatch(RuntimeError):
+    """A checkpoint written by a parallel layout this engine cannot load."""
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, as the trainer logs it."""
+
+    loss: float
+    """Mean loss over the step's micro-batches and data-parallel replicas (the same on every rank)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Other step metrics (``loss/...``, ``selector/...``, ``model/...``): means over this replica's micro-batches."""
+    grad_norm: float = math.nan
+    """Global gradient norm before clipping."""
+    learning_rates: dict[str, float] = field(default_factory=dict)
+    """Learning rate of each parameter group, by group name."""
+    samples: int = 0
+    """Samples this replica trained on in the step."""
+    input_tokens: int = 0
+    """Sequence positions the LLM processed for this replica (throughput and MFU)."""
+    images: int = 0
+    """Images this replica's micro-batches held."""
+
+
+class NonFiniteGuard:
+    """Counts micro-batches whose loss is NaN/inf and stops the run after ``max_in_row`` in a row.
+
+    Engines report every micro-batch to it (``ok`` or ``bad``); its counters are part of the trainer's
+    checkpointed state, so a resumed run keeps counting where it stopped."""
+
+    def __init__(self, max_in_row: int, stage: str):
+        self.max_in_row, self.stage = max_in_row, stage
+        self.skipped = 0
+        """Micro-batches with a non-finite loss so far."""
+        self.in_row = 0
+        """Of those, how many in a row up to now."""
+
+    def ok(self) -> None:
+        self.in_row = 0
+
+    def bad(self, step: int, sample_ids: list[str], what: str) -> None:
+        """Record a non-finite micro-batch of optimizer step `step` (1-based); raise after too many."""
+        self.skipped += 1
+        self.in_row += 1
+        print0(f"[{self.stage}] non-finite loss at step {step} (samples {sample_ids[:4]}); {what}")
+        if self.in_row >= self.max_in_row:
+            raise NonFiniteLossError(
+                f"{self.in_row} consecutive non-finite losses at step {step}; last samples {sample_ids}. "
+                "Lower the learning rate, check the data, or resume from an earlier checkpoint."
+            )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "in_row": self.in_row}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped, self.in_row = state["skipped"], state["in_row"]
+
+
+class Engine(Protocol):
+    """What the trainer drives (see the module doc)."""
+
+    module: MavenModel
+    """The model: whole (local), partitioned (ZeRO-3) or a skeleton on the meta device (3D). Its configs,
+    layout and spec are always there: ``save_skeleton`` and parameter counts use them."""
+    accumulation: int
+    """Micro-batches of this replica per optimizer step."""
+
+    def train_step(self, batches: Iterator[Batch], guard: NonFiniteGuard, step: int) -> StepResult:
+        """Run optimizer step `step` (1-based) on micro-batches drawn from `batches`."""
+        ...
+
+    def save(self, directory: Path) -> None:
+        """Write the model, optimizer and schedule state into `directory` (every rank calls it)."""
+        ...
+
+    def load(self, directory: Path, saved: Manifest) -> None:
+        """Restore what :meth:`save` wrote; `saved` says which layout wrote it (every rank calls it)."""
+        ...
+
+    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full, unsharded weights under MavenModel's names on rank 0 (None elsewhere); collective."""
+        ...
+
+    def artifacts(self) -> dict[str, dict]:
+        """Files (name -> mapping) worth attaching to the stage's tracking run, e.g. the DeepSpeed config."""
+        ...
+
+
+class MicroBatchEngine:
+    """The step loop of engines that run one micro-batch at a time (local and ZeRO-3).
+
+    A micro-batch whose loss is not finite on some rank is dropped on every rank before its backward
+    and the next one is drawn in its place, so the step still averages ``accumulation`` good
+    micro-batches. Subclasses provide the forward, the per-micro-batch backward and the update.
+    """
+
+    module: MavenModel
+    accumulation: int
+    device: torch.device
+
+    def _forward(self, batch: Batch) -> ModelOutput:
+        raise NotImplementedError
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _update(self) -> float:
+        """Apply the accumulated gradients (clip, step, schedule); return the gradient norm."""
+        raise NotImplementedError
+
+    def learning_rates(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def train_step(self, batches: Iterator[Batch], guard: NonFiniteGuard, step: int) -> StepResult:
+        window: dict[str, list[float]] = defaultdict(list)
+        losses: list[float] = []
+        result = StepResult(loss=math.nan)
+        while len(losses) < self.accumulation:
+            batch = next(batches).to(self.device)
+            out = self._forward(batch)
+            if not _finite_on_all_ranks(out.loss):
+                guard.bad(step, batch.sample_ids, "micro-batch skipped")
+                continue
+            guard.ok()
+            self._backward(out.loss)
+            losses.append(float(out.loss.detach()))
+            for key, value in out.metrics.items():
+                window[key].append(float(value))
+            result.samples += batch.num_samples
+            result.input_tokens += out.num_input_tokens
+            result.images += batch.num_images
+        result.grad_norm = self._update()
+        result.loss = all_reduce_mean(sum(losses) / len(losses))
+        result.metrics = {k: sum(v) / len(v) for k, v in window.items()}
+        result.learning_rates = self.learning_rates()
+        return result
+
+
+def _finite_on_all_ranks(loss: torch.Tensor) -> bool:
+    bad = 0.0 if torch.isfinite(loss.detach()).all() else 1.0
+    return all_reduce_max(bad) == 0.0
