@@ -247,12 +247,10 @@ def test_mixed_tags_are_refused(damaged, tmp_path):
 @pytest.mark.distributed
 def test_rank_files_of_another_save_are_refused(damaged, tmp_path):
     # Rank 1's model states from a later save of the same run: same shapes, another global step.
-    from maven_dist.merge.torch_files import _SAFE_GLOBALS
-
-    path = zero_dir(damaged) / "zero_pp_rank_1_mp_rank_00_model_states.pt"
     from maven_dist.parallel.deepspeed_common import DEEPSPEED_SAFE_GLOBALS
 
-    with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS + [g for g, _ in _SAFE_GLOBALS]):
+    path = zero_dir(damaged) / "zero_pp_rank_1_mp_rank_00_model_states.pt"
+    with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
         state = torch.load(path, weights_only=True)
     state["global_steps"] += 5
     torch.save(state, path)

@@ -1,5 +1,6 @@
 """merge_ckpt without training: the streaming writer against safetensors itself, tensor locations in
-both torch.save formats, and whole merges of a single-process checkpoint against save_pretrained."""
+zip-format torch.save files (the legacy format is refused), and whole merges of a single-process
+checkpoint against save_pretrained."""
 
 from __future__ import annotations
 
@@ -93,18 +94,18 @@ def test_streamed_cast_and_concatenation_match_torch(tmp_path):
 # ---------------------------------------------------------------------- torch.save files
 
 
-@pytest.mark.parametrize("zip_format", [True, False])
-def test_torch_file_index_locates_every_tensor(tmp_path, zip_format):
+def test_torch_file_index_locates_every_tensor(tmp_path):
     g = torch.Generator().manual_seed(2)
     flat = torch.randn(40, generator=g)
     obj = {
         "groups": [flat, torch.randn(9, generator=g).to(torch.bfloat16)],
         "view": flat[10:30],  # shares flat's storage
         "nested": {"ids": torch.arange(5), "half": torch.randn(2, 3, generator=g).half()},
+        "empty": torch.zeros(0, 4),
         "scalar": 3,
     }
     path = tmp_path / "state.pt"
-    torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
+    torch.save(obj, path)
     index = TorchFileIndex(path)
     expect = [obj["groups"][0], obj["groups"][1], obj["view"], obj["nested"]["ids"], obj["nested"]["half"]]
     found = [
@@ -114,26 +115,61 @@ def test_torch_file_index_locates_every_tensor(tmp_path, zip_format):
         index.obj["nested"]["ids"],
         index.obj["nested"]["half"],
     ]
-    assert index.obj["scalar"] == 3 and all(t.device.type == "meta" for t in found)
+    assert index.obj["scalar"] == 3
     data = path.read_bytes()
-    for want, meta in zip(expect, found, strict=True):
-        loc = index.locate(meta)
+    for want, mapped in zip(expect, found, strict=True):
+        loc = index.locate(mapped)
         got = torch.frombuffer(bytearray(data[loc.offset : loc.offset + loc.nbytes]), dtype=loc.dtype).view(
             loc.shape
         )
         assert torch.equal(got, want)
+    assert index.locate(index.obj["empty"]).nbytes == 0
+    with pytest.raises(MergeError, match="does not belong to this file"):
+        index.locate(flat)
+    with pytest.raises(MergeError, match="does not belong to this file"):
+        index.locate(TorchFileIndex(path).obj["groups"][0])  # the same bytes, but another file's mapping
 
 
-@pytest.mark.parametrize("zip_format", [True, False])
-def test_torch_file_index_refuses_truncated_and_corrupt_files(tmp_path, zip_format):
+def _rss_bytes() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc (Linux)")
+def test_torch_file_index_reads_no_tensor_data(tmp_path):
+    """The file is memory-mapped, not read: indexing a 256 MB file leaves RSS where it was."""
+    path = tmp_path / "big.pt"
+    torch.save({"w": torch.ones(64 << 20), "b": torch.ones(3)}, path)
+    before = _rss_bytes()
+    index = TorchFileIndex(path)
+    loc = index.locate(index.obj["w"])
+    assert _rss_bytes() - before < 32 << 20
+    assert loc.nbytes == 256 << 20 and loc.offset + loc.nbytes <= path.stat().st_size
+
+
+def test_torch_file_index_refuses_truncated_and_corrupt_files(tmp_path):
     path = tmp_path / "state.pt"
-    torch.save({"w": torch.randn(1000)}, path, _use_new_zipfile_serialization=zip_format)
+    torch.save({"w": torch.randn(1000)}, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(MergeError, match=r"state\.pt is truncated"):
         TorchFileIndex(path)
     path.write_bytes(b"\x80\x02" + bytes(range(256)) * 4)
     with pytest.raises(MergeError, match=r"state\.pt is (truncated or corrupt|.*corrupt)"):
+        TorchFileIndex(path)
+    damaged = bytearray(data)
+    damaged[100:140] = bytes(40)  # inside the pickle
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(MergeError, match=r"state\.pt is truncated or corrupt"):
+        TorchFileIndex(path)
+
+
+def test_torch_file_index_refuses_the_legacy_format(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"w": torch.randn(10)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(
+        MergeError, match=r"old\.pt is in torch's legacy \(non-zip\) torch.save format.*not read"
+    ):
         TorchFileIndex(path)
 
 

@@ -1,0 +1,1 @@
+"""Evaluation of trained MaVEn models: benchmark readers, scoring, runners."""
