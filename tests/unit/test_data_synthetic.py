@@ -121,5 +121,7 @@ def test_cli_writes_the_same_set(synth, tmp_path, monkeypatch):
         "64",
     ]
     monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(script), run_name="__main__")
+    with pytest.raises(SystemExit) as code:
+        runpy.run_path(str(script), run_name="__main__")
+    assert code.value.code == 0
     assert _files(tmp_path / "cli") == _files(synth.root)

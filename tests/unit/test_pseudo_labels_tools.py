@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command behind `maven labels` / `maven tokenize` (tools/*.py are aliases of them)."""
+    return importlib.import_module(
+        {"make_pseudo_labels": "maven_dist.cli.labels", "tokenize_images": "maven_dist.cli.tokenize"}[name]
+    )
 
 
 def _png(width: int, height: int, seed: int) -> bytes:
