@@ -146,6 +146,9 @@ class ProjectorConfig:
 class VocabConfig:
     pad_to_multiple_of: int = 1024
     """Pad the unified vocabulary to this multiple; must be a multiple of 128*tp for every tp used."""
+    embed_init: Literal["text_distribution", "mean"] = "text_distribution"
+    """Input rows of the new tokens at the first stage: drawn from the text rows' distribution (distinct
+    codes, so h_eos varies with the image) or at their mean (transformers' default); see model/vocab_init.py."""
 
 
 @dataclass

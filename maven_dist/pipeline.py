@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--stages", default=",".join(STAGES), help="comma-separated subset, e.g. stage3,stage4 (default all)"
     )
     parser.add_argument(
+        "--print-order", action="store_true", help="print the stages in the order they run, and exit"
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -75,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.print_order:
+        print(" ".join(order))
+        return 0
     first = configs[order[0]]
     if first.demo.enabled:
         prepare_demo(first)

@@ -127,11 +127,15 @@ class MavenFrontEnd(nn.Module):
         codes = self.spec.num_codes if "discrete" in views else 0
         return codes + (self.num_kept if "continuous" in views else 0)
 
+    def selected_patches(self, features: torch.Tensor, h_eos: torch.Tensor) -> torch.Tensor:
+        """[N, m] indices of the patches the selector keeps for these features and h_eos, ascending."""
+        return select_top_patches(self.selector(features, h_eos), self.num_kept)
+
     def kept_patches(self, features: torch.Tensor, h_eos: torch.Tensor | None) -> torch.Tensor:
         """[N, m, f]: the patches the selector keeps, in raster order (all of them at alpha = 1)."""
         if h_eos is None:
             return features
-        keep = select_top_patches(self.selector(features, h_eos), self.num_kept)
+        keep = self.selected_patches(features, h_eos)
         return features.gather(1, keep.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
 
     def visual_embeds(

@@ -29,7 +29,7 @@ from maven_dist.model import hf_layout
 from maven_dist.model.frontend import MavenFrontEnd, eos_input_length, h_eos_spread
 from maven_dist.model.selector import selector_bce, selector_metrics
 from maven_dist.model.spec import MavenSpec
-from maven_dist.model.vocab_init import init_new_rows
+from maven_dist.model.vocab_init import RowInit, init_new_rows
 
 CopyFn = Callable[[nn.Parameter, torch.Tensor], None]
 
@@ -112,9 +112,11 @@ class MavenModel(MavenFrontEnd):
         spec: MavenSpec,
         seed: int = 0,
         copy_fn: CopyFn | None = None,
+        embed_init: RowInit = "text_distribution",
     ) -> MavenModel:
-        """Start of stage 1: base LLM and CLIP tower from local HF directories; new vocab rows drawn
-        from the text rows' mean and covariance; selector and projector freshly initialised."""
+        """The first stage's start: base LLM and CLIP tower from local HF directories; the new vocabulary
+        rows drawn from a Gaussian fitted to the text rows (input rows per `embed_init`, head rows at
+        the mean: ``maven_dist/model/vocab_init.py``); selector and projector freshly initialised."""
         torch.manual_seed(seed)
         model = cls.from_configs(
             AutoConfig.from_pretrained(llm_dir),
@@ -137,8 +139,9 @@ class MavenModel(MavenFrontEnd):
         loaded = model._load_component(hf_layout.LLM_DIR, Path(llm_dir), copy_and_keep_text_rows)
         loaded |= model._load_component(hf_layout.TOWER_DIR, Path(tower_dir), copy)
         generator = torch.Generator().manual_seed(seed)
-        for kind, module in (("embed", model.vocab_new_rows.embed), ("head", model.vocab_new_rows.head)):
-            copy(module.weight, init_new_rows(text_rows[kind], layout.num_new_rows, generator))
+        rows = model.vocab_new_rows
+        for part, module, kind in (("embed", rows.embed, embed_init), ("head", rows.head, "mean")):
+            copy(module.weight, init_new_rows(text_rows[part], layout.num_new_rows, kind, generator))
         loaded |= {"vocab_new_rows.embed.weight", "vocab_new_rows.head.weight"}
         expected = {
             n

@@ -127,7 +127,15 @@ def spec_overrides(spec: MavenSpec) -> dict:
 def model_builder(cfg: Config, source: ModelSource, layout: VocabLayout, spec: MavenSpec):
     """A callable `(copy_fn=None) -> MavenModel`, so a backend can construct it in its own context."""
     if source.kind == "base":
-        return partial(MavenModel.from_base, source.path, source.tower_dir, layout, spec, cfg.seed)
+        return partial(
+            MavenModel.from_base,
+            source.path,
+            source.tower_dir,
+            layout,
+            spec,
+            cfg.seed,
+            embed_init=cfg.model.vocab.embed_init,
+        )
     return partial(MavenModel.from_pretrained, source.path, spec_overrides(spec))
 
 

@@ -19,7 +19,13 @@ from maven_dist.model.maven import MavenModel
 from maven_dist.model.parts import apply_trainable, part_of
 from maven_dist.parallel.local import LocalEngine
 from maven_dist.train.builders import model_spec
-from tests.distributed.three_d_worker import GLOBAL, MICRO, micro_batches, stage_config
+from tests.distributed.three_d_worker import (
+    GLOBAL,
+    MICRO,
+    micro_batches,
+    stage_config,
+    with_codes_of_image0_changed,
+)
 from tests.helpers.steps import train_steps
 from tests.helpers.torchrun import torchrun
 
@@ -59,6 +65,13 @@ def reference(maven_dir: Path, stage: str) -> dict:
         logits = model.logits(hidden)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        features = model.vision_tower(batch.pixel_values)
+        changed = with_codes_of_image0_changed(batch.image_codes)
+        selection = {
+            "kept": model.selected_patches(features, model.eos_states(batch.image_codes)),
+            "kept_changed": model.selected_patches(features, model.eos_states(changed)),
+        }
     accumulation = GLOBAL // MICRO
     engine = LocalEngine(model, cfg.stage, total_steps=STEPS, accumulation=accumulation)
     losses, norms = train_steps(
@@ -71,6 +84,7 @@ def reference(maven_dir: Path, stage: str) -> dict:
         "losses": losses,
         "grad_norms": norms,
         "state": model.state_dict(),
+        "selection": selection,
     }
 
 
@@ -130,6 +144,11 @@ def test_3d_matches_single_process(maven_dir, tmp_path, tp, pp, nproc, stage):
     ref = reference(maven_dir, stage)
 
     assert_rel(got["loss"], ref["loss"], 1e-5, "loss")
+    # The discrete view steers the selection on the 3D backend exactly as in one process (issue 12).
+    for key in ("kept", "kept_changed"):
+        assert torch.equal(got["selection"][key], ref["selection"][key]), key
+    kept, changed = got["selection"]["kept"], got["selection"]["kept_changed"]
+    assert not torch.equal(kept[0], changed[0]) and torch.equal(kept[1:], changed[1:])
     assert got["logits"].shape == ref["logits"].shape
     assert_rel(got["logits"], ref["logits"], 1e-5, "logits")
     assert set(got["grads"]) == set(ref["grads"]), "the trainable parameters differ"

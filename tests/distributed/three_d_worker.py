@@ -32,6 +32,7 @@ from tests.helpers.batches import make_batch  # noqa: E402
 from tests.helpers.steps import manifest_for, train_steps  # noqa: E402
 
 NUM_CODES = 8
+CODEBOOK = 64
 MICRO = 3
 GLOBAL = 6
 
@@ -44,7 +45,7 @@ def stage_config(
         f"recipes/tiny/{stage}.yaml",
         [
             f"run_dir={run_dir}",
-            "model.discrete.codebook_size=64",
+            f"model.discrete.codebook_size={CODEBOOK}",
             f"model.discrete.num_codes={NUM_CODES}",
             "model.vocab.pad_to_multiple_of=256",
             "model.selector.hidden_size=16",
@@ -192,6 +193,28 @@ def gathered_grads(engine: ThreeDEngine) -> dict[str, torch.Tensor] | None:
     return out
 
 
+def selection_probe(engine: ThreeDEngine, batch) -> dict | None:
+    """Kept-patch indices of `batch`'s images, and again with image 0's codes changed (collective: the
+    h_eos pass runs on every stage). On pipeline stage 0 (where the selector is), else None."""
+    changed = with_codes_of_image0_changed(batch.image_codes)
+    h_eos, h_eos_changed = engine.eos_states(batch.image_codes), engine.eos_states(changed)
+    if engine.stage != 0:
+        return None
+    front = engine.local_layers[0]
+    with torch.no_grad():
+        features = front.vision_tower(batch.pixel_values)
+        return {
+            "kept": front.selected_patches(features, h_eos),
+            "kept_changed": front.selected_patches(features, h_eos_changed),
+        }
+
+
+def with_codes_of_image0_changed(codes: torch.Tensor) -> torch.Tensor:
+    changed = codes.clone()
+    changed[0] = (changed[0] + 17) % CODEBOOK
+    return changed
+
+
 def run_steps(
     engine: ThreeDEngine, batches: list, dims: ParallelDims, steps: range
 ) -> tuple[list[float], list[float]]:
@@ -229,7 +252,7 @@ def main() -> None:
         engine.eos_states(codes)
     eos_s = (time.perf_counter() - start) / 3
     single = manual_forward_backward(engine, batches[0])
-    result = {"eos_pass_s": eos_s}
+    result = {"eos_pass_s": eos_s, "selection": selection_probe(engine, batches[0])}
     # The last stage of rank 0's pipe group holds loss and logits; rank 0 writes them.
     last = engine.pipe_ranks[-1] if dist.get_rank() == 0 else None
     if (

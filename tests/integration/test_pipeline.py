@@ -84,3 +84,7 @@ def test_main_job_two_ranks_survives_a_tracking_outage(tmp_path):
             (row["step"], row["loss/total"]) for row in local
         ], name
         assert run.info.status == "FINISHED"
+        if name != "stage2":  # every stage that runs the selector: h_eos varies with the image (issue 12)
+            spreads = [row["selector/h_eos_spread"] for row in local if "selector/h_eos_spread" in row]
+            assert len(spreads) == len(local), f"{name}: h_eos spread missing at some steps"
+            assert min(spreads) >= 0.05, f"{name}: h_eos barely depends on the image ({min(spreads):.2e})"

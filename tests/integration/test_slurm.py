@@ -402,7 +402,9 @@ def test_recipe_sh_runs_the_four_chained_stages(slurm: None, tmp_path: Path) -> 
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     jobs = dict(line.split() for line in out.stdout.splitlines())
-    assert list(jobs) == ["stage1", "stage2", "stage3", "stage4"]
+    # The order the init_from hand-offs imply (stage 1 trains on the rows stage 2 trained).
+    assert list(jobs) == ["stage2", "stage1", "stage3", "stage4"]
+    assert f"afterok:{jobs['stage2']}" in job_info(jobs["stage1"]).get("Dependency", "")
     assert f"afterok:{jobs['stage3']}" in job_info(jobs["stage4"]).get("Dependency", "")
     for stage, jid in jobs.items():
         info = wait_state(

@@ -88,6 +88,22 @@ BAD = [
     (["stage.trainable=[vision_tower]"], "keeps the CLIP tower frozen"),
     (["stage.loss=selector_bce"], "set stage.trainable=[selector]"),
     (["stage.trainable=[selector, llm]", "stage.loss=lm"], "use stage.loss=selector_bce"),
+    # the loss, stage.views and data.format must agree (issue 12): one case per rule
+    (["stage.loss=selector_bce", "stage.trainable=[selector]"], "the selector loss trains on patch labels"),
+    (["data.format=patch_labels"], "the selector loss trains on patch labels"),
+    (
+        [
+            "stage.loss=selector_bce",
+            "stage.trainable=[selector]",
+            "data.format=patch_labels",
+            "stage.views=[continuous]",
+        ],
+        "scores the continuous view's patches against the discrete view's h_eos",
+    ),
+    (["data.format=discrete_alignment"], "feeds images as their codes only; set stage.views=[discrete]"),
+    (["data.view=captions"], "'data.view' was renamed to 'data.format'"),
+    (["embedded.enabled=true"], "'embedded' was renamed to 'demo'"),
+    (["model.vocab.embed_init=zeros"], "choose one of ['text_distribution', 'mean']"),
     (["stage.micro_batch_size=0"], "micro_batch_size=0 must be >= 1"),
     (["stage.global_batch_size=10", "stage.micro_batch_size=4"], "not a multiple of"),
     (["stage.max_steps=0", "stage.epochs=0"], "set max_steps > 0 or epochs > 0"),

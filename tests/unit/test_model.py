@@ -134,12 +134,28 @@ def test_vocabulary_extension(tiny_base):
     assert model.logits(torch.zeros(1, model.llm.config.hidden_size)).shape[-1] == layout.padded_size
 
 
-def test_new_rows_start_at_the_text_rows_distribution(tiny_base):
+def test_new_input_rows_follow_the_text_rows_and_head_rows_sit_at_their_mean(tiny_base):
+    """Input rows of the new tokens are drawn at the text rows' own scale, so distinct codes embed
+    distinctly (h_eos can carry the image); head rows sit at the text rows' mean, so the base LLM's
+    text predictions do not move (model/vocab_init.py)."""
     model, _ = make_model(tiny_base)
-    text = model.llm.get_input_embeddings().weight
-    new = model.vocab_new_rows.embed.weight
-    torch.testing.assert_close(new.mean(0), text.mean(0), atol=1e-3, rtol=0)
-    assert not torch.equal(new[0], new[1]), "rows must differ to break symmetry"
+    text, new = model.llm.get_input_embeddings().weight, model.vocab_new_rows.embed.weight
+    spread = (new - text.mean(0)).norm(dim=1).mean() / (text - text.mean(0)).norm(dim=1).mean()
+    assert 0.8 < spread < 1.2, f"new input rows at {spread:.3f} x the text rows' spread"
+    assert torch.cdist(new[:16], new[:16]).fill_diagonal_(1.0).min() > 0.1 * text.std()
+    head_text, head_new = model.llm.get_output_embeddings().weight, model.vocab_new_rows.head.weight
+    torch.testing.assert_close(head_new.mean(0), head_text.mean(0), atol=1e-3, rtol=0)
+    assert (head_new - head_text.mean(0)).abs().max() < 1e-3 * head_text.std()
+    assert not torch.equal(head_new[0], head_new[1]), "rows must differ to break symmetry"
+
+
+def test_mean_embed_init_is_transformers_mean_resizing(tiny_base):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base.llm_dir)
+    layout = extend_tokenizer(tokenizer, CODEBOOK, 128)
+    spec = MavenSpec(selector_hidden_size=16, num_codes=NUM_CODES, eos_token_id=tokenizer.eos_token_id)
+    model = MavenModel.from_base(tiny_base.llm_dir, tiny_base.tower_dir, layout, spec, embed_init="mean")
+    text, new = model.llm.get_input_embeddings().weight, model.vocab_new_rows.embed.weight
+    assert (new - text.mean(0)).abs().max() < 1e-3 * text.std()
 
 
 def test_save_pretrained_round_trip_gives_identical_logits(tiny_base, tmp_path):
