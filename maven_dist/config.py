@@ -111,7 +111,10 @@ class DiscreteConfig:
     tokenizer: Literal["seed", "kmeans"] = "seed"
     """Which discrete tokenizer produced the codes stored in the data (offline)."""
     path: str = ""
-    """Local SEED / k-means tokenizer weights used by tools/tokenize_images.py."""
+    """Local tokenizer weights (SEED: seed_quantizer.pt or its directory; k-means: its directory), used by
+    `maven tokenize` and recorded in every export so images can be tokenised at inference."""
+    eva_path: str = ""
+    """SEED only: the EVA ViT-g weights (eva_vit_g.pth), when seed_quantizer.pt does not carry them."""
 
     def validate(self) -> None:
         for name in ("codebook_size", "num_codes"):

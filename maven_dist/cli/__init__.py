@@ -44,6 +44,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "compare": Subcommand(
         "maven_dist.cli.compare", "compare runs in MLflow stores: metrics and differing params"
     ),
+    "chat": Subcommand(
+        "maven_dist.inference.chat", "talk to a trained MaVEn: text and images in, answers out"
+    ),
     "sync": Subcommand(
         "maven_dist.train.tracking.__main__", "deliver a run directory's spooled tracking data to its store"
     ),

@@ -282,33 +282,36 @@ def collect_records(sources: Sequence[Path]) -> tuple[list[Record], list[Reject]
 # ---------------------------------------------------------------------------------------------
 
 
-class _RecordRejected(Exception):
+class RecordRejected(Exception):
+    """A record (or an image of it) that cannot be used; ``reason`` is the short code the rejects file
+    and the counts use. ``load_image`` raises it for images, also outside preparation (inference)."""
+
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
 
 def load_image(path: Path) -> tuple[Image.Image, bytes, str]:
-    """(RGB image, original bytes, original mode); raises _RecordRejected with the reason."""
+    """(RGB image, original bytes, original mode); raises RecordRejected with the reason."""
     if not path.is_file():
-        raise _RecordRejected("missing_image", f"image {path} not found")
+        raise RecordRejected("missing_image", f"image {path} not found")
     data = path.read_bytes()
     if not data:
-        raise _RecordRejected("empty_image", f"image {path} is empty (0 bytes)")
+        raise RecordRejected("empty_image", f"image {path} is empty (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # decode now: a truncated file only fails here
     except UnidentifiedImageError as err:
-        raise _RecordRejected(
+        raise RecordRejected(
             "unreadable_image", f"image {path} is not an image format PIL can identify"
         ) from err
     except Image.DecompressionBombError as err:
-        raise _RecordRejected(
+        raise RecordRejected(
             "unreadable_image", f"image {path} is too large to decode safely ({err})"
         ) from err
     except (OSError, SyntaxError, ValueError) as err:
         reason = "truncated_image" if "truncat" in str(err).lower() else "unreadable_image"
-        raise _RecordRejected(reason, f"image {path} cannot be decoded ({err})") from err
+        raise RecordRejected(reason, f"image {path} cannot be decoded ({err})") from err
     mode = image.mode
     return (image if mode == "RGB" else image.convert("RGB")), data, mode
 
@@ -384,7 +387,7 @@ def _measure(rec: Record, options: PrepareOptions, tokenizer) -> int:
         turns = turns[:2]
         asked = turns[0]["value"].count(IMAGE_PLACEHOLDER)
         if asked != len(rec.images):
-            raise _RecordRejected(
+            raise RecordRejected(
                 "image_count_mismatch",
                 f"template plain uses the first round, which has {asked} {IMAGE_PLACEHOLDER} of {len(rec.images)} images",
             )
@@ -409,12 +412,12 @@ def _build_shard(task: tuple[int, list[Record], str]) -> ShardResult:
                 modes.append(mode)
             length = _measure(rec, options, tokenizer)
             if length > options.max_length:
-                raise _RecordRejected(
+                raise RecordRejected(
                     "too_long",
                     f"{length} tokens after image expansion ({options.tokens_per_image} per image, "
                     f"template {options.template}) > max_length {options.max_length}",
                 )
-        except (_RecordRejected, ConversationError) as err:
+        except (RecordRejected, ConversationError) as err:
             reject = Reject(rec.source, rec.index, rec.id, err.reason, str(err), rec.line)
             if options.strict:
                 raise PrepareError(f"--strict: {reject.describe()}") from None

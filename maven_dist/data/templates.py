@@ -17,6 +17,7 @@ trained; the system prompt, the roles, the questions and the images are not.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -116,31 +117,96 @@ def check_turns(turns: object) -> list[tuple[str, str]]:
 
 def render(turns: list[dict], template: TemplateName, tokenizer) -> Rendered:
     """Render LLaVA turns (``[{"from": "human"|"gpt", "value": str}, ...]``) with label masking."""
-    pairs = check_turns(turns)
+    return _render(check_turns(turns), None, template, tokenizer)
+
+
+def render_prompt(turns: list[dict], template: TemplateName, tokenizer) -> list[int]:
+    """The token ids a model is prompted with to answer the last (human) turn of `turns`: exactly what
+    :func:`render` puts before that answer in training (so generation sees the training distribution)."""
+    if not isinstance(turns, list) or not turns or not isinstance(turns[-1], dict):
+        raise ConversationError("empty_conversation", "the prompt has no turns")
+    if turns[-1].get("from") != HUMAN:
+        raise ConversationError("non_alternating", "the last turn of a prompt must be from 'human'")
+    question = turns[-1].get("value")
+    if not isinstance(question, str):
+        raise ConversationError("non_string_value", f"the last turn's value is {type(question).__name__}")
+    history = check_turns(turns[:-1]) if len(turns) > 1 else []
+    return _render(history, question, template, tokenizer).input_ids
+
+
+def _render(
+    pairs: list[tuple[str, str]], question: str | None, template: TemplateName, tokenizer
+) -> Rendered:
+    """`pairs` of (question, answer), then, for a prompt, the open `question` (no answer)."""
     b = _Builder(tokenizer)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    rounds: list[tuple[str, str | None]] = [*pairs, *([(question, None)] if question is not None else [])]
     if template == "vicuna_v1":
         b.token(bos, trained=False)
-        for k, (question, answer) in enumerate(pairs):
+        for k, (q, answer) in enumerate(rounds):
             prefix = f"{VICUNA_SYSTEM} " if k == 0 else ""
-            b.text(f"{prefix}USER: {question} ASSISTANT:", trained=False)
-            b.text(answer, trained=True)
-            b.token(eos, trained=True)
+            b.text(f"{prefix}USER: {q} ASSISTANT:", trained=False)
+            if answer is not None:
+                b.text(answer, trained=True)
+                b.token(eos, trained=True)
     elif template == "llama_2":
-        for k, (question, answer) in enumerate(pairs):
+        for k, (q, answer) in enumerate(rounds):
             b.token(bos, trained=False)
             system = f"<<SYS>>\n{LLAMA_2_SYSTEM}\n<</SYS>>\n\n" if k == 0 else ""
-            b.text(f"[INST] {system}{question} [/INST]", trained=False)
-            b.text(answer, trained=True)
-            b.token(eos, trained=True)
+            b.text(f"[INST] {system}{q} [/INST]", trained=False)
+            if answer is not None:
+                b.text(answer, trained=True)
+                b.token(eos, trained=True)
     elif template == "plain":
         # LLaVA's pre-training format keeps only the images of the question and the first answer.
-        if len(pairs) != 1:
-            raise ValueError(f"template 'plain' takes one question and one answer, got {len(pairs)} rounds")
-        question, answer = pairs[0]
+        if len(rounds) != 1:
+            raise ValueError(f"template 'plain' takes one question and one answer, got {len(rounds)} rounds")
+        q, answer = rounds[0]
         b.token(bos, trained=False)
-        b.text(IMAGE_PLACEHOLDER * question.count(IMAGE_PLACEHOLDER), trained=False)
-        b.text(answer + "\n", trained=True)
+        b.text(IMAGE_PLACEHOLDER * q.count(IMAGE_PLACEHOLDER), trained=False)
+        if answer is not None:
+            b.text(answer + "\n", trained=True)
     else:
         raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
     return b.done()
+
+
+# Jinja chat templates for ``tokenizer.apply_chat_template`` that render what :func:`render_prompt` and
+# :func:`render` tokenize (messages: {"role": "user"|"assistant", "content": str with <image>}); a saved
+# MaVEn tokenizer carries the one it was trained with. tests/unit/test_generation.py checks them token by
+# token against the training path. Answers follow " " + content: a SentencePiece (LLaMA) tokenizer
+# encodes an answer alone with the same leading "\u2581" the space gives in the string.
+CHAT_TEMPLATES: dict[str, str] = {
+    "vicuna_v1": (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{% if loop.first %}" + VICUNA_SYSTEM + " {% endif %}USER: {{ m['content'] }} ASSISTANT:"
+        "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    ),
+    "llama_2": (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] "
+        "{% if loop.first %}<<SYS>>\n" + LLAMA_2_SYSTEM + "\n<</SYS>>\n\n{% endif %}"
+        "{{ m['content'] }} [/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    ),
+    "plain": (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ '<image>' * m['content'].count('<image>') }}{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}"
+    ),
+}
+
+
+def tokenize_with_images(text: str, tokenizer) -> list[int]:
+    """Token ids of a rendered chat-template string as training tokenizes the same conversation: the text is
+    cut at the BOS/EOS strings and at every ``<image>`` (which becomes :data:`IMAGE_PLACEHOLDER_ID`), and
+    each piece is tokenized on its own, so a tokenizer that marks the start of a text (SentencePiece's
+    dummy prefix) does so where training's separately tokenized segments have it."""
+    specials = {
+        t: tokenizer.convert_tokens_to_ids(t) for t in (tokenizer.bos_token, tokenizer.eos_token) if t
+    }
+    b = _Builder(tokenizer)
+    pattern = "(" + "|".join(re.escape(t) for t in specials) + ")" if specials else None
+    for piece in re.split(pattern, text) if pattern else [text]:
+        if piece in specials:
+            b.token(specials[piece], trained=False)
+        elif piece:
+            b.text(piece, trained=False)
+    return b.ids

@@ -11,6 +11,9 @@ Visual positions never carry a label.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Literal
+
 import torch
 
 from maven_dist.contract.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
@@ -18,27 +21,35 @@ from maven_dist.contract.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 
 def assemble_sequences(
     input_ids: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     attention_mask: torch.Tensor,
-    embed: callable,
+    embed: Callable[[torch.Tensor], torch.Tensor],
     visual_embeds: torch.Tensor,
-    pad_embed: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Replace each placeholder with its image's visual embeddings; re-pad on the right.
+    padding_side: Literal["right", "left"] = "right",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Replace each placeholder with its image's visual embeddings; re-pad.
 
     Args:
-        input_ids, labels, attention_mask: [B, T] right-padded text with placeholders.
+        input_ids, labels, attention_mask: [B, T] padded text with placeholders (labels may be None:
+            inference); the padding may be on either side, only ``attention_mask`` says where it is.
         embed: maps token ids [*] to embeddings [*, d].
         visual_embeds: [N, V, d], one block per image in batch order.
+        padding_side: where the output puts its padding: right for training, left for generation
+            (every row's last position is then its last real token).
 
     Returns:
-        inputs_embeds [B, T', d], labels [B, T'], attention_mask [B, T'].
+        inputs_embeds [B, T', d], labels [B, T'] (or None), attention_mask [B, T'].
     """
     num_placeholders = int((input_ids == IMAGE_PLACEHOLDER_ID).sum())
     if num_placeholders != visual_embeds.shape[0]:
         raise ValueError(
             f"batch has {num_placeholders} image placeholders but {visual_embeds.shape[0]} images"
         )
+    if labels is None:
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        keep_labels = False
+    else:
+        keep_labels = True
     d = visual_embeds.shape[-1]
     text_embeds = embed(input_ids.clamp(min=0))
     rows_embeds, rows_labels = [], []
@@ -61,9 +72,8 @@ def assemble_sequences(
     out_l = labels.new_full((len(rows_embeds), length), IGNORE_INDEX)
     out_m = attention_mask.new_zeros(len(rows_embeds), length)
     for b, (e, lab) in enumerate(zip(rows_embeds, rows_labels, strict=True)):
-        out_e[b, : e.shape[0]] = e
-        if pad_embed is not None:
-            out_e[b, e.shape[0] :] = pad_embed
-        out_l[b, : lab.shape[0]] = lab
-        out_m[b, : e.shape[0]] = 1
-    return out_e, out_l, out_m
+        where = slice(0, e.shape[0]) if padding_side == "right" else slice(length - e.shape[0], length)
+        out_e[b, where] = e
+        out_l[b, where] = lab
+        out_m[b, where] = 1
+    return out_e, out_l if keep_labels else None, out_m

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -160,8 +161,15 @@ class MavenFrontEnd(nn.Module):
 
     # ------------------------------------------------------------------ the whole sequence
 
-    def sequence_inputs(self, batch: Batch, views: Sequence[str], eos_states: EosStates) -> SequenceInputs:
-        """Assemble `batch` into decoder inputs; `eos_states` is called once, on every image of the batch."""
+    def sequence_inputs(
+        self,
+        batch: Batch,
+        views: Sequence[str],
+        eos_states: EosStates,
+        padding_side: Literal["right", "left"] = "right",
+    ) -> SequenceInputs:
+        """Assemble `batch` into decoder inputs; `eos_states` is called once, on every image of the batch.
+        Training pads on the right; generation on the left (``padding_side``)."""
         pixel_values, image_codes = batch.pixel_values, batch.image_codes
         has_images = pixel_values.shape[0] > 0
         if not has_images:
@@ -178,6 +186,7 @@ class MavenFrontEnd(nn.Module):
             batch.attention_mask,
             self.embed_tokens,
             visual if has_images else visual[:0],
+            padding_side,
         )
         if not has_images:
             embeds = embeds + 0.0 * visual.sum()

@@ -8,6 +8,10 @@ A saved MaVEn directory::
                                  AutoModelForCausalLM / AutoTokenizer load it as it is
     vision_tower/                CLIPVisionModel + preprocessor_config.json
     maven_modules.safetensors    selector.* and projector.*
+    discrete_tokenizer/          the k-means tokenizer the codes came from (SEED: a reference with hashes)
+
+``config.json`` also names the chat template the model was trained with (``template``) and where its
+discrete tokenizer is (``discrete_tokenizer``), so a directory plus raw images is enough to run it.
 
 In training, the unified vocabulary's new rows live in ``vocab_new_rows.{embed,head}.weight``,
 apart from the LLM's text rows (so stage 2 can train exactly them, with no optimizer state for the
@@ -16,8 +20,11 @@ text rows). On disk they are concatenated into ``model.embed_tokens.weight`` / `
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +36,7 @@ LLM_DIR = "llm"
 TOWER_DIR = "vision_tower"
 MAVEN_MODULES_FILE = "maven_modules.safetensors"
 CONFIG_FILE = "config.json"
+DISCRETE_DIR = "discrete_tokenizer"
 
 _TOWER_PREFIX = "vision_tower.tower."
 _EMBED = "model.embed_tokens.weight"
@@ -119,3 +127,74 @@ def read_maven_config(directory: Path) -> dict:
     if cfg.get("model_type") != "maven":
         raise ValueError(f"{path} has model_type={cfg.get('model_type')!r}, expected 'maven'")
     return cfg
+
+
+# ---------------------------------------------------------------------- the discrete tokenizer
+
+
+@dataclass(frozen=True)
+class DiscreteTokenizerFiles:
+    """Where the discrete tokenizer a model was trained with lives."""
+
+    kind: str
+    """``kmeans`` or ``seed`` (model.discrete.tokenizer)."""
+    path: Path
+    """k-means: its directory; SEED: ``seed_quantizer.pt`` or the directory holding it."""
+    eva_path: Path | None = None
+    """SEED's EVA ViT-g weights, when the quantizer file does not carry them."""
+
+
+def attach_discrete_tokenizer(model_dir: Path, files: DiscreteTokenizerFiles) -> dict:
+    """Record the tokenizer in a model directory and return its ``config.json`` entry.
+
+    The k-means tokenizer (a few MB) is copied into ``discrete_tokenizer/``; its CLIP tower is the model's
+    own ``vision_tower/``. SEED (EVA ViT-g, ~2 GB) is referenced by path with the sha256 of each file,
+    checked when the model is loaded for inference."""
+    if files.kind == "kmeans":
+        shutil.copytree(files.path, Path(model_dir) / DISCRETE_DIR, dirs_exist_ok=True)
+        return {"kind": "kmeans", "path": DISCRETE_DIR}
+    entry: dict = {"kind": files.kind, "path": str(Path(files.path).resolve()), "sha256": {}}
+    for name, path in (("path", files.path), ("eva_path", files.eva_path)):
+        if path is None:
+            continue
+        path = Path(path).resolve()
+        entry[name] = str(path)
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                entry["sha256"][str(file)] = sha256_of(file)
+    return entry
+
+
+def discrete_tokenizer_files(model_dir: Path) -> DiscreteTokenizerFiles:
+    """The tokenizer a model directory records (see :func:`attach_discrete_tokenizer`), hashes checked;
+    FileNotFoundError/ValueError saying what to do when it is missing or changed."""
+    model_dir = Path(model_dir)
+    entry = read_maven_config(model_dir).get("discrete_tokenizer")
+    if not entry:
+        raise FileNotFoundError(
+            f"{model_dir} does not record its discrete tokenizer (config.json has no 'discrete_tokenizer'): "
+            "images cannot be turned into codes. Re-export the model with a recipe whose model.discrete.path "
+            "exists, or add it with maven_dist.model.hf_layout.attach_discrete_tokenizer"
+        )
+    path = Path(entry["path"])
+    path = path if path.is_absolute() else model_dir / path
+    if not path.exists():
+        raise FileNotFoundError(f"{model_dir}: its discrete tokenizer {path} ({entry['kind']}) is missing")
+    for file, digest in entry.get("sha256", {}).items():
+        if not Path(file).is_file():
+            raise FileNotFoundError(f"{model_dir}: discrete tokenizer file {file} is missing")
+        if sha256_of(Path(file)) != digest:
+            raise ValueError(
+                f"{model_dir}: discrete tokenizer file {file} has changed since the model was trained (sha256 "
+                "differs); codes from it would not be the ones the model learnt. Restore the original file"
+            )
+    eva = entry.get("eva_path")
+    return DiscreteTokenizerFiles(entry["kind"], path, Path(eva) if eva else None)
+
+
+def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

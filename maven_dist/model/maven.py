@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLI
 from maven_dist.contract.batch import Batch
 from maven_dist.contract.vocab import IGNORE_INDEX, VocabLayout
 from maven_dist.model import hf_layout
-from maven_dist.model.frontend import MavenFrontEnd, eos_input_length, h_eos_spread
+from maven_dist.model.frontend import MavenFrontEnd, SequenceInputs, eos_input_length, h_eos_spread
 from maven_dist.model.selector import selector_bce, selector_metrics
 from maven_dist.model.spec import MavenSpec
 from maven_dist.model.vocab_init import RowInit, init_new_rows
@@ -207,17 +207,19 @@ class MavenModel(MavenFrontEnd):
         tokenizer=None,
         state_dict: dict[str, torch.Tensor] | None = None,
         max_shard_size: str | int = "5GB",
+        template: str | None = None,
+        discrete: hf_layout.DiscreteTokenizerFiles | None = None,
     ) -> Path:
         """Write the HF layout atomically (a temporary sibling directory renamed into place).
 
-        `state_dict` lets a parallel backend pass gathered full tensors (ZeRO-3 keeps only shards).
-        """
+        `state_dict` lets a parallel backend pass gathered full tensors (ZeRO-3 keeps only shards);
+        `template` and `discrete` are recorded for inference (see :meth:`save_skeleton`)."""
         from huggingface_hub import save_torch_state_dict
 
         out_dir = Path(out_dir)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.save_skeleton(tmp, tokenizer)
+        self.save_skeleton(tmp, tokenizer, template, discrete)
         parts = hf_layout.to_hf_layout(state_dict if state_dict is not None else self.state_dict())
         for component in (hf_layout.LLM_DIR, hf_layout.TOWER_DIR):
             save_torch_state_dict(parts[component], tmp / component, max_shard_size=max_shard_size)
@@ -228,10 +230,17 @@ class MavenModel(MavenFrontEnd):
         tmp.rename(out_dir)
         return out_dir
 
-    def save_skeleton(self, out_dir: str | Path, tokenizer=None) -> Path:
-        """Everything of the HF layout except the weights: configs, image processor, tokenizer.
+    def save_skeleton(
+        self,
+        out_dir: str | Path,
+        tokenizer=None,
+        template: str | None = None,
+        discrete: hf_layout.DiscreteTokenizerFiles | None = None,
+    ) -> Path:
+        """Everything of the HF layout except the weights: configs, image processor, tokenizer, the chat
+        `template` the model is trained with and its `discrete` tokenizer (copied or referenced).
 
-        Checkpoints carry it, so ``tools/merge_ckpt.py`` can rebuild a loadable model from shards alone."""
+        Checkpoints carry it, so ``maven merge`` can rebuild a runnable model from shards alone."""
         out_dir = Path(out_dir)
         llm_dir, tower_dir = out_dir / hf_layout.LLM_DIR, out_dir / hf_layout.TOWER_DIR
         llm_dir.mkdir(parents=True, exist_ok=True)
@@ -243,6 +252,10 @@ class MavenModel(MavenFrontEnd):
                 json.dumps(self.image_processor_config, indent=2)
             )
         config = {"model_type": "maven", "spec": asdict(self.spec), "vocab": self.layout.to_dict()}
+        if template is not None:
+            config["template"] = template
+        if discrete is not None:
+            config["discrete_tokenizer"] = hf_layout.attach_discrete_tokenizer(out_dir, discrete)
         (out_dir / hf_layout.CONFIG_FILE).write_text(json.dumps(config, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
@@ -261,6 +274,24 @@ class MavenModel(MavenFrontEnd):
         (``MavenFrontEnd.eos_input_ids``). One gradient-free pass batched over all images (paper §3.2)."""
         embeds = self.embed_tokens(self.eos_input_ids(image_codes))
         return self.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, -1]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_codes: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """Decode from prompts with ``<image>`` placeholders and their images (new token ids [B, n]); see
+        ``maven_dist/model/generation.py`` for the options, and ``maven_dist.inference`` for text and raw
+        images in, text out."""
+        from maven_dist.model.generation import MavenForConditionalGeneration
+
+        return MavenForConditionalGeneration.wrap(self).generate(
+            input_ids, attention_mask, pixel_values, image_codes, **kwargs
+        )
 
     # ------------------------------------------------------------------ forward
 
@@ -290,12 +321,18 @@ class MavenModel(MavenFrontEnd):
             num_input_tokens=batch.num_images * eos_input_length(self.spec),
         )
 
-    def lm_forward(self, batch: Batch, views: Sequence[str]) -> ModelOutput:
+    def lm_logits(self, batch: Batch, views: Sequence[str]) -> tuple[torch.Tensor, SequenceInputs]:
+        """The training path's unified-vocabulary logits [B, T, V] (fp32) at every position, and the
+        assembled inputs they were computed from."""
         inputs = self.sequence_inputs(batch, views, self.eos_states)
         hidden = self.llm.model(
             inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask, use_cache=False
         ).last_hidden_state
-        logits = self.logits(hidden[:, :-1]).float()
+        return self.logits(hidden).float(), inputs
+
+    def lm_forward(self, batch: Batch, views: Sequence[str]) -> ModelOutput:
+        all_logits, inputs = self.lm_logits(batch, views)
+        logits = all_logits[:, :-1]
         targets = inputs.labels[:, 1:]
         token_loss = F.cross_entropy(
             logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"

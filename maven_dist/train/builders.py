@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from maven_dist.config import Config, ConfigError
 from maven_dist.contract.vocab import VocabLayout, extend_tokenizer
 from maven_dist.data.image_transform import ImageTransform
+from maven_dist.data.templates import CHAT_TEMPLATES
 from maven_dist.model import hf_layout
 from maven_dist.model.maven import MavenModel
 from maven_dist.model.parts import apply_trainable
@@ -77,9 +78,30 @@ def _maven_source(path: Path) -> ModelSource:
     return ModelSource("maven", path, path / hf_layout.TOWER_DIR, path / hf_layout.LLM_DIR)
 
 
+def stage_template(cfg: Config) -> str:
+    """The conversation template this stage trains with (captions and discrete alignment: ``plain``)."""
+    return cfg.data.template if cfg.data.format == "conversations" else "plain"
+
+
+def discrete_tokenizer_files(cfg: Config) -> hf_layout.DiscreteTokenizerFiles | None:
+    """The discrete tokenizer every export records (None, with a warning, where the recipe's is absent)."""
+    d = cfg.model.discrete
+    path = cfg.resolve_path(d.path) if d.path else None
+    if path is None or not path.exists():
+        print0(
+            f"[{cfg.stage.name}] WARNING: model.discrete.path={d.path!r} does not exist; the export will not "
+            "carry its discrete tokenizer, so it cannot tokenise new images (maven chat, maven eval)"
+        )
+        return None
+    eva = cfg.resolve_path(d.eva_path) if d.eva_path else None
+    return hf_layout.DiscreteTokenizerFiles(d.tokenizer, path, eva)
+
+
 def load_stage_tokenizer(cfg: Config, source: ModelSource):
-    """The tokenizer extended with the visual vocabulary, and its layout (checked against a saved model's)."""
+    """The tokenizer extended with the visual vocabulary, with the stage's chat template, and its layout
+    (checked against a saved model's)."""
     tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir)
+    tokenizer.chat_template = CHAT_TEMPLATES[stage_template(cfg)]
     layout = extend_tokenizer(tokenizer, cfg.model.discrete.codebook_size, cfg.model.vocab.pad_to_multiple_of)
     if source.kind == "maven":
         saved = VocabLayout(**hf_layout.read_maven_config(source.path)["vocab"])

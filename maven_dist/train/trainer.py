@@ -24,8 +24,10 @@ from maven_dist.train import perf
 from maven_dist.train.builders import (
     build_engine,
     build_stage_loader,
+    discrete_tokenizer_files,
     load_stage_tokenizer,
     resolve_model_source,
+    stage_template,
 )
 from maven_dist.train.checkpoint import CheckpointManager
 from maven_dist.train.metrics_file import MetricsFile
@@ -86,8 +88,12 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
     total_steps = cfg.stage.max_steps or math.ceil(cfg.stage.epochs * loader.batches_per_epoch / accumulation)
     engine = build_engine(cfg, dims, env, source, layout, tokenizer, total_steps, accumulation)
     skeleton = stage_dir / "model_skeleton"
+    inference = {
+        "template": stage_template(cfg),
+        "discrete": discrete_tokenizer_files(cfg) if env.is_main else None,
+    }
     if env.is_main:
-        engine.module.save_skeleton(skeleton, tokenizer)
+        engine.module.save_skeleton(skeleton, tokenizer, **inference)
     state = TrainerState(NonFiniteGuard(cfg.stage.max_bad_steps, cfg.stage.name))
     manifest_extra = {
         "git_sha": git_sha(),
@@ -115,7 +121,7 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
         tracker.end_stage(status=status)
         tracker.close()
 
-    export_dir = _export(cfg, env, engine, tokenizer)
+    export_dir = _export(cfg, env, engine, tokenizer, inference)
     return StageResult(state.step, final_loss, export_dir)
 
 
@@ -172,12 +178,13 @@ def _step_metrics(result, loader, state: TrainerState) -> dict[str, float]:
     return metrics | {f"optim/lr/{name}": lr for name, lr in result.learning_rates.items()}
 
 
-def _export(cfg: Config, env: DistEnv, engine: Engine, tokenizer) -> Path | None:
-    """The HF-layout model that the next stage's `init_from` names (gathered full weights, rank 0)."""
+def _export(cfg: Config, env: DistEnv, engine: Engine, tokenizer, inference: dict) -> Path | None:
+    """The HF-layout model that the next stage's `init_from` names (gathered full weights, rank 0), with
+    what inference needs (the chat template, the discrete tokenizer)."""
     state = engine.export_state_dict()
     out = cfg.stage_dir / "export"
     if env.is_main:
-        engine.module.save_pretrained(out, tokenizer, state_dict=state)
+        engine.module.save_pretrained(out, tokenizer, state_dict=state, **inference)
         print0(f"[{cfg.stage.name}] exported {out}")
     barrier()
     return out

@@ -88,3 +88,26 @@ def test_main_job_two_ranks_survives_a_tracking_outage(tmp_path):
             spreads = [row["selector/h_eos_spread"] for row in local if "selector/h_eos_spread" in row]
             assert len(spreads) == len(local), f"{name}: h_eos spread missing at some steps"
             assert min(spreads) >= 0.05, f"{name}: h_eos barely depends on the image ({min(spreads):.2e})"
+
+    # The trained model runs: the README's chat command on the stage-4 export, and on a `maven merge` of the
+    # stage's 2-rank ZeRO-3 checkpoint (issue 13).
+    images = run_dir / "data" / "synthetic" / "images"
+    merged = tmp_path / "merged"
+    maven = [sys.executable, "-m", "maven_dist.cli"]
+    merge = subprocess.run([*maven, "merge", str(run_dir / "stage4"), str(merged)], cwd=REPO, env=cpu_env(),
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert merge.returncode == 0, merge.stderr[-3000:]
+    answers = {}
+    for model_dir in (run_dir / "stage4" / "export", merged):
+        question = [
+            "--image",
+            str(images / "00000.png"),
+            "--image",
+            str(images / "00001.png"),
+            "which image has more circles ?",
+        ]
+        out = subprocess.run([*maven, "chat", str(model_dir), "--max-new-tokens", "8", *question],
+                             cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        answers[model_dir.name] = out.stdout
+    assert answers["export"] == answers["merged"] and answers["export"].endswith("\n")
