@@ -1,18 +1,59 @@
 """LLaVA JSON/JSONL + image root -> validated Arrow shards, ``manifest.json`` and ``rejects.jsonl``.
 
 Two phases. The main process parses every source in order and applies the record-level checks
-(malformed JSON line, not an object, id, conversation shape, image field, ``<image>`` count, duplicate
-id: the first occurrence wins); these are cheap and the duplicate check needs the global order. The
-surviving records are cut, in input order, into shards of ``shard_size`` records, and worker
-processes handle whole shards: open and check every image (missing, empty, unreadable, truncated;
-non-RGB modes converted and counted), render the conversation with the template to measure its
-length with images expanded, and write the shard.
+(malformed JSON line, encoding, not an object, id, control characters, conversation shape and size,
+image field, ``<image>`` count, duplicate id: the first occurrence wins); these are cheap and the
+duplicate check needs the global order. The surviving records are cut, in input order, into shards
+of ``shard_size`` records, and worker processes handle whole shards: look for special tokens, render
+the conversation with the template to measure its length with images expanded, then resolve, open
+and check every image (outside the root, missing, empty, too large, unreadable, truncated, mode;
+non-RGB modes converted and counted), and write the shard.
 
 Every record ends up either in a shard or in ``rejects.jsonl`` with its source file, index/line, id
 and reason; ``manifest.json`` carries the counts. Each shard is written atomically beside a sidecar
 ``shard-NNNNN.json`` holding a fingerprint of its input records and options; a re-run skips shards
 whose sidecar matches, so an interrupted preparation resumes, and the output is byte-identical
 whatever the number of workers.
+
+Sources come from the internet, so nothing in a record is trusted; a bad record is a reject, never
+a traceback, and never a file read from outside the image root. The decisions behind the rules
+(``docs/data_preparation.md`` lists the reasons):
+
+* **Image paths** are resolved (``..``, absolute paths and symlinks followed) and must stay inside
+  ``image_root``, else ``image_outside_root``; the resolved file is opened without following a
+  last-component symlink, non-blocking, and must be a regular file of at most ``max_image_bytes``.
+* **Text encoding.** Sources must be UTF-8 (RFC 8259; a UTF-8 BOM is skipped). A UTF-16/32 file, or a
+  ``.json`` file that does not parse, is a :class:`PrepareError` naming the file. Bytes that are not
+  UTF-8 inside a string, and unpaired ``\\uD800``-style surrogate escapes, reject only their record
+  (``invalid_utf8``): they are decoded with ``surrogateescape`` and found by the record checks.
+* **Control characters** (C0 other than tab/newline/CR, DEL, C1) in an id, a path or a turn reject
+  the record (``control_character``; NUL included) rather than being stripped:
+  they mark binary garbage or mojibake, and silently editing text would hide that.
+* **Special tokens.** Text containing a string the tokenizer reads as a special token (``</s>``,
+  ``<s>``, ``<unk>``, any added token) or a visual token (``<img>``, ``</img>``, ``<img_00042>``)
+  is rejected (``special_token``): rendering would turn it into that token id, not text.
+* **Size caps**, checked before any tokenization or decoding: ``max_turns`` turns and
+  ``max_text_chars`` characters per conversation (``oversized_conversation``); the length check then
+  runs before images are opened, so a record with thousands of ``<image>`` costs nothing.
+* **Image size.** ``max_image_side`` bounds the longest side (read from the header, before
+  decoding): the letterbox makes a square of that side, in preparation (``resize``) and in the
+  loader, so a 1 x 60000 image would otherwise allocate 10 GB. Over it, over ``max_image_bytes``, or
+  over PIL's own decompression-bomb limit (2 x ``Image.MAX_IMAGE_PIXELS``) is ``image_too_large``.
+  PIL refuses zero-width/height headers itself (``unreadable_image``).
+* **Formats.** Only :data:`IMAGE_FORMATS` are opened (JPEG/MPO, PNG/APNG, GIF, WebP, BMP, TIFF, PPM);
+  others (EPS, which would run Ghostscript, and PIL's exotic decoders) are ``unreadable_image``.
+* **Modes** become RGB deterministically: 16-bit grey (``I;16*``) is scaled to 8 bits
+  (``round(v * 255 / 65535)``; PIL's own conversion clips, turning most of the image white);
+  32-bit integer and float images (``I``, ``F``) have no defined range and are rejected
+  (``unsupported_mode``); everything else (L, 1, P, LA, PA, RGBA, CMYK, YCbCr, ...) is PIL's
+  ``convert("RGB")`` (alpha dropped, as LLaVA does).
+* **EXIF orientation is not applied**: the pixels are used as stored, as LLaVA's loader does; the
+  COCO and Visual Genome annotations (boxes, masks, the GPT-4 conversations written from them) are in
+  that frame (they were drawn in 2014-2016, before browsers applied the tag by default). Applying it
+  would change the pixels and ``image_sizes`` of every tagged photo. ``load_image`` is also what
+  inference uses (``maven_dist/inference/processor.py``), so training and inference agree.
+* **Animated / multi-frame images** (GIF, APNG, WebP, MPO, multi-page TIFF) use their first frame,
+  as PIL opens them and as LLaVA does; stored bytes decode to that same frame.
 """
 
 from __future__ import annotations
@@ -22,18 +63,22 @@ import io
 import json
 import multiprocessing as mp
 import os
+import re
+import stat
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from maven_dist.contract.lengths import visual_tokens_per_image
-from maven_dist.contract.vocab import IMAGE_PLACEHOLDER
+from maven_dist.contract.vocab import IMAGE_PLACEHOLDER, IMG_END, IMG_START
 from maven_dist.data.image_transform import ImageTransform
 from maven_dist.data.shards import (
     BASE_SCHEMA,
@@ -46,22 +91,44 @@ from maven_dist.data.templates import ConversationError, check_turns, render
 
 REASONS = (
     "malformed_json",
+    "invalid_utf8",
     "not_an_object",
     "missing_id",
     "duplicate_id",
+    "control_character",
     "empty_conversation",
+    "bad_turn",
+    "oversized_conversation",
     "non_alternating",
     "unknown_role",
     "non_string_value",
     "bad_image_field",
     "image_count_mismatch",
+    "special_token",
+    "too_long",
+    "image_outside_root",
     "missing_image",
     "empty_image",
+    "image_too_large",
     "unreadable_image",
     "truncated_image",
-    "too_long",
+    "unsupported_mode",
 )
 """Every reason a record can be rejected for (the ``reason`` field of rejects.jsonl)."""
+
+IMAGE_FORMATS = ("BMP", "GIF", "JPEG", "PNG", "PPM", "TIFF", "WEBP")
+"""The only PIL formats an image file is opened as (JPEG includes MPO); others, e.g. EPS (which runs
+Ghostscript), are refused."""
+DEFAULT_MAX_IMAGE_SIDE = 8192
+"""Longest image side accepted by default (the letterbox square: 8192^2 RGB = 201 MB)."""
+DEFAULT_MAX_IMAGE_BYTES = 256 << 20
+"""Largest image file accepted by default (bytes)."""
+
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+"""C0 controls other than tab, newline and CR; DEL; C1 controls."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+"""What non-UTF-8 bytes (decoded with surrogateescape) and unpaired \\uXXXX escapes become."""
+_VISUAL_TOKEN = re.compile(r"<img_\d{5}>")
 
 
 class PrepareError(RuntimeError):
@@ -80,6 +147,14 @@ class PrepareOptions:
     """Conversation template used for the length check."""
     max_length: int = 2048
     """Longest allowed sequence after image expansion."""
+    max_turns: int = 1024
+    """Most turns a conversation may have (checked before tokenizing)."""
+    max_text_chars: int = 262_144
+    """Most characters, all turns together, a conversation may have (checked before tokenizing)."""
+    max_image_side: int = DEFAULT_MAX_IMAGE_SIDE
+    """Longest image side accepted, read from the header before decoding."""
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    """Largest image file accepted."""
     num_codes: int = 32
     """Discrete codes per image (discrete view length = num_codes + 2)."""
     num_patches: int = 576
@@ -174,32 +249,79 @@ def _tokenizer_hash(tokenizer_dir: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _iter_raw(path: Path) -> Iterator[tuple[int, int | None, object, str | None]]:
-    """(index, line, parsed value or None, JSON error or None) for each record of a source file."""
+_PARSE_ERRORS = (ValueError, RecursionError)
+"""What json.loads raises for bad input: JSONDecodeError, the int-digits limit, nesting too deep."""
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+def _text_problem(text: str, what: str) -> tuple[str, str] | None:
+    """(reason, message) if `text` cannot be stored and tokenized as the text it claims to be."""
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        code = ord(bad.group())
+        detail = f"byte 0x{code - 0xDC00:02x}" if code >= 0xDC80 else f"unpaired surrogate \\u{code:04x}"
+        return "invalid_utf8", f"{what} is not valid UTF-8 ({detail} at character {bad.start()})"
+    bad = _CONTROL.search(text)
+    if bad is not None:
+        return (
+            "control_character",
+            f"{what} has control character U+{ord(bad.group()):04X} at character {bad.start()}",
+        )
+    return None
+
+
+def _check_encoding(path: Path, head: bytes) -> None:
+    encoding = json.detect_encoding(head)
+    if encoding not in ("utf-8", "utf-8-sig"):
+        raise PrepareError(
+            f"{path}: looks {encoding.upper()}-encoded; LLaVA sources must be UTF-8 "
+            f"(convert it, e.g. iconv -f {encoding.upper()} -t UTF-8)"
+        )
+
+
+def _iter_raw(path: Path) -> Iterator[tuple[int, int | None, object, tuple[str, str] | None]]:
+    """(index, line, parsed value or None, (reason, message) or None) for each record of a source.
+
+    Text is decoded with ``surrogateescape``: a byte that is not UTF-8 inside a JSON string becomes a
+    lone surrogate that the record checks reject (``invalid_utf8``), so it costs only its record.
+    """
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for index, text in enumerate(f):
-                if not text.strip():
+        with open(path, "rb") as f:
+            for index, raw in enumerate(f):  # binary: lines end at b"\n" only
+                if index == 0:
+                    _check_encoding(path, raw[:4])
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")
+                if not raw.strip():
                     continue  # blank lines are not records
+                text = raw.decode("utf-8", "surrogateescape")
                 try:
-                    yield index, index + 1, json.loads(text), None
-                except json.JSONDecodeError as err:
-                    yield index, index + 1, None, str(err)
+                    value, error = json.loads(text), None
+                except _PARSE_ERRORS as err:
+                    value, error = None, _text_problem(text, "line") or ("malformed_json", str(err))
+                yield index, index + 1, value, error
         return
+    data = path.read_bytes()
+    _check_encoding(path, data[:4])
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+        value = json.loads(data.decode("utf-8-sig", "surrogateescape"))
+    except _PARSE_ERRORS as err:
         raise PrepareError(
             f"{path}: not valid JSON ({err}); a .json source must be one list of records "
             "(use .jsonl with one record per line to have bad lines rejected one by one)"
         ) from err
-    if not isinstance(data, list):
-        raise PrepareError(f"{path}: top level is {type(data).__name__}, expected a list of records")
-    for index, value in enumerate(data):
-        yield index, None, value, None
+    if not isinstance(value, list):
+        raise PrepareError(f"{path}: top level is {type(value).__name__}, expected a list of records")
+    for index, item in enumerate(value):
+        yield index, None, item, None
 
 
-def _check_record(source: str, index: int, line: int | None, value: object) -> Record | Reject:
+def _check_record(
+    source: str, index: int, line: int | None, value: object, limits: PrepareOptions | None = None
+) -> Record | Reject:
     def reject(reason: str, message: str, sample_id: str | None = None) -> Reject:
         return Reject(source, index, sample_id, reason, message, line)
 
@@ -209,11 +331,36 @@ def _check_record(source: str, index: int, line: int | None, value: object) -> R
     if isinstance(sample_id, int) and not isinstance(sample_id, bool):
         sample_id = str(sample_id)
     if not isinstance(sample_id, str) or not sample_id:
-        return reject("missing_id", f"record has no usable id (got {value.get('id')!r})")
+        return reject("missing_id", f"record has no usable id (got {_short(value.get('id'))})")
+    if problem := _text_problem(sample_id, "id"):
+        return reject(*problem, sample_id)
+    turns = value.get("conversations")
+    if isinstance(turns, list):
+        max_turns = limits.max_turns if limits else PrepareOptions.max_turns
+        max_chars = limits.max_text_chars if limits else PrepareOptions.max_text_chars
+        for k, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                return reject(
+                    "bad_turn",
+                    f"turn {k} is {type(turn).__name__}, expected an object with 'from' and 'value'",
+                    sample_id,
+                )
+        if len(turns) > max_turns:
+            return reject("oversized_conversation", f"{len(turns)} turns > max_turns {max_turns}", sample_id)
+        chars = sum(len(t["value"]) for t in turns if isinstance(t.get("value"), str))
+        if chars > max_chars:
+            return reject(
+                "oversized_conversation",
+                f"{chars} characters of text > max_text_chars {max_chars}",
+                sample_id,
+            )
     try:
-        check_turns(value.get("conversations"))
+        check_turns(turns)
     except ConversationError as err:
         return reject(err.reason, str(err), sample_id)
+    for k, turn in enumerate(turns):
+        if problem := _text_problem(turn["value"], f"turn {k} value"):
+            return reject(*problem, sample_id)
     image = value.get("image")
     if image is None:
         images = []
@@ -223,20 +370,29 @@ def _check_record(source: str, index: int, line: int | None, value: object) -> R
         images = list(image)
     else:
         return reject(
-            "bad_image_field", f"'image' is {image!r}; expected a path or a list of paths", sample_id
+            "bad_image_field", f"'image' is {_short(image)}; expected a path or a list of paths", sample_id
         )
-    placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in value["conversations"])
+    for k, rel in enumerate(images):
+        if not rel:
+            return reject("bad_image_field", f"image path {k} is empty", sample_id)
+        if problem := _text_problem(rel, f"image path {k} {_short(rel)}"):
+            return reject(*problem, sample_id)
+    placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
     if placeholders != len(images):
         return reject(
             "image_count_mismatch",
             f"{placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images",
             sample_id,
         )
-    return Record(source, index, line, sample_id, images, value["conversations"])
+    return Record(source, index, line, sample_id, images, turns)
 
 
-def collect_records(sources: Sequence[Path]) -> tuple[list[Record], list[Reject], list[dict]]:
-    """Parse and check all sources in order: (kept records, rejects, per-source info)."""
+def collect_records(
+    sources: Sequence[Path], limits: PrepareOptions | None = None
+) -> tuple[list[Record], list[Reject], list[dict]]:
+    """Parse and check all sources in order: (kept records, rejects, per-source info).
+
+    `limits` gives ``max_turns`` and ``max_text_chars`` (the defaults of PrepareOptions without)."""
     records: list[Record] = []
     rejects: list[Reject] = []
     infos: list[dict] = []
@@ -248,32 +404,38 @@ def collect_records(sources: Sequence[Path]) -> tuple[list[Record], list[Reject]
         )
     for path in sources:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise PrepareError(f"source {path} does not exist")
+        if not path.is_file():
+            raise PrepareError(f"source {path} is not a regular file")
         count = 0
-        for index, line, value, error in _iter_raw(path):
-            count += 1
-            if error is not None:
-                rejects.append(Reject(path.name, index, None, "malformed_json", error, line))
-                continue
-            checked = _check_record(path.name, index, line, value)
-            if isinstance(checked, Record) and checked.id in first_seen:
-                first = first_seen[checked.id]
-                where = f"line {first.line}" if first.line is not None else f"record {first.index}"
-                checked = Reject(
-                    path.name,
-                    index,
-                    checked.id,
-                    "duplicate_id",
-                    f"id first seen in {first.source} {where}",
-                    line,
-                )
-            if isinstance(checked, Reject):
-                rejects.append(checked)
-            else:
-                first_seen[checked.id] = checked
-                records.append(checked)
-        infos.append({"path": str(path), "sha256": _sha256_file(path), "records": count})
+        try:
+            for index, line, value, error in _iter_raw(path):
+                count += 1
+                if error is not None:
+                    rejects.append(Reject(path.name, index, None, *error, line))
+                    continue
+                checked = _check_record(path.name, index, line, value, limits)
+                if isinstance(checked, Record) and checked.id in first_seen:
+                    first = first_seen[checked.id]
+                    where = f"line {first.line}" if first.line is not None else f"record {first.index}"
+                    checked = Reject(
+                        path.name,
+                        index,
+                        checked.id,
+                        "duplicate_id",
+                        f"id first seen in {first.source} {where}",
+                        line,
+                    )
+                if isinstance(checked, Reject):
+                    rejects.append(checked)
+                else:
+                    first_seen[checked.id] = checked
+                    records.append(checked)
+            sha256 = _sha256_file(path)
+        except OSError as err:
+            raise PrepareError(f"source {path} cannot be read ({err.strerror or err})") from err
+        infos.append({"path": str(path), "sha256": sha256, "records": count})
     return records, rejects, infos
 
 
@@ -291,29 +453,131 @@ class RecordRejected(Exception):
         self.reason = reason
 
 
-def load_image(path: Path) -> tuple[Image.Image, bytes, str]:
-    """(RGB image, original bytes, original mode); raises RecordRejected with the reason."""
-    if not path.is_file():
-        raise RecordRejected("missing_image", f"image {path} not found")
-    data = path.read_bytes()
+def resolve_image_path(image_root: Path, rel: str) -> Path:
+    """The real path of `rel` under `image_root`; RecordRejected("image_outside_root") if it leads out.
+
+    Everything is resolved (``..``, an absolute `rel`, symlinks anywhere on the way, also dangling
+    ones), so no record can make preparation read a file outside the root.
+    """
+    root = os.path.realpath(image_root)
+    joined = os.path.join(root, rel)
+    try:
+        real = os.path.realpath(joined)
+    except (OSError, ValueError) as err:
+        raise RecordRejected("unreadable_image", f"image path {rel!r} cannot be resolved ({err})") from err
+    if os.path.commonpath([root, real]) != root:
+        if os.path.isabs(rel):
+            how = "an absolute path"
+        elif os.path.commonpath([root, os.path.normpath(joined)]) != root:
+            how = "'..' leads out"
+        else:
+            how = "a symlink leads out"
+        raise RecordRejected(
+            "image_outside_root",
+            f"image path {rel!r} resolves to {real}, outside the image root {root} ({how})",
+        )
+    return Path(real)
+
+
+def _read_image_file(path: Path, max_bytes: int, nofollow: bool = False) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` (opened non-blocking: a FIFO cannot hang us)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if nofollow:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError as err:
+        raise RecordRejected("missing_image", f"image {path} not found") from err
+    except (OSError, ValueError) as err:
+        raise RecordRejected("unreadable_image", f"image {path} cannot be opened ({err})") from err
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise RecordRejected("unreadable_image", f"image {path} is {kind}")
+        if info.st_size > max_bytes:
+            raise RecordRejected(
+                "image_too_large", f"image {path} is {info.st_size} bytes > max_image_bytes {max_bytes}"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+    except OSError as err:
+        raise RecordRejected("unreadable_image", f"image {path} cannot be read ({err})") from err
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise RecordRejected("image_too_large", f"image {path} is over max_image_bytes {max_bytes}")
+    return data
+
+
+def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """RGB pixels of a decoded image, deterministically (see the module docstring, *Modes*)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16"):
+        levels = np.asarray(image).astype(np.int64).clip(0, 65535)
+        return Image.fromarray(((levels * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
+    if mode in ("I", "F"):
+        raise RecordRejected(
+            "unsupported_mode",
+            f"image {path} has mode {mode} ({'32-bit integer' if mode == 'I' else 'float'} pixels), "
+            "which has no defined range; store it as 8- or 16-bit",
+        )
+    return image.convert("RGB")
+
+
+def load_image(
+    path: Path, *, max_side: int = DEFAULT_MAX_IMAGE_SIDE, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+) -> tuple[Image.Image, bytes, str]:
+    """(RGB image, original bytes, original mode); raises RecordRejected with the reason.
+
+    `max_side` and `max_bytes` bound what is decoded (preparation passes its options' limits)."""
+    return _decode_image(_read_image_file(Path(path), max_bytes), Path(path), max_side)
+
+
+def _decode_image(data: bytes, path: Path, max_side: int) -> tuple[Image.Image, bytes, str]:
     if not data:
         raise RecordRejected("empty_image", f"image {path} is empty (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()  # decode now: a truncated file only fails here
+        with warnings.catch_warnings():  # our own limit decides; PIL's warning would only be noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError as err:
         raise RecordRejected(
-            "unreadable_image", f"image {path} is not an image format PIL can identify"
+            "unreadable_image",
+            f"image {path} is not an image in an accepted format ({', '.join(IMAGE_FORMATS)})",
         ) from err
     except Image.DecompressionBombError as err:
         raise RecordRejected(
-            "unreadable_image", f"image {path} is too large to decode safely ({err})"
+            "image_too_large", f"image {path} is too large to decode safely ({err})"
         ) from err
-    except (OSError, SyntaxError, ValueError) as err:
+    except Exception as err:  # a malformed header can make a PIL plugin raise anything
+        raise RecordRejected(
+            "unreadable_image", f"image {path} cannot be decoded ({type(err).__name__}: {err})"
+        ) from err
+    width, height = image.size
+    if not width or not height:
+        raise RecordRejected("unreadable_image", f"image {path} is {width} x {height} pixels")
+    if max(width, height) > max_side:
+        raise RecordRejected(
+            "image_too_large", f"image {path} is {width} x {height} pixels; max_image_side is {max_side}"
+        )
+    try:
+        image.load()  # decode now: a truncated file only fails here
+    except Exception as err:
         reason = "truncated_image" if "truncat" in str(err).lower() else "unreadable_image"
-        raise RecordRejected(reason, f"image {path} cannot be decoded ({err})") from err
+        raise RecordRejected(reason, f"image {path} cannot be decoded ({type(err).__name__}: {err})") from err
     mode = image.mode
-    return (image if mode == "RGB" else image.convert("RGB")), data, mode
+    try:
+        rgb = _to_rgb(image, path)
+    except RecordRejected:
+        raise
+    except Exception as err:
+        raise RecordRejected(
+            "unsupported_mode", f"image {path} of mode {mode} cannot be converted to RGB ({err})"
+        ) from err
+    return rgb, data, mode
 
 
 def encode_for_shard(
@@ -348,8 +612,11 @@ _WORKER: dict = {}
 def _init_worker(options: PrepareOptions) -> None:
     from transformers import AutoTokenizer
 
-    _WORKER["tokenizer"] = AutoTokenizer.from_pretrained(str(options.tokenizer_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(options.tokenizer_dir))
+    _WORKER["tokenizer"] = tokenizer
     _WORKER["options"] = options
+    _WORKER["special"] = special_token_pattern(tokenizer)
+    _WORKER["root"] = os.path.realpath(options.image_root)
     transform = None
     if options.resize:
         transform = (
@@ -394,6 +661,25 @@ def _measure(rec: Record, options: PrepareOptions, tokenizer) -> int:
     return render(turns, options.template, tokenizer).expanded_length(options.tokens_per_image)
 
 
+def special_token_pattern(tokenizer) -> re.Pattern[str]:
+    """Strings that rendering would turn into a special or visual token instead of text."""
+    specials = {*tokenizer.all_special_tokens, *tokenizer.get_added_vocab(), IMG_START, IMG_END}
+    specials = {t for t in specials if t and t != IMAGE_PLACEHOLDER and not _VISUAL_TOKEN.fullmatch(t)}
+    alternatives = [re.escape(t) for t in sorted(specials, key=lambda t: (-len(t), t))]
+    return re.compile("|".join([*alternatives, _VISUAL_TOKEN.pattern]))
+
+
+def _check_special_tokens(rec: Record, pattern: re.Pattern[str]) -> None:
+    for k, turn in enumerate(rec.conversations):
+        found = pattern.search(turn["value"])
+        if found is not None:
+            raise RecordRejected(
+                "special_token",
+                f"turn {k} value contains {found.group()!r} at character {found.start()}, which the "
+                "tokenizer reads as a special token, not as text",
+            )
+
+
 def _build_shard(task: tuple[int, list[Record], str]) -> ShardResult:
     index, records, fingerprint = task
     options: PrepareOptions = _WORKER["options"]
@@ -403,13 +689,8 @@ def _build_shard(task: tuple[int, list[Record], str]) -> ShardResult:
     converted: Counter[str] = Counter()
     for rec in records:
         try:
-            encoded, originals, sizes, modes = [], [], [], []
-            for rel in rec.images:
-                image, data, mode = load_image(options.image_root / rel)
-                encoded.append(encode_for_shard(image, data, mode, transform, options.image_format))
-                originals.append(data)
-                sizes.append(list(image.size))
-                modes.append(mode)
+            # Text first: it is cheap, and bounds the images a record can make us decode.
+            _check_special_tokens(rec, _WORKER["special"])
             length = _measure(rec, options, tokenizer)
             if length > options.max_length:
                 raise RecordRejected(
@@ -417,6 +698,15 @@ def _build_shard(task: tuple[int, list[Record], str]) -> ShardResult:
                     f"{length} tokens after image expansion ({options.tokens_per_image} per image, "
                     f"template {options.template}) > max_length {options.max_length}",
                 )
+            encoded, originals, sizes, modes = [], [], [], []
+            for rel in rec.images:
+                path = resolve_image_path(_WORKER["root"], rel)
+                data = _read_image_file(path, options.max_image_bytes, nofollow=True)
+                image, data, mode = _decode_image(data, path, options.max_image_side)
+                encoded.append(encode_for_shard(image, data, mode, transform, options.image_format))
+                originals.append(data)
+                sizes.append(list(image.size))
+                modes.append(mode)
         except (RecordRejected, ConversationError) as err:
             reject = Reject(rec.source, rec.index, rec.id, err.reason, str(err), rec.line)
             if options.strict:
@@ -478,7 +768,11 @@ def prepare(sources: Sequence[Path], options: PrepareOptions) -> dict:
     out_dir = Path(options.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     options.image_root = Path(options.image_root)
-    records, rejects, infos = collect_records(sources)
+    if not Path(options.tokenizer_dir).is_dir():
+        raise PrepareError(f"tokenizer directory {options.tokenizer_dir} does not exist")
+    records, rejects, infos = collect_records(sources, options)
+    if any(r.images for r in records) and not options.image_root.is_dir():
+        raise PrepareError(f"image root {options.image_root} is not a directory")
     if options.strict and rejects:
         raise PrepareError(f"--strict: {rejects[0].describe()}")
 
