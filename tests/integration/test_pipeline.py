@@ -25,10 +25,17 @@ def logged_steps(path) -> int:
     return len(read_metrics(path)) if path.is_file() else 0
 
 
-def test_main_job_two_ranks_survives_a_tracking_outage(tmp_path):
-    server = MlflowServer(tmp_path / "server", free_port())
+@pytest.fixture
+def server(tmp_path):
+    """A tracking server the test kills and restarts; torn down whatever state the test leaves it in."""
     (tmp_path / "server").mkdir()
-    server.start()
+    srv = MlflowServer(tmp_path / "server", free_port())
+    srv.start()
+    yield srv
+    srv.kill()
+
+
+def test_main_job_two_ranks_survives_a_tracking_outage(server, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable,
