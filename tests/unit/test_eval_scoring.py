@@ -215,6 +215,9 @@ def test_circular_variants() -> None:
     ]
     with pytest.raises(ValueError, match="'E' is not one of the option letters ABCD"):
         multiple_choice.circular_variants(ANIMALS, "E")
+    for bad in ("", "AB"):  # substrings of "ABCD" are not letters
+        with pytest.raises(ValueError, match="is not one of the option letters"):
+            multiple_choice.circular_variants(ANIMALS, bad)
 
 
 def test_circular_accuracy_fails_where_vanilla_passes() -> None:

@@ -45,7 +45,7 @@ def circular_variants(options: Sequence[str], answer: str) -> list[tuple[list[st
     option: the option at original index i sits at index ``(i - k) mod N`` in copy k.
     """
     letters = option_letters(len(options))
-    if answer not in letters:
+    if len(answer) != 1 or answer not in letters:  # `"" in "ABCD"` is True for a string
         raise ValueError(f"answer {answer!r} is not one of the option letters {letters}")
     original = letters.index(answer)
     n = len(options)
