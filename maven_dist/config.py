@@ -204,8 +204,16 @@ class DataConfig:
     """Stage 2: fraction of samples rendered as text -> image codes (the rest image -> text)."""
     strict: bool = False
     """Stop at the first bad sample instead of counting, logging and skipping it."""
+    val_fraction: float = 0.0
+    """Hold out this fraction of `path`'s samples (chosen by a hash of each id) for val/loss; 0: none."""
+    val_path: str = ""
+    """Shards of a separate validation set (instead of `val_fraction`); `{run_dir}` is substituted."""
 
     def validate(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.val_path and self.val_fraction:
+            raise ConfigError("data.val_path and data.val_fraction are both set: choose one validation set")
         if self.max_length < 16:
             raise ConfigError(f"data.max_length={self.max_length} must be >= 16")
         if self.num_workers < 0:
@@ -292,6 +300,8 @@ class StageConfig:
     """Recompute decoder activations in backward to save memory."""
     log_every: int = 10
     """Log metrics every this many optimizer steps."""
+    eval_every: int = 0
+    """Compute val/loss every this many steps (and always at the end, when the data has a validation set); 0: only at the end."""
     max_bad_steps: int = 5
     """Stop after this many consecutive non-finite losses."""
 
@@ -329,6 +339,8 @@ class StageConfig:
             )
         if self.log_every < 1:
             raise ConfigError(f"stage.log_every={self.log_every} must be >= 1")
+        if self.eval_every < 0:
+            raise ConfigError(f"stage.eval_every={self.eval_every} must be >= 0 (0: only at the end)")
 
 
 @dataclass
@@ -416,6 +428,25 @@ class DemoConfig:
 
 
 @dataclass
+class EvalConfig:
+    enabled: bool = False
+    """`maven pipeline` ends by scoring the last stage's export with `maven eval` (results in MLflow)."""
+    tasks: list[str] = field(default_factory=list)
+    """Benchmarks to run (docs/evaluation.md); empty: every task found under `data`."""
+    data: str = ""
+    """Benchmark root (`{run_dir}` is substituted); empty: the synthetic benchmark set."""
+    batch_size: int = 8
+    """Questions per forward."""
+    max_new_tokens: int = 32
+    """Longest generated answer."""
+
+    def validate(self) -> None:
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     """Everything the run writes (checkpoints, MLflow store, logs, exports) goes under here."""
@@ -435,6 +466,8 @@ class Config:
     """Experiment tracking."""
     demo: DemoConfig = field(default_factory=DemoConfig)
     """The demo assets: synthetic data and random base models (the tiny recipe: CPU demo and tests)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Benchmarks `maven pipeline` runs on the final export."""
 
     def validate(self) -> None:
         self.model.validate()
@@ -443,6 +476,7 @@ class Config:
         self.parallel.validate()
         self.checkpoint.validate()
         self.tracking.validate()
+        self.eval.validate()
         self._validate_stage_data()
         tp = self.parallel.tp
         if self.model.vocab.pad_to_multiple_of % (128 * tp):
@@ -487,9 +521,11 @@ class Config:
     def fingerprint(self) -> str:
         """Hash of everything that changes what training computes (not where it writes or logs)."""
         d = self.to_dict()
-        for volatile in ("run_dir", "tracking", "checkpoint", "demo"):
+        for volatile in ("run_dir", "tracking", "checkpoint", "demo", "eval"):
             d.pop(volatile)
         d["stage"].pop("log_every")
+        d["stage"].pop("eval_every")  # when val/loss is computed changes nothing trained
+        d["data"].pop("val_path")
         d["data"].pop("num_workers")  # the loader resumes exactly with any worker count
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -24,10 +24,12 @@ the run when ``data.strict`` is set.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow.compute as pc
@@ -47,15 +49,30 @@ GROUP_STEPS = 8
 """Steps per length-grouping window: larger groups pad less, smaller ones stay closer to random."""
 
 
-class ShardIndex:
-    """Where every sample lives and the two numbers the step order needs (length, image count)."""
+Split = Literal["all", "train", "val"]
 
-    def __init__(self, shards_dir: str | Path) -> None:
+
+def is_held_out(sample_id: str, fraction: float) -> bool:
+    """Whether a sample belongs to the validation split: a hash of its id, so every stage, rank and rerun
+    holds out the same samples whatever the shard order (the seed plays no part)."""
+    if fraction <= 0.0:
+        return False
+    digest = hashlib.sha256(f"val:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+class ShardIndex:
+    """Where every sample of a split lives and the two numbers the step order needs (length, image count).
+
+    ``split`` selects the samples: all, or those :func:`is_held_out` puts in (``val``) or keeps out of
+    (``train``) the validation split of ``val_fraction``."""
+
+    def __init__(self, shards_dir: str | Path, split: Split = "all", val_fraction: float = 0.0) -> None:
         self.paths = list_shards(shards_dir)
         if not self.paths:
             raise DataError(f"no shards (shard-*.arrow) in {shards_dir}: run tools/prepare_data.py first")
-        lengths, images, rows, columns = [], [], [], None
-        for path in self.paths:
+        lengths, images, shard_of, row_of, columns = [], [], [], [], None
+        for k, path in enumerate(self.paths):
             table = read_shard(path)
             if table.num_rows and columns is None:
                 columns = table.column_names
@@ -63,21 +80,28 @@ class ShardIndex:
                 raise DataError(
                     f"{path} has columns {table.column_names}, other shards {columns}; re-run the tool that added them"
                 )
-            rows.append(table.num_rows)
-            lengths.append(table["num_tokens"].to_numpy(zero_copy_only=False))
-            images.append(pc.list_value_length(table["images"]).to_numpy(zero_copy_only=False))
+            keep = np.ones(table.num_rows, dtype=bool)
+            if split != "all":
+                held = np.array(
+                    [is_held_out(str(i), val_fraction) for i in table["id"].to_pylist()], dtype=bool
+                )
+                keep = held if split == "val" else ~held
+            lengths.append(table["num_tokens"].to_numpy(zero_copy_only=False)[keep])
+            images.append(pc.list_value_length(table["images"]).to_numpy(zero_copy_only=False)[keep])
+            shard_of.append(np.full(int(keep.sum()), k, dtype=np.int64))
+            row_of.append(np.flatnonzero(keep).astype(np.int64))
         self.column_names: list[str] = list(columns or [])
-        self.offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
         self.lengths = np.concatenate(lengths).astype(np.int64)
         self.num_images = np.concatenate(images).astype(np.int64)
+        self.shard_of = np.concatenate(shard_of)
+        self.row_of = np.concatenate(row_of)
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
+        return len(self.lengths)
 
     def locate(self, index: int) -> tuple[int, int]:
-        """Global sample index -> (shard number, row)."""
-        shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
-        return shard, int(index - self.offsets[shard])
+        """Sample index (within the split) -> (shard number, row)."""
+        return int(self.shard_of[index]), int(self.row_of[index])
 
 
 def epoch_steps(
@@ -117,7 +141,7 @@ class _BatchReader:
     def __init__(
         self, index: ShardIndex, spec: SampleFormat, tokenizer, layout, transform, pad_id: int, strict: bool
     ):
-        self.paths, self.offsets = index.paths, index.offsets
+        self.paths, self.shard_of, self.row_of = index.paths, index.shard_of, index.row_of
         self.spec, self.tokenizer, self.layout, self.transform = spec, tokenizer, layout, transform
         self.pad_id, self.strict = pad_id, strict
         self._tables: dict[int, object] = {}
@@ -130,8 +154,7 @@ class _BatchReader:
     def __call__(self, indices: list[int]) -> tuple[Batch | None, list[str]]:
         examples, skipped = [], []
         for g in indices:
-            shard = int(np.searchsorted(self.offsets, g, side="right") - 1)
-            row_number = g - int(self.offsets[shard])
+            shard, row_number = int(self.shard_of[g]), int(self.row_of[g])
             row = self._table(shard).slice(row_number, 1).to_pylist()[0]
             try:
                 examples.append(make_example(self.spec, row, self.tokenizer, self.layout, self.transform))
@@ -189,10 +212,12 @@ class ShardLoader:
         dp_rank: int = 0,
         dp_size: int = 1,
         strict: bool = False,
+        split: Split = "all",
+        val_fraction: float = 0.0,
     ) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
-        self.index = ShardIndex(shards_dir)
+        self.index = ShardIndex(shards_dir, split, val_fraction)
         spec.check_columns(self.index.column_names, f"shards in {shards_dir}")
         self.spec, self.transform = spec, transform
         self.micro_batch_size, self.seed, self.shuffle = micro_batch_size, seed, shuffle
@@ -240,6 +265,9 @@ class ShardLoader:
                 collate_fn=_unchanged,
                 multiprocessing_context="fork" if self.num_workers else None,
                 worker_init_fn=_init_worker if self.num_workers else None,
+                # The workers' base seed comes from this generator, not torch's global RNG: building an
+                # iterator (a validation pass, a new epoch) then changes nothing the training computes.
+                generator=torch.Generator().manual_seed(self.seed),
                 prefetch_factor=4 if self.num_workers else None,
             )
             for batch, skipped in loader:
@@ -262,6 +290,25 @@ class ShardLoader:
                         f"{self.index.paths[0].parent}; {self.num_skipped} samples skipped so far, see the "
                         "'skipped bad sample' warnings for why (too long for data.max_length, undecodable image, ...)"
                     )
+
+    def one_pass(self) -> Iterator[Batch]:
+        """This rank's batches of one epoch in planned order (epoch 0), leaving the loader's own position
+        alone: a validation pass. Every rank gets the same number of batches (whole steps only)."""
+        loader = torch.utils.data.DataLoader(
+            _PlannedBatches(self.epoch_batches(0), self._reader),
+            batch_size=None,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=_unchanged,
+            multiprocessing_context="fork" if self.num_workers else None,
+            worker_init_fn=_init_worker if self.num_workers else None,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        for batch, skipped in loader:
+            for message in skipped:
+                logger.warning("skipped bad sample %s", message)
+            if batch is not None:
+                yield batch
 
     def state_dict(self) -> dict:
         return {
@@ -324,40 +371,53 @@ def build_loader(
     dp_rank: int = 0,
     dp_size: int = 1,
     transform: Callable | None = None,
-) -> ShardLoader:
+    split: Literal["train", "val"] = "train",
+) -> ShardLoader | None:
     """The loader for ``cfg.data`` / ``cfg.stage`` on data-parallel rank `dp_rank` of `dp_size`.
 
+    ``split="train"``: the training samples (``data.path`` less the ``data.val_fraction`` held out).
+    ``split="val"``: the validation samples (``data.val_path``, else the held-out fraction of ``data.path``;
+    None when the recipe has neither), read in file order, one micro-batch per rank per step.
     `transform` defaults to ``ImageTransform.from_pretrained(model.vision.path)`` when that tower
     directory exists, else ``ImageTransform(model.vision.image_size)``.
     """
+    data = cfg.data
+    if split == "val" and not (data.val_path or data.val_fraction > 0):
+        return None
     transform = transform or _default_transform(cfg)
-    shards_dir = cfg.resolve_path(cfg.data.path)
+    shards_dir = cfg.resolve_path(data.val_path if split == "val" and data.val_path else data.path)
     _check_prepared_size(shards_dir, transform)
     grid = transform.image_size // cfg.model.vision.patch_size
     spec = SampleFormat(
-        name=cfg.data.format,
-        template=cfg.data.template,
-        max_length=cfg.data.max_length,
+        name=data.format,
+        template=data.template,
+        max_length=data.max_length,
         num_codes=cfg.model.discrete.num_codes,
         num_patches=grid * grid,
         keep_ratio=cfg.model.selector.keep_ratio,
         views=tuple(cfg.stage.views),
-        t2i_fraction=cfg.data.t2i_fraction,
+        t2i_fraction=data.t2i_fraction,
         seed=cfg.seed,
     )
+    held_out = data.val_fraction > 0 and not data.val_path
+    index_split = ("val" if split == "val" else "train") if held_out else "all"
+    val = split == "val"
+    micro = cfg.stage.micro_batch_size
     return ShardLoader(
         shards_dir,
         spec,
         tokenizer,
         layout,
         transform,
-        micro_batch_size=cfg.stage.micro_batch_size,
-        global_batch_size=cfg.stage.global_batch_size,
+        micro_batch_size=micro,
+        global_batch_size=micro * dp_size if val else cfg.stage.global_batch_size,
         seed=cfg.seed,
-        shuffle=cfg.data.shuffle,
-        group_by_length=cfg.data.group_by_length,
-        num_workers=cfg.data.num_workers,
+        shuffle=data.shuffle and not val,
+        group_by_length=data.group_by_length and not val,
+        num_workers=data.num_workers,
         dp_rank=dp_rank,
         dp_size=dp_size,
-        strict=cfg.data.strict,
+        strict=data.strict,
+        split=index_split,
+        val_fraction=data.val_fraction,
     )

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 
 from maven_dist.contract.batch import Batch
 from maven_dist.contract.checkpoint_layout import Manifest
@@ -107,6 +108,12 @@ class Engine(Protocol):
         """Run optimizer step `step` (1-based) on micro-batches drawn from `batches`."""
         ...
 
+    def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
+        """Validation losses over `batches` (this rank's share; every rank calls it with as many):
+        ``val/loss`` (and ``val/loss_text``, ``val/loss_visual_codes`` where the engine has them), each the
+        mean over micro-batches and ranks, as the training loss is. No gradient, no state changes."""
+        ...
+
     def save(self, directory: Path) -> None:
         """Write the model, optimizer and schedule state into `directory` (every rank calls it)."""
         ...
@@ -172,6 +179,32 @@ class MicroBatchEngine:
         result.metrics = {k: sum(v) / len(v) for k, v in window.items()}
         result.learning_rates = self.learning_rates()
         return result
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
+        sums = torch.zeros(len(VAL_METRICS), dtype=torch.float64)
+        counts = torch.zeros_like(sums)
+        for batch in batches:
+            out = self._forward(batch.to(self.device))
+            for k, key in enumerate(VAL_METRICS):
+                if key in out.metrics:
+                    sums[k] += float(out.metrics[key])
+                    counts[k] += 1
+        return reduce_val_metrics(sums, counts)
+
+
+VAL_METRICS = ("loss/lm", "loss/selector_bce", "loss/lm_text", "loss/lm_visual_codes")
+"""Training-loss keys validation reports, and their names there: ``val/loss`` is the stage's own loss."""
+_VAL_NAMES = ("val/loss", "val/loss", "val/loss_text", "val/loss_visual_codes")
+
+
+def reduce_val_metrics(sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
+    """Means over every rank's micro-batches of the :data:`VAL_METRICS` (sums and counts per key)."""
+    if dist.is_initialized():
+        both = torch.cat([sums, counts])
+        dist.all_reduce(both)
+        sums, counts = both[: len(sums)], both[len(sums) :]
+    return {name: float(sums[k] / counts[k]) for k, name in enumerate(_VAL_NAMES) if counts[k] > 0}
 
 
 def _finite_on_all_ranks(loss: torch.Tensor) -> bool:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import deepspeed
@@ -56,7 +56,13 @@ from maven_dist.parallel.deepspeed_common import (
     init_deepspeed_distributed,
 )
 from maven_dist.parallel.dims import ParallelDims
-from maven_dist.parallel.engine import LayoutMismatch, NonFiniteGuard, StepResult
+from maven_dist.parallel.engine import (
+    VAL_METRICS,
+    LayoutMismatch,
+    NonFiniteGuard,
+    StepResult,
+    reduce_val_metrics,
+)
 from maven_dist.parallel.megatron_llama import LlamaShape, TPDecoderLayer, build_tp_config
 from maven_dist.parallel.optim import build_param_groups, lr_multiplier
 from maven_dist.parallel.pipe_layers import InputStage, OutputStage, pipeline_eos_states
@@ -325,6 +331,32 @@ class ThreeDEngine(DeepSpeedEngineState):
             input_tokens=sum(self.input_tokens(b) for b in micro_batches),
             images=sum(b.num_images for b in micro_batches),
         )
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
+        """val/loss: DeepSpeed's pipeline evaluation, `accumulation` micro-batches at a time (the h_eos pass
+        first, as in training); the mean over micro-batches, then over the data-parallel replicas."""
+        sums = torch.zeros(len(VAL_METRICS), dtype=torch.float64)
+        counts = torch.zeros_like(sums)
+        pending: list[Batch] = []
+        dummy = torch.zeros(1)
+
+        def run(chunk: list[Batch]) -> None:
+            inputs, _ = self.stage_inputs(chunk)
+            loss = self.engine.eval_batch(iter([(x, dummy) for x in inputs]), num_micro_batches=len(chunk))
+            sums[0] += float(loss) * len(chunk)
+            counts[0] += len(chunk)
+
+        for batch in batches:
+            pending.append(batch.to(self.engine.device))
+            if len(pending) == self.accumulation:
+                run(pending)
+                pending = []
+        if pending:
+            run(pending)
+        # Every tp and pp rank of a replica holds the replica's loss: dividing by the world size is the
+        # mean over replicas.
+        return reduce_val_metrics(sums, counts)
 
     def input_tokens(self, batch: Batch) -> int:
         """Sequence positions the LLM processes for `batch` (ModelOutput.num_input_tokens): each image

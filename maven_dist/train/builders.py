@@ -114,12 +114,19 @@ def load_stage_tokenizer(cfg: Config, source: ModelSource):
 
 
 def build_stage_loader(
-    cfg: Config, tokenizer, layout: VocabLayout, source: ModelSource, dp_rank: int, dp_size: int
+    cfg: Config,
+    tokenizer,
+    layout: VocabLayout,
+    source: ModelSource,
+    dp_rank: int,
+    dp_size: int,
+    split: Literal["train", "val"] = "train",
 ):
+    """The stage's training loader, or (``split="val"``) its validation loader (None without a validation set)."""
     from maven_dist.data.loader import build_loader
 
     transform = ImageTransform.from_pretrained(source.tower_dir)
-    return build_loader(cfg, tokenizer, layout, transform=transform, dp_rank=dp_rank, dp_size=dp_size)
+    return build_loader(cfg, tokenizer, layout, dp_rank, dp_size, transform=transform, split=split)
 
 
 def model_spec(cfg: Config, tokenizer) -> MavenSpec:

@@ -19,9 +19,10 @@ class MetricsFile:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """All logged rows; a resumed stage re-logs steps after its checkpoint, the last write wins."""
+    """One row per logged step with every metric written at it (training and validation rows of a step
+    merge); a resumed stage re-logs steps after its checkpoint: the last value of each metric wins."""
     rows: dict[int, dict] = {}
     for line in Path(path).read_text().splitlines():
         row = json.loads(line)
-        rows[row["step"]] = row
+        rows.setdefault(row["step"], {}).update(row)
     return [rows[k] for k in sorted(rows)]

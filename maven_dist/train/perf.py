@@ -46,6 +46,10 @@ class StepMeter:
         self.tokens = 0
         self.images = 0
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of other work (a validation pass) out of the current window's time."""
+        self.start += seconds
+
     def add(self, samples: int, tokens: int, images: int) -> None:
         """Count one micro-batch of this replica."""
         self.samples += samples

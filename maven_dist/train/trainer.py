@@ -9,6 +9,7 @@ runs every stage on every backend, through the engine contract (``maven_dist/par
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,9 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
 
     source = resolve_model_source(cfg, env)
     tokenizer, layout = load_stage_tokenizer(cfg, source)
-    loader = build_stage_loader(cfg, tokenizer, layout, source, data_parallel_rank(env.rank, dims), dims.dp)
+    dp_rank = data_parallel_rank(env.rank, dims)
+    loader = build_stage_loader(cfg, tokenizer, layout, source, dp_rank, dims.dp)
+    val_loader = build_stage_loader(cfg, tokenizer, layout, source, dp_rank, dims.dp, split="val")
     accumulation = dims.accumulation_steps(cfg.stage.global_batch_size, cfg.stage.micro_batch_size)
     total_steps = cfg.stage.max_steps or math.ceil(cfg.stage.epochs * loader.batches_per_epoch / accumulation)
     engine = build_engine(cfg, dims, env, source, layout, tokenizer, total_steps, accumulation)
@@ -112,7 +115,9 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
         tracker.log_dict(data, name)
     status = "FAILED"
     try:
-        final_loss = _train_loop(cfg, env, dims, engine, loader, checkpoints, tracker, state, total_steps)
+        final_loss = _train_loop(
+            cfg, env, dims, engine, loader, val_loader, checkpoints, tracker, state, total_steps
+        )
         status = "FINISHED"
     except Preempted:
         status = "KILLED"
@@ -131,6 +136,7 @@ def _train_loop(
     dims: ParallelDims,
     engine: Engine,
     loader,
+    val_loader,
     checkpoints: CheckpointManager,
     tracker: Tracker,
     state: TrainerState,
@@ -149,8 +155,16 @@ def _train_loop(
             meter.add(result.samples, result.input_tokens, result.images)
             last_loss = result.loss
             progress.update(state.step, last_loss)
+            logged = {}
             if state.step % stage.log_every == 0 or state.step == total_steps:
                 logged = result.metrics | meter.flush() | _step_metrics(result, loader, state)
+            if val_loader is not None and (
+                (stage.eval_every and state.step % stage.eval_every == 0) or state.step == total_steps
+            ):
+                started = time.perf_counter()
+                logged |= engine.evaluate(val_loader.one_pass())
+                meter.exclude(time.perf_counter() - started)  # throughput is of training steps only
+            if logged:
                 tracker.log_metrics(logged, step=state.step)
                 metrics_file.write(state.step, logged)
             preempted = all_reduce_max(float(preemption_requested())) > 0

@@ -22,6 +22,7 @@ from maven_dist.train.builders import model_spec
 from tests.distributed.three_d_worker import (
     GLOBAL,
     MICRO,
+    VAL_BATCHES,
     micro_batches,
     stage_config,
     with_codes_of_image0_changed,
@@ -78,6 +79,7 @@ def reference(maven_dir: Path, stage: str) -> dict:
         engine, lambda step: batches[step * accumulation : (step + 1) * accumulation], range(STEPS)
     )
     return {
+        "val": engine.evaluate(batches[:VAL_BATCHES]),
         "loss": out.loss.detach(),
         "logits": logits,
         "grads": grads,
@@ -158,6 +160,8 @@ def test_3d_matches_single_process(maven_dir, tmp_path, tp, pp, nproc, stage):
     torch.testing.assert_close(
         torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0
     )
+    # The pipeline's evaluation of the trained model is one process's, over the same micro-batches.
+    assert got["val"]["val/loss"] == pytest.approx(ref["val"]["val/loss"], rel=1e-4)
     initial = MavenModel.from_pretrained(maven_dir).state_dict()
     trainable = set(stage_config(stage).stage.trainable)
     for name, want in ref["state"].items():

@@ -26,11 +26,13 @@ def stage_overrides(tiny_assets, run_dir: Path, stage: str) -> list[str]:
         "checkpoint.keep_last=3",
         "stage.init_missing=base",
         "tracking.enabled=false",
+        "stage.eval_every=4",  # val/loss at steps 4, 8 and 10: before the kill and after the resume
     ]
 
 
-def losses(run_dir: Path, stage: str) -> dict[int, float]:
-    return {row["step"]: row["loss/total"] for row in read_metrics(run_dir / stage / "metrics.jsonl")}
+def losses(run_dir: Path, stage: str, name: str = "loss/total") -> dict[int, float]:
+    rows = read_metrics(run_dir / stage / "metrics.jsonl")
+    return {row["step"]: row[name] for row in rows if name in row}
 
 
 def kill_tree(pid: int) -> None:
@@ -91,6 +93,9 @@ def test_sigkill_after_step5_checkpoint_resumes_exactly(tiny_assets, tmp_path, s
     assert [got[s] for s in range(6, STEPS + 1)] == [want[s] for s in range(6, STEPS + 1)], (
         "steps 6-10 must match exactly"
     )
+    want_val, got_val = losses(straight, stage, "val/loss"), losses(killed, stage, "val/loss")
+    assert sorted(want_val) == [4, 8, 10] and sorted(got_val) == [4, 8, 10]
+    assert got_val == want_val, "a resumed run must log the val/loss of an uninterrupted one"
     a = load_file(straight / stage / "export" / "maven_modules.safetensors")
     b = load_file(killed / stage / "export" / "maven_modules.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

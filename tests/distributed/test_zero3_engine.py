@@ -8,6 +8,7 @@ import torch
 from maven_dist.model.parts import apply_trainable, part_of
 from maven_dist.parallel.local import LocalEngine
 from tests.distributed.engine_fixtures import build_stage_setup, micro_batches
+from tests.distributed.zero3_engine_worker import VAL_BATCHES
 from tests.helpers.steps import train_steps
 from tests.helpers.torchrun import torchrun
 
@@ -58,8 +59,13 @@ def test_zero3_two_ranks_match_one_process(tiny_base, tmp_path, stage):
     out = tmp_path / "zero3.pt"
     torchrun(2, ["tests/distributed/zero3_engine_worker.py", str(base_dir), str(out), stage, str(STEPS)])
     result = torch.load(out, weights_only=True)
-    _, engine, _, ref_losses = run_reference(base_dir, stage)
+    setup, engine, _, ref_losses = run_reference(base_dir, stage)
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=0)
+    # Validation: the trained model's losses over the ranks' shares equal one process over all of them.
+    ref_val = engine.evaluate(micro_batches(setup, STEPS * 2)[:VAL_BATCHES])
+    assert set(result["val"]) == set(ref_val) and "val/loss" in ref_val
+    for key, want in ref_val.items():
+        assert result["val"][key] == pytest.approx(want, rel=1e-4), key
     reference = engine.module.state_dict()
     assert set(result["state"]) >= {n for n, _ in engine.module.named_parameters()}
     for name, _ in engine.module.named_parameters():

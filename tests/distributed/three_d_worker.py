@@ -35,6 +35,7 @@ NUM_CODES = 8
 CODEBOOK = 64
 MICRO = 3
 GLOBAL = 6
+VAL_BATCHES = 4
 
 
 def stage_config(
@@ -288,6 +289,10 @@ def main() -> None:
     else:
         result["losses"], result["grad_norms"] = run_steps(engine, batches, dims, range(steps))
     result["step_s"] = (time.perf_counter() - start) / steps
+    # Validation of the trained model: replica r evaluates every dp-th of the first VAL_BATCHES micro-batches.
+    result["val"] = engine.evaluate(
+        b for k, b in enumerate(batches[:VAL_BATCHES]) if k % dims.dp == engine.dp_rank
+    )
     memory = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(measured_memory(engine, batches[0]), memory, dst=0)
     result["memory"] = memory

@@ -1,7 +1,8 @@
 """Worker for test_zero3_engine.py: train a tiny MaVEn under ZeRO-3 on every rank of a gloo group.
 
 argv: BASE_DIR OUT_FILE STAGE STEPS. Rank r takes micro-batch r of each global step; rank 0 saves
-the per-step losses (averaged over ranks) and the final gathered weights.
+the per-step losses (averaged over ranks), the validation losses of the trained model over the first
+VAL_BATCHES micro-batches (rank r evaluates every dp-th) and the final gathered weights.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from maven_dist.parallel.zero3 import Zero3Engine  # noqa: E402
 from tests.distributed.engine_fixtures import build_stage_setup, micro_batches  # noqa: E402
 from tests.helpers.steps import train_steps  # noqa: E402
 
+VAL_BATCHES = 4
+
 
 def main() -> None:
     base_dir, out_file, stage, steps = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
@@ -36,9 +39,10 @@ def main() -> None:
         return [batches[step * 2 + a * dims.dp + env.rank] for a in range(accumulation)]
 
     losses, _ = train_steps(engine, mine, range(steps))
+    val = engine.evaluate(b for k, b in enumerate(batches[:VAL_BATCHES]) if k % dims.dp == env.rank)
     state = engine.export_state_dict()
     if env.rank == 0:
-        torch.save({"losses": losses, "state": state}, out_file)
+        torch.save({"losses": losses, "val": val, "state": state}, out_file)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -49,10 +49,15 @@ def test_resolved_config_round_trips(tmp_path):
 def test_fingerprint_ignores_where_and_how_often_but_not_what():
     base = load_config(TINY)
     assert (
-        load_config(TINY, ["run_dir=/elsewhere", "checkpoint.every_steps=3"]).fingerprint()
+        load_config(
+            TINY,
+            ["run_dir=/elsewhere", "checkpoint.every_steps=3", "stage.eval_every=3", "eval.enabled=false"],
+        ).fingerprint()
         == base.fingerprint()
     )
     assert load_config(TINY, ["stage.optimizer.lr=0.5"]).fingerprint() != base.fingerprint()
+    # the held-out fraction decides which samples train
+    assert load_config(TINY, ["data.val_fraction=0.3"]).fingerprint() != base.fingerprint()
 
 
 BAD = [
@@ -118,6 +123,10 @@ BAD = [
     (["tracking.flush_timeout_s=-1"], "tracking.flush_timeout_s=-1.0 must be >= 0"),
     (["tracking.max_buffered_metrics=10"], "tracking.max_buffered_metrics=10 must be >= 1000"),
     (["tracking.experiment=' '"], "tracking.experiment is empty"),
+    (["data.val_fraction=1.0"], "data.val_fraction=1.0 must be in [0, 1)"),
+    (["data.val_fraction=0.1", "data.val_path=val"], "choose one validation set"),
+    (["stage.eval_every=-1"], "stage.eval_every=-1 must be >= 0"),
+    (["eval.batch_size=0"], "eval.batch_size=0 must be >= 1"),
 ]
 
 

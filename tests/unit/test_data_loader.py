@@ -16,7 +16,7 @@ from maven_dist.config import Config
 from maven_dist.contract.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, extend_tokenizer
 from maven_dist.data.formats import DataError
 from maven_dist.data.image_transform import ImageTransform
-from maven_dist.data.loader import GROUP_STEPS, ShardIndex, build_loader, epoch_steps
+from maven_dist.data.loader import GROUP_STEPS, ShardIndex, build_loader, epoch_steps, is_held_out
 from maven_dist.data.prepare import PrepareOptions, prepare
 from maven_dist.data.shards import list_shards, read_shard, update_shard_columns
 from maven_dist.data.templates import render
@@ -342,3 +342,47 @@ def test_an_epoch_without_a_usable_sample_is_an_error_not_an_endless_loop(world)
     loader, _, _ = _loader(world, max_length=16)  # shorter than every sample of this view
     with pytest.raises(DataError, match="no usable sample"):
         _take(loader, 1)
+
+
+def _split_loader(world, split, dp_rank=0, dp_size=1, **kw):
+    tokenizer = AutoTokenizer.from_pretrained(str(world["tok"]))
+    layout = extend_tokenizer(tokenizer, CODEBOOK, 128)
+    cfg = _cfg(world, **kw)
+    return build_loader(cfg, tokenizer, layout, dp_rank, dp_size, transform=ImageTransform(SIZE), split=split)
+
+
+def test_the_validation_split_is_held_out_by_id_and_read_once_per_pass(world):
+    held = {i for i in world["records"] if is_held_out(i, 0.3)}
+    assert 0 < len(held) < len(world["records"])
+    assert held == {i for i in world["records"] if is_held_out(i, 0.3)}, "the split must be deterministic"
+
+    train = _split_loader(world, "train", micro=2, val_fraction=0.3)
+    trained = {i for b in _take(train, train.batches_per_epoch) for i in b.sample_ids}
+    assert trained and not trained & held
+
+    per_rank = [list(_split_loader(world, "val", r, 2, micro=2, val_fraction=0.3).one_pass()) for r in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]), "every rank must evaluate as many micro-batches"
+    seen = [i for batches in per_rank for b in batches for i in b.sample_ids]
+    assert len(seen) == len(set(seen)), "a validation sample was read twice"
+    assert set(seen) <= held and len(held) - len(seen) < 2 * 2, "only the last partial step may be left out"
+    assert [b.sample_ids for b in per_rank[0]] == [
+        b.sample_ids for b in _split_loader(world, "val", 0, 2, micro=2, val_fraction=0.3).one_pass()
+    ], "every pass reads the same samples in the same order"
+
+
+def test_a_validation_pass_leaves_the_training_order_alone(world):
+    plain = _split_loader(world, "train", micro=2, val_fraction=0.3, workers=2)
+    with_val = _split_loader(world, "train", micro=2, val_fraction=0.3, workers=2)
+    val = _split_loader(world, "val", micro=2, val_fraction=0.3, workers=2)
+    it_plain, it_val = iter(plain), iter(with_val)
+    for _ in range(3):
+        list(val.one_pass())
+        a, b = next(it_plain), next(it_val)
+        assert a.sample_ids == b.sample_ids and torch.equal(a.pixel_values, b.pixel_values)
+    assert plain.state_dict() == with_val.state_dict()
+
+
+def test_without_a_validation_set_there_is_no_validation_loader(world):
+    assert _split_loader(world, "val") is None
+    separate = _split_loader(world, "val", micro=2, val_path=str(world["dirs"]["resized"]))
+    assert separate.index.paths == list_shards(world["dirs"]["resized"])
