@@ -3,7 +3,8 @@
 Also ``python -m maven_dist.pipeline``. The stages run in the order their ``stage.init_from`` hand-offs
 imply (a stage runs after the stage it starts from), each as its own ``torchrun`` (one process per
 rank). All stages share one MLflow parent run via MAVEN_LAUNCH_ID. Demo assets (recipes with
-``demo.enabled``, the tiny recipe) are prepared once here, before any rank starts.
+``demo.enabled``, the tiny recipe) are prepared once here, before any rank starts; a recipe with
+``eval.enabled`` ends with ``maven eval`` on the last stage's export, logged under the same parent run.
 """
 
 from __future__ import annotations
@@ -106,11 +107,47 @@ def main(argv: list[str] | None = None) -> int:
             return code
         print(f"[pipeline] {name} finished in {time.perf_counter() - start:.0f} s", flush=True)
     last = configs[order[-1]]
+    if last.eval.enabled:
+        code = _evaluate(last, args.nproc, env)
+        if code != 0:
+            return code
     _deliver_spooled_metrics(last.run_dir)
     print(
         f"[pipeline] all stages done; MLflow store: {last.tracking.uri or Path(last.run_dir) / 'mlflow.db'}"
     )
     return 0
+
+
+def _evaluate(cfg, nproc: int, env: dict) -> int:
+    """`maven eval` on the last stage's export, logged into the launch's parent run (recipe's `eval:`)."""
+    from maven_dist.train.tracking import resolve_tracking_uri
+
+    export = cfg.stage_dir / "export"
+    e = cfg.eval
+    args = [str(export), "--out", str(Path(cfg.run_dir) / "eval" / cfg.stage.name), "--run-dir", cfg.run_dir]
+    args += ["--batch-size", str(e.batch_size), "--max-new-tokens", str(e.max_new_tokens)]
+    args += ["--tracking-uri", resolve_tracking_uri(cfg), "--experiment", cfg.tracking.experiment]
+    if e.tasks:
+        args += ["--tasks", ",".join(e.tasks)]
+    if e.data:
+        args += ["--data", str(cfg.resolve_path(e.data))]
+    if not cfg.tracking.enabled:
+        args.append("--no-tracking")
+    cmd = [sys.executable, "-m", "maven_dist.eval", *args]
+    if nproc > 1:
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd = [sys.executable, *torchrun, "-m", "maven_dist.eval", *args]
+    print(f"[pipeline] eval: {' '.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    code = subprocess.call(cmd, env=env)
+    if code != 0:
+        print(
+            f"[pipeline] eval failed with exit code {code}; rerun the same command to finish it",
+            file=sys.stderr,
+        )
+    else:
+        print(f"[pipeline] eval finished in {time.perf_counter() - start:.0f} s", flush=True)
+    return code
 
 
 def _deliver_spooled_metrics(run_dir: str) -> None:

@@ -44,6 +44,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "compare": Subcommand(
         "maven_dist.cli.compare", "compare runs in MLflow stores: metrics and differing params"
     ),
+    "eval": Subcommand(
+        "maven_dist.eval.cli", "score a trained MaVEn on benchmarks (the synthetic set by default)"
+    ),
     "chat": Subcommand(
         "maven_dist.inference.chat", "talk to a trained MaVEn: text and images in, answers out"
     ),

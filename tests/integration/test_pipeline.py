@@ -1,5 +1,5 @@
 """The README's main job end to end: four tiny stages on 2 CPU ranks, logged to a real MLflow server
-that dies in the middle of stage 3 and comes back during stage 4."""
+that dies in the middle of stage 3 and comes back during stage 4; then the recipe's evaluation."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def test_main_job_two_ranks_survives_a_tracking_outage(server, tmp_path):
 
     client = MlflowClient(server.uri)
     experiment = client.get_experiment_by_name("maven-tiny")
-    wait_until(lambda: len(client.search_runs([experiment.experiment_id])) >= 5, timeout=60)
+    wait_until(lambda: len(client.search_runs([experiment.experiment_id])) >= 6, timeout=60)
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("maven.run_kind") == PARENT_KIND]
     assert len(parents) == 1
@@ -80,8 +80,9 @@ def test_main_job_two_ranks_survives_a_tracking_outage(server, tmp_path):
         for r in runs
         if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
     }
-    assert set(stages) == set(STAGES)
-    for name, run in stages.items():
+    assert set(stages) == {*STAGES, "eval-stage4"}
+    for name in STAGES:
+        run = stages[name]
         assert run.data.params["stage.name"] == name
         assert run.data.params["parallel.dp"] == "2"
         local = read_metrics(run_dir / name / "metrics.jsonl")
@@ -91,10 +92,21 @@ def test_main_job_two_ranks_survives_a_tracking_outage(server, tmp_path):
             (row["step"], row["loss/total"]) for row in local
         ], name
         assert run.info.status == "FINISHED"
+        val = [(row["step"], row["val/loss"]) for row in local if "val/loss" in row]
+        assert val and val[-1][0] == local[-1]["step"], f"{name}: no val/loss at the end of the stage"
+        assert (
+            sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/loss")) == val
+        )
         if name != "stage2":  # every stage that runs the selector: h_eos varies with the image (issue 12)
             spreads = [row["selector/h_eos_spread"] for row in local if "selector/h_eos_spread" in row]
             assert len(spreads) == len(local), f"{name}: h_eos spread missing at some steps"
             assert min(spreads) >= 0.05, f"{name}: h_eos barely depends on the image ({min(spreads):.2e})"
+
+    # The recipe ends with the synthetic benchmarks scored on the stage-4 export (issue 14).
+    evaluation = stages["eval-stage4"]
+    assert evaluation.info.status == "FINISHED"
+    scored = {k for k in evaluation.data.metrics if k.startswith("eval/")}
+    assert {"eval/vqav2/accuracy", "eval/mme/total", "eval/mmbench/circular_gen"} <= scored, scored
 
     # The trained model runs: the README's chat command on the stage-4 export, and on a `maven merge` of the
     # stage's 2-rank ZeRO-3 checkpoint (issue 13).

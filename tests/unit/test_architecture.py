@@ -18,6 +18,7 @@ PACKAGE = REPO / "maven_dist"
 EXPECTED_LAYERS = [
     "maven_dist.cli",
     "maven_dist.pipeline | maven_dist.launch",
+    "maven_dist.eval",
     "maven_dist.inference",
     "maven_dist.train | maven_dist.offline | maven_dist.merge",
     "maven_dist.parallel",

@@ -91,7 +91,7 @@ def test_an_unreadable_image_is_refused(exported, tmp_path, capsys):
     bad = tmp_path / "photo.png"
     bad.write_text("not an image")
     err = _refused([str(exported[1]), "--image", str(bad), "what is it ?"], capsys)
-    assert f"image {bad} is not an image format PIL can identify" in err
+    assert f"image {bad} is not an image in an accepted format" in err
 
 
 def test_more_placeholders_than_images_is_refused(exported, tiny_assets, capsys):
