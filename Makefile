@@ -5,8 +5,11 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0   # CPU build; GPU clusters: `make setup TORCH=` keeps their CUDA torch
 NPROC   ?= 2
 RUN_DIR ?= runs/tiny
+EVAL    ?= 1               # lmms-eval next to the stack (docs/evaluation.md, "lmms-eval"); EVAL=0 leaves it out
+LMMS_EVAL := lmms-eval==0.7.3
+comma   := ,
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup eval-setup demo test lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -14,10 +17,17 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(if $(strip $(TORCH)),$(BIN)/pip install -q "$(strip $(TORCH))")
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev$(if $(filter 1,$(strip $(EVAL))),$(comma)eval)]"
+	$(if $(filter 1,$(strip $(EVAL))),$(BIN)/pip install -q --no-deps "$(LMMS_EVAL)")
 	touch $@
 
 setup: $(VENV)/.installed ## create .venv and install the package (CPU torch pinned)
+
+# lmms-eval's own requirements pull a CUDA torchvision that breaks a CPU torch: its runtime comes from the
+# eval extra and lmms-eval itself goes in without them (docs/evaluation.md, section "lmms-eval").
+eval-setup: setup ## add lmms-eval to a .venv made with EVAL=0 (or before it was in `make setup`)
+	$(BIN)/pip install -q -e ".[dev,eval]"
+	$(BIN)/pip install -q --no-deps "$(LMMS_EVAL)"
 
 demo: setup ## the main job: four tiny stages on CPU, synthetic data, SQLite MLflow store
 	DS_ACCELERATOR=cpu $(BIN)/maven pipeline recipes/tiny --nproc $(NPROC) --set run_dir=$(RUN_DIR)
