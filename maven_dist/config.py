@@ -204,6 +204,9 @@ class DataConfig:
     """Stage 2: fraction of samples rendered as text -> image codes (the rest image -> text)."""
     strict: bool = False
     """Stop at the first bad sample instead of counting, logging and skipping it."""
+    allow_too_long: bool = False
+    """Train even when some samples no longer fit `max_length` at this stage's positions per image (a keep
+    ratio or view other than the shards were prepared for): they are skipped. Off: the stage stops first."""
     val_fraction: float = 0.0
     """Hold out this fraction of `path`'s samples (chosen by a hash of each id) for val/loss; 0: none."""
     val_path: str = ""
@@ -526,6 +529,7 @@ class Config:
         d["stage"].pop("log_every")
         d["stage"].pop("eval_every")  # when val/loss is computed changes nothing trained
         d["data"].pop("val_path")
+        d["data"].pop("allow_too_long")  # a gate before training: the samples it lets through are skipped
         d["data"].pop("num_workers")  # the loader resumes exactly with any worker count
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -2,9 +2,13 @@
 
 Also ``python -m maven_dist.pipeline``. The stages run in the order their ``stage.init_from`` hand-offs
 imply (a stage runs after the stage it starts from), each as its own ``torchrun`` (one process per
-rank). All stages share one MLflow parent run via MAVEN_LAUNCH_ID. Demo assets (recipes with
+rank). All stages share one MLflow parent run: the launch id of the run directory
+(``RUN_DIR/launch_id``, or ``$MAVEN_LAUNCH_ID``), so rerunning the same command, to resume or after it
+finished, continues the same parent and stage runs (``--new-launch`` starts new ones). A stage that already
+finished with the same recipe (``RUN_DIR/stageN/finished.json``) is skipped. Demo assets (recipes with
 ``demo.enabled``, the tiny recipe) are prepared once here, before any rank starts; a recipe with
 ``eval.enabled`` ends with ``maven eval`` on the last stage's export, logged under the same parent run.
+At the end the parent run gets the recipe's name, its params and every stage's final metrics.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
@@ -33,6 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-order", action="store_true", help="print the stages in the order they run, and exit"
     )
     parser.add_argument(
+        "--new-launch", action="store_true", help="start new MLflow parent and stage runs for this run_dir"
+    )
+    parser.add_argument(
+        "--stage-set",
+        dest="stage_overrides",
+        action="append",
+        default=[],
+        metavar="STAGE:KEY=VALUE",
+        help="override a value in one stage's recipe only, e.g. stage4:stage.init_from=/x/export (repeatable)",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -41,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a value in every stage's recipe (repeatable)",
     )
     return parser
+
+
+def stage_overrides(items: list[str]) -> dict[str, list[str]]:
+    """``STAGE:KEY=VALUE`` items as {stage: [KEY=VALUE, ...]}."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        stage, sep, override = item.partition(":")
+        if not sep or not stage or "=" not in override:
+            raise ValueError(f"--stage-set {item!r} is not of the form STAGE:KEY=VALUE (e.g. stage4:seed=1)")
+        out.setdefault(stage, []).append(override)
+    return out
 
 
 def stage_order(configs: dict[str, object]) -> list[str]:
@@ -74,7 +99,14 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe_dir = Path(args.recipe_dir)
     try:
-        configs = {s: load_config(recipe_dir / f"{s}.yaml", args.overrides) for s in args.stages.split(",")}
+        per_stage = stage_overrides(args.stage_overrides)
+        configs = {
+            s: load_config(recipe_dir / f"{s}.yaml", args.overrides + per_stage.get(s, []))
+            for s in args.stages.split(",")
+        }
+        unknown = sorted(set(per_stage) - set(configs))
+        if unknown:
+            raise ValueError(f"--stage-set names stages that do not run: {unknown}")
         order = stage_order(configs)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -86,11 +118,29 @@ def main(argv: list[str] | None = None) -> int:
     if first.demo.enabled:
         prepare_demo(first)
 
-    env = os.environ | {"MAVEN_LAUNCH_ID": os.environ.get("MAVEN_LAUNCH_ID", uuid.uuid4().hex[:12])}
-    print(f"[pipeline] stage order: {' -> '.join(order)}", flush=True)
+    from maven_dist.contract.checkpoint_layout import finished_fingerprint
+    from maven_dist.train.tracking.run_info import (
+        LAUNCH_ID_ENV,
+        RUN_NAME_ENV,
+        new_launch_id,
+        resolve_launch_id,
+    )
+
+    run_dir = Path(first.run_dir)
+    launch_id = new_launch_id(run_dir) if args.new_launch else resolve_launch_id(run_dir)
+    env = os.environ | {LAUNCH_ID_ENV: launch_id}
+    env.setdefault(RUN_NAME_ENV, recipe_dir.name)
+    print(f"[pipeline] stage order: {' -> '.join(order)}; launch {launch_id}", flush=True)
     for name in order:
+        cfg = configs[name]
+        if finished_fingerprint(cfg.stage_dir) == cfg.fingerprint():
+            print(
+                f"[pipeline] {name} already finished with this recipe ({cfg.stage_dir}); skipped", flush=True
+            )
+            continue
         recipe = recipe_dir / f"{name}.yaml"
-        train = ["-m", "maven_dist.train", str(recipe), *(f"--set={o}" for o in args.overrides)]
+        sets = args.overrides + per_stage.get(name, [])
+        train = ["-m", "maven_dist.train", str(recipe), *(f"--set={o}" for o in sets)]
         cmd = [sys.executable, *train]
         if args.nproc > 1:
             torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
@@ -112,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0:
             return code
     _deliver_spooled_metrics(last.run_dir)
+    if last.tracking.enabled:
+        _summarise(last, env[LAUNCH_ID_ENV], env[RUN_NAME_ENV], str(recipe_dir), order)
     print(
         f"[pipeline] all stages done; MLflow store: {last.tracking.uri or Path(last.run_dir) / 'mlflow.db'}"
     )
@@ -148,6 +200,18 @@ def _evaluate(cfg, nproc: int, env: dict) -> int:
     else:
         print(f"[pipeline] eval finished in {time.perf_counter() - start:.0f} s", flush=True)
     return code
+
+
+def _summarise(cfg, launch_id: str, name: str, recipe: str, order: list[str]) -> None:
+    """The parent run's name, params and results (train/tracking/launch_summary.py); never fails the run."""
+    from maven_dist.train.tracking import resolve_tracking_uri
+    from maven_dist.train.tracking.launch_summary import recipe_params, summarise_launch
+
+    try:
+        params = recipe_params(cfg.to_dict(), recipe, order)
+        summarise_launch(resolve_tracking_uri(cfg), cfg.tracking.experiment, launch_id, name, params)
+    except Exception as exc:  # noqa: BLE001 - the summary is a convenience; the runs hold everything
+        print(f"[pipeline] warning: parent run not summarised ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def _deliver_spooled_metrics(run_dir: str) -> None:

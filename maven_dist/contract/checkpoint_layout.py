@@ -9,6 +9,9 @@ Under ``{run_dir}/{stage}/checkpoints``::
         trainer_rank00000.pt  each rank's RNG states, loader position and counters
     step_00000010.tmp/        a save in progress (or killed): never loaded
     latest                    name of the newest complete checkpoint
+
+and ``{run_dir}/{stage}/finished.json`` once the stage has trained to its end and exported (its recipe
+fingerprint and last step): ``maven pipeline`` skips a stage that finished with the same recipe.
 """
 
 from __future__ import annotations
@@ -24,6 +27,23 @@ SKELETON = "model"
 ENGINE = "engine"
 TMP_SUFFIX = ".tmp"
 STEP_DIR = re.compile(r"step_(\d{8})")
+FINISHED = "finished.json"
+
+
+def write_finished(stage_dir: Path, fingerprint: str, step: int) -> None:
+    """Mark the stage finished (atomically: a reader sees the whole file or none)."""
+    tmp = Path(stage_dir) / (FINISHED + TMP_SUFFIX)
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "step": step}) + "\n")
+    tmp.replace(Path(stage_dir) / FINISHED)
+
+
+def finished_fingerprint(stage_dir: Path) -> str | None:
+    """The recipe fingerprint the stage finished with, or None if it has not finished."""
+    path = Path(stage_dir) / FINISHED
+    try:
+        return json.loads(path.read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def step_dir_name(step: int) -> str:

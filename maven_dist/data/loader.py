@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from maven_dist.contract.batch import Batch
+from maven_dist.contract.lengths import visual_tokens_per_image
 from maven_dist.contract.preemption import ignore_preemption_signals
 from maven_dist.contract.vocab import VocabLayout
 from maven_dist.data.formats import BadSample, DataError, SampleFormat, collate, make_example
@@ -239,6 +240,8 @@ class ShardLoader:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
         self._reader = _BatchReader(self.index, spec, tokenizer, layout, transform, pad_id, strict)
         self.epoch, self.next_batch, self.num_skipped = 0, 0, 0
+        self.too_long = 0
+        """Samples estimated too long for this stage before training (:func:`samples_too_long`)."""
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's micro-batches of `epoch` as global sample indices: of each step's micro-batches
@@ -364,6 +367,47 @@ def _check_prepared_size(shards_dir: Path, transform: ImageTransform) -> None:
         )
 
 
+def samples_too_long(shards_dir: Path, index: ShardIndex, spec: SampleFormat) -> int:
+    """How many samples of `index` would exceed ``spec.max_length`` at the stage's positions per image.
+
+    The shards' ``num_tokens`` were measured at preparation with its own positions per image (recorded in
+    ``manifest.json``); each image's share is moved to the stage's. Exact for conversations in the template
+    they were prepared with, an upper bound for the caption formats (they render the first round only, in
+    the shorter ``plain`` template). 0 without a manifest (nothing to compare with)."""
+    manifest = Path(shards_dir) / "manifest.json"
+    if not manifest.is_file():
+        return 0
+    options = json.loads(manifest.read_text()).get("options", {})
+    try:
+        prepared = visual_tokens_per_image(
+            int(options["num_codes"]),
+            int(options["num_patches"]),
+            float(options["keep_ratio"]),
+            options["views"],
+        )
+    except (KeyError, TypeError, ValueError):
+        return 0
+    lengths = index.lengths + index.num_images * (spec.tokens_per_image - prepared)
+    return int((lengths > spec.max_length).sum())
+
+
+def _check_fit(shards_dir: Path, index: ShardIndex, spec: SampleFormat, allowed: bool) -> int:
+    too_long = samples_too_long(shards_dir, index, spec)
+    if too_long and not allowed:
+        raise DataError(
+            f"{too_long} of {len(index)} samples in {shards_dir} no longer fit data.max_length={spec.max_length} "
+            f"at {spec.tokens_per_image} positions per image (keep ratio {spec.keep_ratio}, views "
+            f"{list(spec.views)}): they would be skipped and this stage would train on other data than its "
+            "peers. Re-prepare the shards for this keep ratio (maven prepare --keep-ratio ... --max-length ...), "
+            "raise data.max_length, or set data.allow_too_long=true to skip them"
+        )
+    if too_long:
+        logger.warning(
+            "%d samples of %s are too long at this stage's length and will be skipped", too_long, shards_dir
+        )
+    return too_long
+
+
 def build_loader(
     cfg,
     tokenizer,
@@ -378,6 +422,8 @@ def build_loader(
     ``split="train"``: the training samples (``data.path`` less the ``data.val_fraction`` held out).
     ``split="val"``: the validation samples (``data.val_path``, else the held-out fraction of ``data.path``;
     None when the recipe has neither), read in file order, one micro-batch per rank per step.
+    Samples that no longer fit ``data.max_length`` (:func:`samples_too_long`) stop a training loader
+    with a :class:`DataError` unless ``data.allow_too_long``; the count is ``loader.too_long``.
     `transform` defaults to ``ImageTransform.from_pretrained(model.vision.path)`` when that tower
     directory exists, else ``ImageTransform(model.vision.image_size)``.
     """
@@ -403,7 +449,7 @@ def build_loader(
     index_split = ("val" if split == "val" else "train") if held_out else "all"
     val = split == "val"
     micro = cfg.stage.micro_batch_size
-    return ShardLoader(
+    loader = ShardLoader(
         shards_dir,
         spec,
         tokenizer,
@@ -421,3 +467,5 @@ def build_loader(
         split=index_split,
         val_fraction=data.val_fraction,
     )
+    loader.too_long = _check_fit(shards_dir, loader.index, spec, data.allow_too_long or val)
+    return loader

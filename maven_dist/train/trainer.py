@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from maven_dist.config import Config, save_config
+from maven_dist.contract.checkpoint_layout import write_finished
 from maven_dist.contract.preemption import REQUEUE_EXIT_CODE, install_preemption_handler, preemption_requested
 from maven_dist.parallel.dims import ParallelDims
 from maven_dist.parallel.distributed import DistEnv, all_reduce_max, barrier, init_distributed, print0
@@ -110,7 +111,8 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
 
     tracker = build_tracker(cfg, rank=env.rank, world_size=env.world_size)
     # The tracker already logs the flattened config, the parallel layout and the versions.
-    tracker.start_stage(stage_name=cfg.stage.name, params={"recipe_fingerprint": cfg.fingerprint()})
+    params = {"recipe_fingerprint": cfg.fingerprint(), "data.too_long_samples": loader.too_long}
+    tracker.start_stage(stage_name=cfg.stage.name, params=params)
     for name, data in engine.artifacts().items():
         tracker.log_dict(data, name)
     status = "FAILED"
@@ -127,6 +129,9 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
         tracker.close()
 
     export_dir = _export(cfg, env, engine, tokenizer, inference)
+    if env.is_main:
+        write_finished(stage_dir, cfg.fingerprint(), state.step)
+    barrier()
     return StageResult(state.step, final_loss, export_dir)
 
 

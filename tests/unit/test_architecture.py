@@ -57,6 +57,7 @@ def test_the_trainer_has_one_step_path_and_two_checkpoint_calls():
     assert {attr for owner, attr in attributes if owner == "checkpoints"} == {"load_latest", "maybe_save"}
     assert {attr for owner, attr in attributes if owner == "engine"} <= {
         "train_step",
+        "evaluate",
         "export_state_dict",
         "artifacts",
     }

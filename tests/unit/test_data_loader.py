@@ -386,3 +386,21 @@ def test_without_a_validation_set_there_is_no_validation_loader(world):
     assert _split_loader(world, "val") is None
     separate = _split_loader(world, "val", micro=2, val_path=str(world["dirs"]["resized"]))
     assert separate.index.paths == list_shards(world["dirs"]["resized"])
+
+
+def test_a_keep_ratio_the_shards_do_not_fit_stops_before_training_unless_allowed(world):
+    prepared = ShardIndex(world["dirs"]["raw"])
+    longest = int(prepared.lengths.max())  # every sample fits at the prepared keep ratio (0.25) ...
+    with pytest.raises(DataError) as err:  # ... but not all of them at 1.0: 16 instead of 4 patches per image
+        _loader(world, micro=1, keep_ratio=1.0, max_length=longest)
+    message = str(err.value)
+    count = int(message.split(" of ")[0])
+    grown = prepared.lengths + prepared.num_images * 12
+    assert count == int((grown > longest).sum()) > 0
+    assert "data.allow_too_long=true" in message and "maven prepare --keep-ratio" in message
+    assert _loader(world, micro=1, keep_ratio=0.25, max_length=longest)[0].too_long == 0
+
+    loader, _, _ = _loader(world, micro=1, keep_ratio=1.0, max_length=longest, allow_too_long=True)
+    assert loader.too_long == count
+    _take(loader, loader.batches_per_epoch - count)
+    assert loader.num_skipped == count, "the estimate is exact for conversations in their prepared template"

@@ -19,7 +19,15 @@ import yaml
 
 from .base import RunStatus
 from .ops import Op, read_spool, write_spool
-from .run_info import MAX_METRICS_PER_CALL, clip_key, clip_params, clip_tags, environment_tags
+from .run_info import (
+    MAX_METRICS_PER_CALL,
+    clip_key,
+    clip_params,
+    clip_tags,
+    environment_tags,
+    launch_run_name,
+    launch_tags,
+)
 from .sender import Sender
 from .system_metrics import SystemMetricsSampler
 
@@ -94,8 +102,10 @@ class MLflowTracker:
             self.end_stage("FINISHED")
         self._stage = stage_name
         all_params = {**self._base_params, **clip_params(params or {})}
-        all_tags = clip_tags({**environment_tags(), **(tags or {})})
-        parent_tags = {"maven.run_dir": str(self.spool_dir.parent)}
+        all_tags = clip_tags({**environment_tags(), **launch_tags(), **(tags or {})})
+        parent_tags = {"maven.run_dir": str(self.spool_dir.parent), **launch_tags()}
+        if launch_run_name():
+            parent_tags["mlflow.runName"] = launch_run_name()
         if "mlflow.source.git.commit" in all_tags:
             parent_tags["mlflow.source.git.commit"] = all_tags["mlflow.source.git.commit"]
         self.sender.put(

@@ -31,6 +31,10 @@ MAX_METRICS_PER_CALL = 1000
 
 LAUNCH_ID_ENV = "MAVEN_LAUNCH_ID"
 LAUNCH_ID_FILE = "launch_id"
+RUN_NAME_ENV = "MAVEN_RUN_NAME"
+"""The parent run's name (``maven pipeline``: the recipe's; ``maven sweep``: sweep/arm)."""
+SWEEP_ENV, ARM_ENV = "MAVEN_SWEEP", "MAVEN_ARM"
+"""Set by ``maven sweep``: tagged on the parent and every stage run as ``maven.sweep`` / ``maven.arm``."""
 # Launch ids go into MLflow search filters (quoted) and file names: keep them to a safe alphabet.
 _LAUNCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -87,6 +91,29 @@ def resolve_launch_id(run_dir: str | Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(new + "\n")
     return new
+
+
+def new_launch_id(run_dir: str | Path) -> str:
+    """Start a new launch in `run_dir`: a fresh id replaces ``{run_dir}/launch_id`` (``--new-launch``)."""
+    path = Path(run_dir) / LAUNCH_ID_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(new + "\n")
+    tmp.replace(path)
+    return new
+
+
+def launch_tags(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Tags every run of this launch carries: the sweep and arm it belongs to (when ``maven sweep`` runs it)."""
+    environ = os.environ if environ is None else environ
+    pairs = {"maven.sweep": environ.get(SWEEP_ENV, ""), "maven.arm": environ.get(ARM_ENV, "")}
+    return {k: v for k, v in pairs.items() if v}
+
+
+def launch_run_name(environ: Mapping[str, str] | None = None) -> str:
+    """The parent run's name, or '' (then the launch id names it)."""
+    return (os.environ if environ is None else environ).get(RUN_NAME_ENV, "").strip()
 
 
 def _checked_launch_id(value: str, source: str) -> str:

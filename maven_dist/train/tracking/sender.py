@@ -380,7 +380,7 @@ class Sender:
                 **payload.get("parent_tags", {}),
             }
             parent = client.create_run(
-                exp_id, start_time=start_ms, tags=clip_tags(tags), run_name=op.launch_id
+                exp_id, start_time=start_ms, tags=clip_tags(tags), run_name=tags["mlflow.runName"]
             )
         elif parent.info.status != RunStatus.to_string(RunStatus.RUNNING):
             client.update_run(parent.info.run_id, status="RUNNING")
