@@ -14,6 +14,7 @@ test covers the same path through the real trainer.
 
 from __future__ import annotations
 
+import csv
 import logging
 import time
 
@@ -115,3 +116,48 @@ def test_four_nested_stages_and_a_server_outage_mid_stage(server, tmp_path, monk
         )
         assert [m.value for m in outage] == [1000.0 + s for s in range(lo, hi)], stage
         assert all(a.timestamp < b.timestamp for a, b in zip(outage, outage[1:], strict=False)), stage
+
+
+def test_compare_merges_a_tracking_server_and_a_run_directory(server, tmp_path, capsys):
+    """Two arms on the server, one in a run directory's SQLite store: one report over both, logged back
+    to a parent run on the server as the sweep launcher does."""
+    from mlflow import MlflowClient
+
+    from maven_dist.cli.compare import main
+    from maven_dist.train.tracking.compare import find_runs_in_stores, load_histories
+    from maven_dist.train.tracking.report import HISTORY_KEYS, group_arms, log_report, write_report
+    from tests.helpers.mlflow_runs import BASE_PARAMS, LaunchLog, StageLog, log_launch
+
+    def arm(launch_id: str, keep_ratio: str, val: list[float]) -> LaunchLog:
+        params = {**BASE_PARAMS, "model.selector.keep_ratio": keep_ratio, "stage.name": "stage4"}
+        metrics = {"loss/total": [(0, 2.0), (4, 1.0)], "val/loss": [(2 * i, v) for i, v in enumerate(val)]}
+        return LaunchLog(
+            launch_id, [StageLog("stage4", params, metrics)], evals={"eval/synth_vqa/accuracy": 0.5}
+        )
+
+    run_dir = tmp_path / "local"
+    run_dir.mkdir()
+    parent = log_launch(server.uri, "maven-it", arm("server-a", "0.1", [0.9, 0.7]))
+    log_launch(server.uri, "maven-it", arm("server-b", "0.25", [0.8, 0.6, 0.65]))
+    log_launch(f"sqlite:///{run_dir / 'mlflow.db'}", "maven-it", arm("local-c", "1.0", [1.0]))
+
+    out = tmp_path / "report.csv"
+    assert main(["--uri", server.uri, "--run-dir", str(run_dir), "--csv", str(out)]) == 0
+    assert "server-b" in capsys.readouterr().out
+    rows = {r["arm"]: r for r in csv.DictReader(out.open())}
+    assert sorted(rows) == ["local-c", "server-a", "server-b"]
+    assert rows["server-a"]["store"] == f"127.0.0.1:{server.port}" and rows["local-c"]["store"] == "local"
+    assert [rows[a]["model.selector.keep_ratio"] for a in ("server-a", "server-b", "local-c")] == [
+        "0.1",
+        "0.25",
+        "1.0",
+    ]
+    assert (rows["server-b"]["val/loss final"], rows["server-b"]["val/loss best"]) == ("0.65", "0.6")
+    assert rows["local-c"]["visual positions/image"] == str(32 + 2 + 576)
+    assert rows["server-a"]["eval/synth_vqa/accuracy"] == "0.5"
+
+    runs = find_runs_in_stores([server.uri])
+    load_histories(runs, HISTORY_KEYS)
+    log_report(server.uri, parent, write_report(group_arms(runs), tmp_path / "report"))
+    client = MlflowClient(tracking_uri=server.uri)
+    assert {a.path for a in client.list_artifacts(parent, "report")} >= {"report/report.html", "report/plots"}

@@ -1,14 +1,24 @@
-"""Compare stage runs across launches and experiments: final metrics and the params that differ.
+"""Find stage runs in one or several MLflow stores: final metrics, params, tags and loss histories.
 
-Backs ``tools/compare_runs.py``; works against any tracking URI (a run directory's SQLite file, a
-tracking server). Runs are the nested stage runs the tracker writes (tag ``maven.run_kind=stage``) unless
-run ids are given explicitly.
+Backs ``maven compare`` (and ``tools/compare_runs.py``); works against any tracking URI (a run directory's
+SQLite file, a tracking server) and merges several. Runs are the nested stage runs the tracker writes (tag
+``maven.run_kind=stage``; evaluation runs are stage runs named ``eval-<model>``) unless run ids are given
+explicitly. :func:`format_table` prints one column per run; :mod:`.report` turns the runs into one row
+per launch (arm).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+STAGE_QUERY = "tags.`maven.run_kind` = 'stage'"
+LAUNCH_QUERY = "tags.`maven.run_kind` = 'launch'"
+EVAL_STAGE_PREFIX = "eval-"
+INHERITED_TAGS = ("maven.sweep", "maven.arm")
+"""Tags a stage run takes from its parent (launch) run when it does not carry them itself."""
 
 
 @dataclass
@@ -27,6 +37,21 @@ class RunSummary:
     """Latest value of every metric."""
     params: dict[str, str] = field(default_factory=dict)
     """All params."""
+    launch_id: str = ""
+    """The ``maven.launch_id`` tag, or empty."""
+    store: str = ""
+    """The tracking URI the run was read from."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """The run's tags, plus :data:`INHERITED_TAGS` from its parent run where it lacks them."""
+    start_time: int = 0
+    """Start time, ms since the epoch."""
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """``(step, value)`` per step, ascending, for the keys :func:`load_histories` was asked for."""
+
+    @property
+    def is_eval(self) -> bool:
+        """An evaluation run (``maven eval``), not a training stage."""
+        return self.stage.startswith(EVAL_STAGE_PREFIX)
 
 
 def find_runs(
@@ -35,46 +60,140 @@ def find_runs(
     stages: Sequence[str] = (),
     launch_ids: Sequence[str] = (),
     run_ids: Sequence[str] = (),
+    sweep: str | None = None,
 ) -> list[RunSummary]:
-    """Stage runs in ``experiments`` (default: all active ones), optionally only ``stages`` / ``launch_ids``;
-    or exactly ``run_ids``. Ordered by experiment, start time, stage."""
+    """Stage runs in ``experiments`` (default: all active ones) of one store, ordered by experiment, start
+    time, stage; or exactly ``run_ids``. Raises ``ValueError`` for an unknown experiment or run id.
+
+    Filters: ``stages`` keeps those stages, and the evaluation runs too unless it names an ``eval-*`` stage;
+    ``launch_ids`` keeps those launches; ``sweep`` keeps the launches whose parent run or stage runs carry
+    the tag ``maven.sweep=<sweep>``.
+    """
+    return find_runs_in_stores([uri], experiments, stages, launch_ids, run_ids, sweep)
+
+
+def find_runs_in_stores(
+    uris: Sequence[str],
+    experiments: Sequence[str] = (),
+    stages: Sequence[str] = (),
+    launch_ids: Sequence[str] = (),
+    run_ids: Sequence[str] = (),
+    sweep: str | None = None,
+) -> list[RunSummary]:
+    """:func:`find_runs` over several stores, store by store in the order given. An experiment or run id
+    needs to be in one of them only; one that is in none raises ``ValueError``."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    if run_ids:
-        runs = [client.get_run(r) for r in run_ids]
-    else:
-        if experiments:
-            exps = []
-            for name in experiments:
-                exp = client.get_experiment_by_name(name)
-                if exp is None:
-                    raise ValueError(f"no experiment named {name!r} in {uri}")
-                exps.append(exp)
+    found: list[RunSummary] = []
+    missing_experiments = set(experiments)
+    missing_runs = set(run_ids)
+    for uri in uris:
+        client = MlflowClient(tracking_uri=uri)
+        if run_ids:
+            runs = [run for run in (_get_run(client, r) for r in run_ids) if run is not None]
+            missing_runs -= {run.info.run_id for run in runs}
+            parent_ids = {r.data.tags.get("mlflow.parentRunId") for r in runs} - {None}
+            parents = {_launch_key(p): p for p in (_get_run(client, p) for p in parent_ids) if p is not None}
         else:
-            exps = client.search_experiments()
-        query = "tags.`maven.run_kind` = 'stage'"
-        runs = []
-        if exps:
-            runs = client.search_runs(
-                [e.experiment_id for e in exps],
-                filter_string=query,
-                max_results=10_000,
-                order_by=["start_time ASC"],
-            )
-        runs = [
-            r
-            for r in runs
-            if (not stages or r.data.tags.get("maven.stage") in stages)
-            and (not launch_ids or r.data.tags.get("maven.launch_id") in launch_ids)
-        ]
-    names = {}
+            exps = _experiments(client, experiments)
+            missing_experiments -= {e.name for e in exps}
+            exp_ids = [e.experiment_id for e in exps]
+            runs = _search(client, exp_ids, STAGE_QUERY)
+            parents = {_launch_key(r): r for r in _search(client, exp_ids, LAUNCH_QUERY)}
+            runs = _filtered(runs, parents, stages, launch_ids, sweep)
+        found += _summaries(client, uri, runs, parents)
+    if missing_experiments:
+        raise ValueError(f"no experiment named {sorted(missing_experiments)} in {', '.join(uris)}")
+    if missing_runs:
+        raise ValueError(f"no run {sorted(missing_runs)} in {', '.join(uris)}")
+    return found
+
+
+def load_histories(runs: Iterable[RunSummary], keys: Sequence[str]) -> None:
+    """Fill ``run.history[key]`` from the store for every ``key`` the run has. A step logged more than
+    once (a resumed stage repeats the steps after its checkpoint) keeps its latest value."""
+    from mlflow import MlflowClient
+
+    clients: dict[str, MlflowClient] = {}
+    for run in runs:
+        client = clients.setdefault(run.store, MlflowClient(tracking_uri=run.store))
+        for key in keys:
+            if key not in run.metrics:
+                continue
+            latest: dict[int, tuple[int, float]] = {}
+            for m in client.get_metric_history(run.run_id, key):
+                if m.step not in latest or m.timestamp >= latest[m.step][0]:
+                    latest[m.step] = (m.timestamp, m.value)
+            run.history[key] = [(step, latest[step][1]) for step in sorted(latest)]
+
+
+def store_name(uri: str) -> str:
+    """A short name for a store: the run directory of ``sqlite:///RUN_DIR/mlflow.db``, the database file
+    of other SQLite stores, ``host:port`` of a server (never its credentials: the name goes into reports)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        path = Path(parsed.path)
+        return path.parent.name if path.name == "mlflow.db" else path.name
+    if parsed.hostname:
+        return f"{parsed.hostname}:{parsed.port}" if parsed.port else parsed.hostname
+    return uri
+
+
+def _get_run(client, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def _experiments(client, names: Sequence[str]) -> list:
+    if not names:
+        return client.search_experiments()
+    return [e for e in (client.get_experiment_by_name(n) for n in names) if e is not None]
+
+
+def _search(client, exp_ids: list[str], query: str) -> list:
+    if not exp_ids:
+        return []
+    return client.search_runs(exp_ids, filter_string=query, max_results=10_000, order_by=["start_time ASC"])
+
+
+def _launch_key(run) -> tuple[str, str]:
+    return run.info.experiment_id, run.data.tags.get("maven.launch_id", "")
+
+
+def _filtered(runs: list, parents: dict, stages: Sequence[str], launch_ids: Sequence[str], sweep: str | None):
+    names_eval = any(s.startswith(EVAL_STAGE_PREFIX) for s in stages)
+
+    def stage_kept(stage: str) -> bool:
+        return not stages or stage in stages or (stage.startswith(EVAL_STAGE_PREFIX) and not names_eval)
+
+    if sweep is not None:
+        swept = {key for key, p in parents.items() if p.data.tags.get("maven.sweep") == sweep}
+        swept |= {_launch_key(r) for r in runs if r.data.tags.get("maven.sweep") == sweep}
+        runs = [r for r in runs if _launch_key(r) in swept]
+    return [
+        r
+        for r in runs
+        if stage_kept(r.data.tags.get("maven.stage", ""))
+        and (not launch_ids or r.data.tags.get("maven.launch_id") in launch_ids)
+    ]
+
+
+def _summaries(client, uri: str, runs: list, parents: dict) -> list[RunSummary]:
+    names: dict[str, str] = {}
     out = []
     for run in runs:
         exp_id = run.info.experiment_id
         if exp_id not in names:
             names[exp_id] = client.get_experiment(exp_id).name
-        tags = run.data.tags
+        tags = dict(run.data.tags)
+        parent = parents.get(_launch_key(run))
+        for key in INHERITED_TAGS:
+            if key not in tags and parent is not None and key in parent.data.tags:
+                tags[key] = parent.data.tags[key]
         if "maven.launch_id" in tags and "maven.stage" in tags:
             label = f"{tags['maven.launch_id']}/{tags['maven.stage']}"
         else:
@@ -88,6 +207,10 @@ def find_runs(
                 status=run.info.status,
                 metrics=dict(run.data.metrics),
                 params=dict(run.data.params),
+                launch_id=tags.get("maven.launch_id", ""),
+                store=uri,
+                tags=tags,
+                start_time=run.info.start_time or 0,
             )
         )
     return out
