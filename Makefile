@@ -9,7 +9,7 @@ EVAL    ?= 1               # lmms-eval next to the stack (docs/evaluation.md, "l
 LMMS_EVAL := lmms-eval==0.7.3
 comma   := ,
 
-.PHONY: setup eval-setup demo test lint format clean
+.PHONY: setup eval-setup demo sweep-demo test lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,9 @@ eval-setup: setup ## add lmms-eval to a .venv made with EVAL=0 (or before it was
 
 demo: setup ## the main job: four tiny stages on CPU, synthetic data, SQLite MLflow store
 	DS_ACCELERATOR=cpu $(BIN)/maven pipeline recipes/tiny --nproc $(NPROC) --set run_dir=$(RUN_DIR)
+
+sweep-demo: setup ## the keep-ratio ablation at toy size: 3 arms, one MLflow store, an HTML report
+	DS_ACCELERATOR=cpu $(BIN)/maven sweep recipes/ablations/tiny-keep-ratio.yaml --nproc $(NPROC)
 
 test: setup ## the whole test suite (unit, distributed, integration)
 	bash tests/run_all.sh

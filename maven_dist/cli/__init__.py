@@ -27,6 +27,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "maven_dist.train.__main__", "train one stage of a recipe (under torchrun: every rank)"
     ),
     "pipeline": Subcommand("maven_dist.pipeline", "run a recipe's stages in order, one torchrun each"),
+    "sweep": Subcommand(
+        "maven_dist.sweep.cli", "run a sweep's ablation arms (locally or a Slurm array) and compare them"
+    ),
     "launch": Subcommand(
         "maven_dist.launch.__main__", "submit one stage to Slurm (or run it locally) via submitit"
     ),

@@ -17,6 +17,7 @@ PACKAGE = REPO / "maven_dist"
 
 EXPECTED_LAYERS = [
     "maven_dist.cli",
+    "maven_dist.sweep",
     "maven_dist.pipeline | maven_dist.launch",
     "maven_dist.eval",
     "maven_dist.inference",
