@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_demo(first)
 
     from maven_dist.contract.checkpoint_layout import finished_fingerprint
+    from maven_dist.train.tracking import resolve_tracking_uri
     from maven_dist.train.tracking.run_info import (
         LAUNCH_ID_ENV,
         RUN_NAME_ENV,
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if last.tracking.enabled:
         _summarise(last, env[LAUNCH_ID_ENV], env[RUN_NAME_ENV], str(recipe_dir), order)
     print(
-        f"[pipeline] all stages done; MLflow store: {last.tracking.uri or Path(last.run_dir) / 'mlflow.db'}"
+        f"[pipeline] all stages done; MLflow store: {resolve_tracking_uri(last)}"
     )
     return 0
 

@@ -21,6 +21,8 @@ MAVEN_PYTHON=""              # empty: <repo>/.venv/bin/python if it exists, else
 MAVEN_RUN_DIR=""             # passed as --set run_dir=... to every stage; empty: the recipe's run_dir
 MAVEN_LOG_DIR=""             # sbatch logs; empty: logs/slurm under the directory you submit from
 MAVEN_MAX_REQUEUES=50        # a job that asked to be requeued this many times fails instead
+# One tracking server for every job (slurm/mlflow_server.sh starts one; recipes' tracking.uri still wins):
+# export MAVEN_TRACKING_URI=http://mlflow-host:5000
 # Environment for the training processes (NCCL, HF cache, ...), e.g.:
 # export NCCL_SOCKET_IFNAME=ib0
 # export HF_HUB_OFFLINE=1

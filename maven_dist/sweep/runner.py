@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maven_dist.sweep.spec import STAGES, Arm, Sweep
+from maven_dist.train.tracking import TRACKING_URI_ENV
 from maven_dist.train.tracking.run_info import ARM_ENV, RUN_NAME_ENV, SWEEP_ENV
 
 ARM_FINISHED = "arm_finished.json"
@@ -53,12 +54,13 @@ class Job:
 
 
 def tracking_uri(sweep: Sweep, root: Path) -> str:
-    """The sweep's store: its own ``tracking.uri`` setting (a shared server), else ``ROOT/mlflow.db``."""
+    """The sweep's store: its own ``tracking.uri`` setting, else ``$MAVEN_TRACKING_URI`` (a cluster's shared
+    server), else ``ROOT/mlflow.db``."""
     for item in sweep.overrides:
         key, _, value = item.partition("=")
         if key == "tracking.uri" and value:
             return value
-    return f"sqlite:///{root.resolve() / 'mlflow.db'}"
+    return os.environ.get(TRACKING_URI_ENV, "").strip() or f"sqlite:///{root.resolve() / 'mlflow.db'}"
 
 
 def plan_jobs(sweep: Sweep, root: Path, nproc: int) -> tuple[Job | None, list[Job]]:

@@ -75,3 +75,11 @@ def test_split_args_default_recipe_run_dir_and_overrides(tmp_path: Path) -> None
     (tmp_path / "mine.yaml").write_text("{}")
     recipe, _, _ = _bash(f"maven_split_args stage4 mine.yaml; {show}", "env.local.sh", tmp_path)
     assert recipe == "mine.yaml"  # found in the submit directory first
+
+
+def test_mlflow_server_script_says_how_to_use_it_and_refuses_unknown_arguments(tmp_path: Path) -> None:
+    script = REPO / "slurm" / "mlflow_server.sh"
+    usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 0 and "MAVEN_TRACKING_URI" in usage.stdout
+    bad = subprocess.run(["bash", str(script), "--prot", "1"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "unknown argument --prot" in bad.stderr

@@ -408,3 +408,14 @@ def test_system_metrics_report_this_process_cuda_memory():
     assert sample["memory/gpu_allocated_gb"] >= 0.25
     assert sample["memory/gpu_max_allocated_gb"] >= sample["memory/gpu_allocated_gb"]
     del block
+
+
+def test_the_cluster_tracking_server_applies_where_a_recipe_names_none(tmp_path, monkeypatch):
+    from maven_dist.config import Config
+
+    cfg = Config(run_dir=str(tmp_path))
+    assert resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MAVEN_TRACKING_URI", "http://mlflow.cluster:5000")
+    assert resolve_tracking_uri(cfg) == "http://mlflow.cluster:5000"
+    cfg.tracking.uri = "sqlite:///{run_dir}/own.db"
+    assert resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve()}/own.db", "the recipe's setting wins"

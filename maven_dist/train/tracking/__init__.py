@@ -69,15 +69,22 @@ __all__ = [
     "RunStatus",
     "Tracker",
     "build_tracker",
+    "TRACKING_URI_ENV",
     "resolve_tracking_uri",
     "stage_params",
 ]
 
 
+TRACKING_URI_ENV = "MAVEN_TRACKING_URI"
+"""A cluster's shared tracking server for every job (slurm/env.sh; slurm/mlflow_server.sh starts one)."""
+
+
 def resolve_tracking_uri(cfg: Config) -> str:
-    """``tracking.uri``, or a SQLite store at ``{run_dir}/mlflow.db`` (absolute, so any cwd works)."""
-    if cfg.tracking.uri:
-        return cfg.tracking.uri.replace("{run_dir}", str(Path(cfg.run_dir).resolve()))
+    """``tracking.uri``, else ``$MAVEN_TRACKING_URI``, else a SQLite store at ``{run_dir}/mlflow.db``
+    (absolute, so any cwd works)."""
+    uri = cfg.tracking.uri or os.environ.get(TRACKING_URI_ENV, "").strip()
+    if uri:
+        return uri.replace("{run_dir}", str(Path(cfg.run_dir).resolve()))
     return f"sqlite:///{Path(cfg.run_dir).resolve() / 'mlflow.db'}"
 
 
