@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from maven_dist.inference.processor import ImageInput, InputError, MavenProcessor, Prompt
-from maven_dist.model.generation import DEFAULT_VIEWS, MavenForConditionalGeneration
+from maven_dist.model.generation import MavenForConditionalGeneration
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,11 +59,13 @@ class MavenGenerator:
         num_beams: int = 1,
         stop: Sequence[str] | None = None,
         allow_visual_codes: bool = False,
-        views: Sequence[str] = DEFAULT_VIEWS,
+        views: Sequence[str] | None = None,
         streamer=None,
     ) -> list[Generation]:
         """Answer each prompt. `temperature` 0 decodes greedily (or with `num_beams` beams); above 0 it
-        samples with `top_p`. `stop` strings end a generation early."""
+        samples with `top_p`. `stop` strings end a generation early. `views`: what each image contributes
+        (default: the views the model was trained with, ``config.json: views``)."""
+        views = tuple(views) if views is not None else self.processor.views
         batch = self.processor(
             list(prompts), [list(i) for i in images] if images is not None else None, tuple(views)
         )
@@ -103,13 +105,14 @@ class MavenGenerator:
         prompts: Sequence[Prompt],
         continuations: Sequence[str],
         images: Sequence[Sequence[ImageInput]] | None = None,
-        views: Sequence[str] = DEFAULT_VIEWS,
+        views: Sequence[str] | None = None,
     ) -> list[tuple[float, bool]]:
         """For each prompt, the summed log-probability of its continuation (tokenised as training tokenises an
         answer) under text-only decoding, and whether greedy decoding would produce exactly that continuation.
         What multiple-choice tasks score options with."""
         if len(continuations) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        views = tuple(views) if views is not None else self.processor.views
         batch = self.processor(
             list(prompts), [list(i) for i in images] if images is not None else None, tuple(views)
         )

@@ -63,7 +63,10 @@ class MavenProcessor:
         num_codes: int,
         num_patches: int,
         keep_ratio: float,
+        views: tuple[str, ...] = ("discrete", "continuous"),
     ):
+        self.views = tuple(views)
+        """The views each image contributes, as the model was trained (``config.json: views``)."""
         self.tokenizer, self.template, self.transform, self.discrete = (
             tokenizer,
             template,
@@ -108,6 +111,7 @@ class MavenProcessor:
             spec["num_codes"],
             grid * grid,
             spec["keep_ratio"],
+            tuple(saved.get("views", ("discrete", "continuous"))),
         )
 
     # ------------------------------------------------------------------ in
@@ -116,8 +120,9 @@ class MavenProcessor:
         self,
         prompts: list[Prompt],
         images: list[list[ImageInput]] | None = None,
-        views: tuple[str, ...] = ("discrete", "continuous"),
+        views: tuple[str, ...] | None = None,
     ) -> PromptBatch:
+        views = self.views if views is None else views
         images = images if images is not None else [[] for _ in prompts]
         if len(images) != len(prompts):
             raise InputError(

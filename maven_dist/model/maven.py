@@ -209,17 +209,18 @@ class MavenModel(MavenFrontEnd):
         max_shard_size: str | int = "5GB",
         template: str | None = None,
         discrete: hf_layout.DiscreteTokenizerFiles | None = None,
+        views: Sequence[str] | None = None,
     ) -> Path:
         """Write the HF layout atomically (a temporary sibling directory renamed into place).
 
         `state_dict` lets a parallel backend pass gathered full tensors (ZeRO-3 keeps only shards);
-        `template` and `discrete` are recorded for inference (see :meth:`save_skeleton`)."""
+        `template`, `discrete` and `views` are recorded for inference (see :meth:`save_skeleton`)."""
         from huggingface_hub import save_torch_state_dict
 
         out_dir = Path(out_dir)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.save_skeleton(tmp, tokenizer, template, discrete)
+        self.save_skeleton(tmp, tokenizer, template, discrete, views)
         parts = hf_layout.to_hf_layout(state_dict if state_dict is not None else self.state_dict())
         for component in (hf_layout.LLM_DIR, hf_layout.TOWER_DIR):
             save_torch_state_dict(parts[component], tmp / component, max_shard_size=max_shard_size)
@@ -236,9 +237,11 @@ class MavenModel(MavenFrontEnd):
         tokenizer=None,
         template: str | None = None,
         discrete: hf_layout.DiscreteTokenizerFiles | None = None,
+        views: Sequence[str] | None = None,
     ) -> Path:
         """Everything of the HF layout except the weights: configs, image processor, tokenizer, the chat
-        `template` the model is trained with and its `discrete` tokenizer (copied or referenced).
+        `template` the model is trained with, its `discrete` tokenizer (copied or referenced) and the
+        `views` each image contributes in the stage that trained it (inference uses the same).
 
         Checkpoints carry it, so ``maven merge`` can rebuild a runnable model from shards alone."""
         out_dir = Path(out_dir)
@@ -254,6 +257,8 @@ class MavenModel(MavenFrontEnd):
         config = {"model_type": "maven", "spec": asdict(self.spec), "vocab": self.layout.to_dict()}
         if template is not None:
             config["template"] = template
+        if views is not None:
+            config["views"] = list(views)
         if discrete is not None:
             config["discrete_tokenizer"] = hf_layout.attach_discrete_tokenizer(out_dir, discrete)
         (out_dir / hf_layout.CONFIG_FILE).write_text(json.dumps(config, indent=2))

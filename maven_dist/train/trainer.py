@@ -94,6 +94,7 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
     skeleton = stage_dir / "model_skeleton"
     inference = {
         "template": stage_template(cfg),
+        "views": list(cfg.stage.views),
         "discrete": discrete_tokenizer_files(cfg) if env.is_main else None,
     }
     if env.is_main:

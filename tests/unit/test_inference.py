@@ -8,6 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from maven_dist.config import load_config
+from maven_dist.contract.lengths import num_kept_patches
 from maven_dist.contract.vocab import extend_tokenizer
 from maven_dist.data.loader import build_loader
 from maven_dist.data.shards import list_shards, read_shard
@@ -169,3 +170,22 @@ def test_option_loglikelihood_equals_the_training_forward(exported, tiny_assets)
         or processor.tokenizer.encode(processor.tokenizer.decode(greedy_answer), add_special_tokens=False)
         != greedy_answer
     )
+
+
+def test_a_model_feeds_images_with_the_views_it_was_trained_with(exported, tiny_assets, tmp_path):
+    """A discrete-only model (the views ablation) records its views; inference then sends no patches."""
+    import json
+    import shutil
+
+    cfg, model_dir = exported
+    only = tmp_path / "discrete_only"
+    shutil.copytree(model_dir, only)
+    config = json.loads((only / "config.json").read_text())
+    config["views"] = ["discrete"]
+    (only / "config.json").write_text(json.dumps(config))
+    image = tiny_assets.root / "data" / "synthetic" / "images" / "00000.png"
+    both, discrete = (MavenProcessor.from_pretrained(d) for d in (model_dir, only))
+    assert both.views == ("discrete", "continuous") and discrete.views == ("discrete",)
+    a, b = (p(["<image>\nwhat is it ?"], [[image]]) for p in (both, discrete))
+    kept = num_kept_patches(both.num_patches, cfg.model.selector.keep_ratio)
+    assert a.positions[0] - b.positions[0] == kept
