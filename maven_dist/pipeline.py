@@ -165,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     _deliver_spooled_metrics(last.run_dir)
     if last.tracking.enabled:
         _summarise(last, env[LAUNCH_ID_ENV], env[RUN_NAME_ENV], str(recipe_dir), order)
-    print(
-        f"[pipeline] all stages done; MLflow store: {resolve_tracking_uri(last)}"
-    )
+    print(f"[pipeline] all stages done; MLflow store: {resolve_tracking_uri(last)}")
     return 0
 
 
