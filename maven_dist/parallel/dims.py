@@ -37,6 +37,12 @@ class ParallelDims:
     def pp_enabled(self) -> bool:
         return self.pp > 1
 
+    def data_parallel_rank(self, rank: int) -> int:
+        """The data-parallel coordinate of a global rank (what the loader's dp_rank must be): every tp and
+        pp rank of one replica reads the same micro-batches. Ranks are placed tp fastest, then dp, then pp
+        (``parallel/topology.py`` proves both libraries agree)."""
+        return (rank // self.tp) % self.dp
+
     def accumulation_steps(self, global_batch: int, micro_batch: int) -> int:
         """Micro-batches each data-parallel rank runs per optimizer step."""
         per_step = micro_batch * self.dp

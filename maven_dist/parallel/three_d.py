@@ -16,7 +16,7 @@ It implements the engine contract (``maven_dist/parallel/engine.py``); the 3D sp
 ``stage_inputs`` (h_eos of the step's images first), ``local_layers`` (this rank's pipeline layers) and
 ``module``, a MavenModel skeleton on the meta device (configs, layout and spec; no memory).
 
-The loader's dp rank is ``topology.data_parallel_rank(rank, dims)``: every tp and pp rank of a replica
+The loader's dp rank is ``dims.data_parallel_rank(rank)``: every tp and pp rank of a replica
 gets the same micro-batches.
 
 Stage 1 (``loss: selector_bce``) is not run on this backend: it trains a 3-layer MLP on frozen

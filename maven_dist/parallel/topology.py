@@ -69,9 +69,3 @@ def pipe_ranks(topo: PipeModelDataParallelTopology) -> list[int]:
     """Global ranks of this rank's pipe group, in stage order."""
     coord = topo.get_coord(dist.get_rank())
     return [topo.get_rank(pipe=s, data=coord.data, model=coord.model) for s in range(topo.get_dim("pipe"))]
-
-
-def data_parallel_rank(rank: int, dims: ParallelDims) -> int:
-    """The data-parallel coordinate of a global rank (what the loader's dp_rank must be): every tp and
-    pp rank of one replica reads the same micro-batches."""
-    return (rank // dims.tp) % dims.dp

@@ -21,7 +21,6 @@ from maven_dist.contract.preemption import REQUEUE_EXIT_CODE, install_preemption
 from maven_dist.parallel.dims import ParallelDims
 from maven_dist.parallel.distributed import DistEnv, all_reduce_max, barrier, init_distributed, print0
 from maven_dist.parallel.engine import Engine, NonFiniteGuard, NonFiniteLossError
-from maven_dist.parallel.topology import data_parallel_rank
 from maven_dist.train import perf
 from maven_dist.train.builders import (
     build_engine,
@@ -85,7 +84,7 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
 
     source = resolve_model_source(cfg, env)
     tokenizer, layout = load_stage_tokenizer(cfg, source)
-    dp_rank = data_parallel_rank(env.rank, dims)
+    dp_rank = dims.data_parallel_rank(env.rank)
     loader = build_stage_loader(cfg, tokenizer, layout, source, dp_rank, dims.dp)
     val_loader = build_stage_loader(cfg, tokenizer, layout, source, dp_rank, dims.dp, split="val")
     accumulation = dims.accumulation_steps(cfg.stage.global_batch_size, cfg.stage.micro_batch_size)

@@ -39,9 +39,7 @@ def test_world_size_must_be_a_multiple_of_tp_times_pp():
 
 
 def test_data_parallel_rank_is_the_topology_coordinate():
-    from maven_dist.parallel.topology import data_parallel_rank
-
     dims = ParallelDims.build(ParallelConfig(backend="3d", tp=2, pp=2), 8)
     topo = build_topology(dims)
-    assert [data_parallel_rank(r, dims) for r in range(8)] == [topo.get_coord(r).data for r in range(8)]
-    assert data_parallel_rank(5, dims) == 0  # rank // (tp * pp) would say 1: that is the pipe coordinate
+    assert [dims.data_parallel_rank(r) for r in range(8)] == [topo.get_coord(r).data for r in range(8)]
+    assert dims.data_parallel_rank(5) == 0  # rank // (tp * pp) would say 1: that is the pipe coordinate

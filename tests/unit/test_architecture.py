@@ -68,3 +68,15 @@ def test_the_trainer_has_one_step_path_and_two_checkpoint_calls():
 
 def _is_method_call(call: ast.Call) -> bool:
     return isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Name)
+
+
+def test_megatron_core_is_imported_by_the_3d_backend_only():
+    """ZeRO-3 training, inference and evaluation run without megatron-core being imported (its import warns
+    about Transformer Engine and Apex, and pulls CUDA-only paths in)."""
+    probe = (
+        "import sys, maven_dist.train.trainer, maven_dist.parallel.zero3, maven_dist.inference, maven_dist.eval.cli; "
+        "print(sorted(m for m in sys.modules if m.startswith('megatron')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
