@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -118,20 +119,63 @@ def merge_checkpoint(
 
 
 def _write_weights(tmp: Path, layout: OutputFiles, options: MergeOptions) -> dict[str, str]:
-    from tqdm import tqdm
-
     chunk = max(1, options.chunk_mb) << 20
     reader = ChunkReader(options.threads, chunk, read_ahead=2 * options.threads)
-    bar = tqdm(total=layout.nbytes, unit="B", unit_scale=True, desc="merge", disable=not options.progress)
+    progress = _Progress(layout.nbytes, options.progress)
     hashes = {}
     try:
         for out in layout.files:
-            bar.set_postfix_str(out.relpath)
-            hashes[out.relpath] = write_file(tmp / out.relpath, out, reader, bar.update)
+            progress.file(out.relpath)
+            hashes[out.relpath] = write_file(tmp / out.relpath, out, reader, progress.update)
     finally:
         reader.close()
-        bar.close()
+        progress.close()
     return hashes
+
+
+class _Progress:
+    """Bytes written: a tqdm bar on a terminal; in a log file (stderr redirected, a Slurm ``.out``) a plain
+    line every `every_s` seconds and per finished output file, where a bar's carriage returns would pile up."""
+
+    def __init__(self, total: int, enabled: bool, every_s: float = 10.0):
+        from tqdm import tqdm
+
+        self.total, self.every_s, self.done = total, every_s, 0
+        self.lines = enabled and not sys.stderr.isatty()
+        self.bar = tqdm(
+            total=total, unit="B", unit_scale=True, desc="merge", disable=not enabled or self.lines
+        )
+        self.start = self.last = time.monotonic()
+        self.current = ""
+
+    def file(self, name: str) -> None:
+        if self.current:
+            self._line(f"wrote {self.current}")
+        self.current = name
+        self.bar.set_postfix_str(name)
+
+    def update(self, nbytes: int) -> None:
+        self.done += nbytes
+        self.bar.update(nbytes)
+        if self.lines and time.monotonic() - self.last >= self.every_s:
+            self._line(self.current)
+
+    def close(self) -> None:
+        if self.current and self.done >= self.total:
+            self._line(f"wrote {self.current}")
+        self.bar.close()
+
+    def _line(self, what: str) -> None:
+        if not self.lines:
+            return
+        now = time.monotonic()
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        share = 100.0 * self.done / max(self.total, 1)
+        print(
+            f"[merge] {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB ({share:.0f}%) {rate / 1e6:.0f} MB/s {what}",
+            flush=True,
+        )
 
 
 def _verify(tmp: Path, layout: OutputFiles) -> None:

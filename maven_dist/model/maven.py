@@ -201,6 +201,15 @@ class MavenModel(MavenFrontEnd):
 
     # ------------------------------------------------------------------ saving
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute the LLM's decoder activations in backward (non-reentrant: works with frozen inputs and
+        ZeRO-3's hooks). transformers 5 renamed the call; older versions have only the old name."""
+        llm = self.llm
+        if hasattr(llm, "activation_checkpointing_enable"):
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def save_pretrained(
         self,
         out_dir: str | Path,

@@ -10,7 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+try:  # transformers 5: the PIL-backed processor, which needs no torchvision (the default one warns without it)
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:  # transformers 4
+    from transformers import CLIPImageProcessor
 
 from maven_dist.config import LLMConfig, VisionConfig
 from maven_dist.data.image_transform import CLIP_MEAN, CLIP_STD

@@ -84,7 +84,7 @@ class Zero3Engine(DeepSpeedEngineState, MicroBatchEngine):
             model = build_model(copy_fn=zero3_copy)
         apply_trainable(model, cfg.stage.trainable)
         if cfg.stage.gradient_checkpointing:
-            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_activation_checkpointing()
         self.torch_optimizer, scheduler = build_optimizer(model, cfg.stage, total_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=self.torch_optimizer, lr_scheduler=scheduler, config=self.ds_config

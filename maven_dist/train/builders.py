@@ -201,5 +201,5 @@ def build_engine(
     model = build()
     apply_trainable(model, cfg.stage.trainable)
     if cfg.stage.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_activation_checkpointing()
     return LocalEngine(model.to(env.device), cfg.stage, total_steps, accumulation)

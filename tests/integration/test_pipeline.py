@@ -3,6 +3,7 @@ that dies in the middle of stage 3 and comes back during stage 4; then the recip
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -18,7 +19,8 @@ from tests.helpers.torchrun import REPO, cpu_env
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
-README_LIMIT_S = 600  # issue 4: the main job on 2 CPU ranks in under 10 minutes
+README_LIMIT_S = 600
+WARNING = re.compile(r"\w+Warning: |\[WARNING\]")  # issue 4: the main job on 2 CPU ranks in under 10 minutes
 
 
 def logged_steps(path) -> int:
@@ -68,6 +70,9 @@ def test_main_job_two_ranks_survives_a_tracking_outage(server, tmp_path):
         elapsed = time.monotonic() - start
     assert code == 0, (tmp_path / "pipeline.log").read_text()[-6000:]
     assert elapsed < README_LIMIT_S, f"main job took {elapsed:.0f} s"
+    # Quiet logs (issue 17): the known third-party warnings are filtered once, not printed by every rank.
+    warned = [line for line in (tmp_path / "pipeline.log").read_text().splitlines() if WARNING.search(line)]
+    assert len(warned) < 20, "\n".join(warned[:40])
 
     client = MlflowClient(server.uri)
     experiment = client.get_experiment_by_name("maven-tiny")

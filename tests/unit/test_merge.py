@@ -409,3 +409,17 @@ def test_run_directory_picks_the_newest_stage_unless_told(tmp_path, local_model)
         MergeError, match=r"no stage 'stage9' with checkpoints; it has \['stage3', 'stage4'\]"
     ):
         find_checkpoint(tmp_path / "run", stage="stage9")
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, local_model, capsys):
+    from maven_dist.cli.merge import main as merge_main
+
+    model, tokenizer = local_model
+    write_local_checkpoint(tmp_path / "run", model, tokenizer)
+    assert merge_main([str(tmp_path / "run"), str(tmp_path / "merged"), "--max-shard-size", "20KB"]) == 0
+    out = capsys.readouterr()
+    lines = [line for line in out.out.splitlines() if line.startswith("[merge] ")]
+    written = [line for line in lines if " wrote " in line]
+    assert written and "(100%)" in lines[-1], out.out
+    assert len(written) == len({line.split(" wrote ")[1] for line in written}), "each file reported once"
+    assert "\r" not in out.out + out.err, "no progress bar in a log file"
