@@ -9,16 +9,16 @@ EVAL    ?= 1               # lmms-eval next to the stack (docs/evaluation.md, "l
 LMMS_EVAL := lmms-eval==0.7.3
 comma   := ,
 
-.PHONY: setup eval-setup demo sweep-demo test lint format clean
+.PHONY: setup eval-setup constraints demo sweep-demo test lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(if $(strip $(TORCH)),$(BIN)/pip install -q "$(strip $(TORCH))")
-	$(BIN)/pip install -q -e ".[dev$(if $(filter 1,$(strip $(EVAL))),$(comma)eval)]"
-	$(if $(filter 1,$(strip $(EVAL))),$(BIN)/pip install -q --no-deps "$(LMMS_EVAL)")
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev$(if $(filter 1,$(strip $(EVAL))),$(comma)eval)]"
+	$(if $(filter 1,$(strip $(EVAL))),$(BIN)/pip install -q -c constraints.txt --no-deps "$(LMMS_EVAL)")
 	touch $@
 
 setup: $(VENV)/.installed ## create .venv and install the package (CPU torch pinned)
@@ -26,8 +26,12 @@ setup: $(VENV)/.installed ## create .venv and install the package (CPU torch pin
 # lmms-eval's own requirements pull a CUDA torchvision that breaks a CPU torch: its runtime comes from the
 # eval extra and lmms-eval itself goes in without them (docs/evaluation.md, section "lmms-eval").
 eval-setup: setup ## add lmms-eval to a .venv made with EVAL=0 (or before it was in `make setup`)
-	$(BIN)/pip install -q -e ".[dev,eval]"
-	$(BIN)/pip install -q --no-deps "$(LMMS_EVAL)"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,eval]"
+	$(BIN)/pip install -q -c constraints.txt --no-deps "$(LMMS_EVAL)"
+
+constraints: setup ## pin what is installed now as the tested versions (after a deliberate upgrade)
+	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|maven[-_]dist)=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 demo: setup ## the main job: four tiny stages on CPU, synthetic data, SQLite MLflow store
 	DS_ACCELERATOR=cpu $(BIN)/maven pipeline recipes/tiny --nproc $(NPROC) --set run_dir=$(RUN_DIR)
