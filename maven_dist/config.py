@@ -18,13 +18,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
 Part = Literal["llm", "vocab_new_rows", "projector", "selector", "vision_tower"]
 View = Literal["discrete", "continuous"]
 StageName = Literal["stage1", "stage2", "stage3", "stage4"]
+STAGE_NAMES: tuple[str, ...] = get_args(StageName)
 DataFormat = Literal["patch_labels", "discrete_alignment", "captions", "conversations"]
 
 
@@ -185,8 +186,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "{run_dir}/data/shards"
-    """Directory of Arrow shards written by tools/prepare_data.py."""
+    path: str | list[str] = "{run_dir}/data/shards"
+    """Directory of Arrow shards written by `maven prepare`, or a list of them read as one data set (stage 1:
+    the COCO and the Visual Genome label shards); `{run_dir}` is substituted."""
     format: DataFormat = "conversations"
     """How this stage reads a shard row: patch_labels, discrete_alignment, captions or conversations
     (maven_dist/data/formats.py)."""
@@ -212,7 +214,20 @@ class DataConfig:
     val_path: str = ""
     """Shards of a separate validation set (instead of `val_fraction`); `{run_dir}` is substituted."""
 
+    @property
+    def paths(self) -> list[str]:
+        """`path` as a list: the shards directories this stage reads, in order."""
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
     def validate(self) -> None:
+        if not self.paths or not all(self.paths):
+            raise ConfigError(
+                f"data.path={self.path!r} must name a shards directory or a non-empty list of them, none empty"
+            )
+        if len(set(self.paths)) != len(self.paths):
+            raise ConfigError(
+                f"data.path={self.path!r} lists a directory twice; list each shards directory once"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         if self.val_path and self.val_fraction:
@@ -635,8 +650,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:
+            # `str | list[str]`: a list takes the list member, anything else the first other one.
+            lists = [a for a in inner if typing.get_origin(a) is list]
+            others = [a for a in inner if typing.get_origin(a) is not list]
+            tp = lists[0] if isinstance(value, list) and lists else others[0]
+            return _coerce(tp, value, key)
+        return _coerce(inner[0], value, key)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}={value!r} must be a list")

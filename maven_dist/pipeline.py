@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("stage1", "stage2", "stage3", "stage4")
+from maven_dist.config import STAGE_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc", type=int, default=1, help="ranks per stage (torchrun --nproc_per_node; default 1)"
     )
     parser.add_argument(
-        "--stages", default=",".join(STAGES), help="comma-separated subset, e.g. stage3,stage4 (default all)"
+        "--stages",
+        default=",".join(STAGE_NAMES),
+        help="comma-separated subset, e.g. stage3,stage4 (default all)",
     )
     parser.add_argument(
         "--print-order", action="store_true", help="print the stages in the order they run, and exit"

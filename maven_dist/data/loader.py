@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +52,20 @@ GROUP_STEPS = 8
 
 Split = Literal["all", "train", "val"]
 
+ShardDirs = str | Path | Sequence[str | Path]
+"""One shards directory, or several read as one data set (stage 1: COCO and Visual Genome labels)."""
+
+
+def as_shard_dirs(shards_dirs: ShardDirs) -> list[Path]:
+    """The directories of `shards_dirs` as a list of paths."""
+    if isinstance(shards_dirs, (str, Path)):
+        return [Path(shards_dirs)]
+    return [Path(d) for d in shards_dirs]
+
+
+def _describe(dirs: list[Path]) -> str:
+    return str(dirs[0]) if len(dirs) == 1 else "[" + ", ".join(map(str, dirs)) + "]"
+
 
 def is_held_out(sample_id: str, fraction: float) -> bool:
     """Whether a sample belongs to the validation split: a hash of its id, so every stage, rank and rerun
@@ -65,13 +79,22 @@ def is_held_out(sample_id: str, fraction: float) -> bool:
 class ShardIndex:
     """Where every sample of a split lives and the two numbers the step order needs (length, image count).
 
-    ``split`` selects the samples: all, or those :func:`is_held_out` puts in (``val``) or keeps out of
-    (``train``) the validation split of ``val_fraction``."""
+    ``shards_dir`` is one directory or several, concatenated in the order given (their shards must have
+    the same columns). ``split`` selects the samples: all, or those :func:`is_held_out` puts in (``val``)
+    or keeps out of (``train``) the validation split of ``val_fraction``."""
 
-    def __init__(self, shards_dir: str | Path, split: Split = "all", val_fraction: float = 0.0) -> None:
-        self.paths = list_shards(shards_dir)
-        if not self.paths:
-            raise DataError(f"no shards (shard-*.arrow) in {shards_dir}: run tools/prepare_data.py first")
+    def __init__(self, shards_dir: ShardDirs, split: Split = "all", val_fraction: float = 0.0) -> None:
+        self.dirs = as_shard_dirs(shards_dir)
+        if not self.dirs:
+            raise DataError("no shards directory given: set data.path to one directory or a list of them")
+        self.paths: list[Path] = []
+        dir_of_shard: list[int] = []
+        for j, d in enumerate(self.dirs):
+            found = list_shards(d)
+            if not found:
+                raise DataError(f"no shards (shard-*.arrow) in {d}: run maven prepare first")
+            self.paths += found
+            dir_of_shard += [j] * len(found)
         lengths, images, shard_of, row_of, columns = [], [], [], [], None
         for k, path in enumerate(self.paths):
             table = read_shard(path)
@@ -79,7 +102,9 @@ class ShardIndex:
                 columns = table.column_names
             elif table.num_rows and set(table.column_names) != set(columns):
                 raise DataError(
-                    f"{path} has columns {table.column_names}, other shards {columns}; re-run the tool that added them"
+                    f"{path} has columns {table.column_names}, other shards {columns}; re-run the tool that added "
+                    "them (several data.path directories need the same columns: the same maven prepare flags, "
+                    "labels and codes)"
                 )
             keep = np.ones(table.num_rows, dtype=bool)
             if split != "all":
@@ -96,6 +121,8 @@ class ShardIndex:
         self.num_images = np.concatenate(images).astype(np.int64)
         self.shard_of = np.concatenate(shard_of)
         self.row_of = np.concatenate(row_of)
+        self.dir_of = np.asarray(dir_of_shard, dtype=np.int64)[self.shard_of]
+        """Per sample: which of ``dirs`` it comes from."""
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -160,7 +187,8 @@ class _BatchReader:
             try:
                 examples.append(make_example(self.spec, row, self.tokenizer, self.layout, self.transform))
             except (BadSample, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-                message = f"{self.paths[shard].name} row {row_number} (id {row['id']!r}): {err}"
+                path = self.paths[shard]
+                message = f"{path.parent.name}/{path.name} row {row_number} (id {row['id']!r}): {err}"
                 if self.strict:
                     raise DataError(f"bad sample (data.strict is set): {message}") from err
                 skipped.append(message)
@@ -199,7 +227,7 @@ class ShardLoader:
 
     def __init__(
         self,
-        shards_dir: str | Path,
+        shards_dir: ShardDirs,
         spec: SampleFormat,
         tokenizer,
         layout: VocabLayout | None,
@@ -219,7 +247,8 @@ class ShardLoader:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         self.index = ShardIndex(shards_dir, split, val_fraction)
-        spec.check_columns(self.index.column_names, f"shards in {shards_dir}")
+        where = _describe(self.index.dirs)
+        spec.check_columns(self.index.column_names, f"shards in {where}")
         self.spec, self.transform = spec, transform
         self.micro_batch_size, self.seed, self.shuffle = micro_batch_size, seed, shuffle
         self.group_by_length, self.num_workers = group_by_length, num_workers
@@ -234,7 +263,7 @@ class ShardLoader:
         self.batches_per_epoch = len(self.index) // self.global_batch_size * self.accumulation
         if self.batches_per_epoch == 0:
             raise DataError(
-                f"{len(self.index)} samples in {shards_dir} cannot fill one step of "
+                f"{len(self.index)} samples in {where} cannot fill one step of "
                 f"global_batch_size={self.global_batch_size}; lower the batch size or add data"
             )
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
@@ -290,7 +319,7 @@ class ShardLoader:
                     # spin forever (e.g. data.max_length below every sample of this view).
                     raise DataError(
                         f"no usable sample in {empty_batches} consecutive batches (a full epoch) of "
-                        f"{self.index.paths[0].parent}; {self.num_skipped} samples skipped so far, see the "
+                        f"{_describe(self.index.dirs)}; {self.num_skipped} samples skipped so far, see the "
                         "'skipped bad sample' warnings for why (too long for data.max_length, undecodable image, ...)"
                     )
 
@@ -355,47 +384,55 @@ def _default_transform(cfg) -> ImageTransform:
     return ImageTransform(cfg.model.vision.image_size)
 
 
-def _check_prepared_size(shards_dir: Path, transform: ImageTransform) -> None:
-    manifest = shards_dir / "manifest.json"
-    if not manifest.is_file():
-        return
-    resize = json.loads(manifest.read_text()).get("options", {}).get("resize", 0)
-    if resize and resize != transform.image_size:
-        raise DataError(
-            f"{shards_dir} stores images resized to {resize} px but the tower takes {transform.image_size} px; "
-            f"re-run tools/prepare_data.py with --resize {transform.image_size} (or without --resize)"
-        )
+def _check_prepared_size(shards_dirs: list[Path], transform: ImageTransform) -> None:
+    for shards_dir in shards_dirs:
+        manifest = shards_dir / "manifest.json"
+        if not manifest.is_file():
+            continue
+        resize = json.loads(manifest.read_text()).get("options", {}).get("resize", 0)
+        if resize and resize != transform.image_size:
+            raise DataError(
+                f"{shards_dir} stores images resized to {resize} px but the tower takes {transform.image_size} px; "
+                f"re-run maven prepare with --resize {transform.image_size} (or without --resize)"
+            )
 
 
-def samples_too_long(shards_dir: Path, index: ShardIndex, spec: SampleFormat) -> int:
+def samples_too_long(shards_dir: ShardDirs, index: ShardIndex, spec: SampleFormat) -> int:
     """How many samples of `index` would exceed ``spec.max_length`` at the stage's positions per image.
 
     The shards' ``num_tokens`` were measured at preparation with its own positions per image (recorded in
-    ``manifest.json``); each image's share is moved to the stage's. Exact for conversations in the template
-    they were prepared with, an upper bound for the caption formats (they render the first round only, in
-    the shorter ``plain`` template). 0 without a manifest (nothing to compare with)."""
-    manifest = Path(shards_dir) / "manifest.json"
-    if not manifest.is_file():
-        return 0
-    options = json.loads(manifest.read_text()).get("options", {})
-    try:
-        prepared = visual_tokens_per_image(
-            int(options["num_codes"]),
-            int(options["num_patches"]),
-            float(options["keep_ratio"]),
-            options["views"],
-        )
-    except (KeyError, TypeError, ValueError):
-        return 0
-    lengths = index.lengths + index.num_images * (spec.tokens_per_image - prepared)
-    return int((lengths > spec.max_length).sum())
+    each directory's ``manifest.json``); each image's share is moved to the stage's. Exact for conversations
+    in the template they were prepared with, an upper bound for the caption formats (they render the first
+    round only, in the shorter ``plain`` template). A directory without a manifest counts 0 (nothing to
+    compare with)."""
+    dirs = as_shard_dirs(shards_dir)
+    too_long = 0
+    for j, d in enumerate(dirs):
+        manifest = d / "manifest.json"
+        if not manifest.is_file():
+            continue
+        options = json.loads(manifest.read_text()).get("options", {})
+        try:
+            prepared = visual_tokens_per_image(
+                int(options["num_codes"]),
+                int(options["num_patches"]),
+                float(options["keep_ratio"]),
+                options["views"],
+            )
+        except (KeyError, TypeError, ValueError):
+            continue
+        mine = index.dir_of == j if len(dirs) > 1 else slice(None)
+        lengths = index.lengths[mine] + index.num_images[mine] * (spec.tokens_per_image - prepared)
+        too_long += int((lengths > spec.max_length).sum())
+    return too_long
 
 
-def _check_fit(shards_dir: Path, index: ShardIndex, spec: SampleFormat, allowed: bool) -> int:
-    too_long = samples_too_long(shards_dir, index, spec)
+def _check_fit(shards_dirs: list[Path], index: ShardIndex, spec: SampleFormat, allowed: bool) -> int:
+    too_long = samples_too_long(shards_dirs, index, spec)
+    where = _describe(shards_dirs)
     if too_long and not allowed:
         raise DataError(
-            f"{too_long} of {len(index)} samples in {shards_dir} no longer fit data.max_length={spec.max_length} "
+            f"{too_long} of {len(index)} samples in {where} no longer fit data.max_length={spec.max_length} "
             f"at {spec.tokens_per_image} positions per image (keep ratio {spec.keep_ratio}, views "
             f"{list(spec.views)}): they would be skipped and this stage would train on other data than its "
             "peers. Re-prepare the shards for this keep ratio (maven prepare --keep-ratio ... --max-length ...), "
@@ -403,9 +440,25 @@ def _check_fit(shards_dir: Path, index: ShardIndex, spec: SampleFormat, allowed:
         )
     if too_long:
         logger.warning(
-            "%d samples of %s are too long at this stage's length and will be skipped", too_long, shards_dir
+            "%d samples of %s are too long at this stage's length and will be skipped", too_long, where
         )
     return too_long
+
+
+def stage_sample_format(cfg, image_size: int) -> SampleFormat:
+    """How the stage turns a shard row into a sample (format, template, lengths, views)."""
+    grid = image_size // cfg.model.vision.patch_size
+    return SampleFormat(
+        name=cfg.data.format,
+        template=cfg.data.template,
+        max_length=cfg.data.max_length,
+        num_codes=cfg.model.discrete.num_codes,
+        num_patches=grid * grid,
+        keep_ratio=cfg.model.selector.keep_ratio,
+        views=tuple(cfg.stage.views),
+        t2i_fraction=cfg.data.t2i_fraction,
+        seed=cfg.seed,
+    )
 
 
 def build_loader(
@@ -419,7 +472,8 @@ def build_loader(
 ) -> ShardLoader | None:
     """The loader for ``cfg.data`` / ``cfg.stage`` on data-parallel rank `dp_rank` of `dp_size`.
 
-    ``split="train"``: the training samples (``data.path`` less the ``data.val_fraction`` held out).
+    ``split="train"``: the training samples (``data.path``, one shards directory or several read as one,
+    less the ``data.val_fraction`` held out).
     ``split="val"``: the validation samples (``data.val_path``, else the held-out fraction of ``data.path``;
     None when the recipe has neither), read in file order, one micro-batch per rank per step.
     Samples that no longer fit ``data.max_length`` (:func:`samples_too_long`) stop a training loader
@@ -431,26 +485,16 @@ def build_loader(
     if split == "val" and not (data.val_path or data.val_fraction > 0):
         return None
     transform = transform or _default_transform(cfg)
-    shards_dir = cfg.resolve_path(data.val_path if split == "val" and data.val_path else data.path)
-    _check_prepared_size(shards_dir, transform)
-    grid = transform.image_size // cfg.model.vision.patch_size
-    spec = SampleFormat(
-        name=data.format,
-        template=data.template,
-        max_length=data.max_length,
-        num_codes=cfg.model.discrete.num_codes,
-        num_patches=grid * grid,
-        keep_ratio=cfg.model.selector.keep_ratio,
-        views=tuple(cfg.stage.views),
-        t2i_fraction=data.t2i_fraction,
-        seed=cfg.seed,
-    )
+    configured = [data.val_path] if split == "val" and data.val_path else data.paths
+    shards_dirs = [cfg.resolve_path(p) for p in configured]
+    _check_prepared_size(shards_dirs, transform)
+    spec = stage_sample_format(cfg, transform.image_size)
     held_out = data.val_fraction > 0 and not data.val_path
     index_split = ("val" if split == "val" else "train") if held_out else "all"
     val = split == "val"
     micro = cfg.stage.micro_batch_size
     loader = ShardLoader(
-        shards_dir,
+        shards_dirs if len(shards_dirs) > 1 else shards_dirs[0],
         spec,
         tokenizer,
         layout,
@@ -467,5 +511,5 @@ def build_loader(
         split=index_split,
         val_fraction=data.val_fraction,
     )
-    loader.too_long = _check_fit(shards_dir, loader.index, spec, data.allow_too_long or val)
+    loader.too_long = _check_fit(shards_dirs, loader.index, spec, data.allow_too_long or val)
     return loader

@@ -185,7 +185,7 @@ class PrepareOptions:
         d = asdict(self)
         for volatile in ("out_dir", "num_workers", "strict", "progress"):
             d.pop(volatile)
-        d["tokenizer"] = _tokenizer_hash(Path(self.tokenizer_dir))
+        d["tokenizer"] = tokenizer_hash(Path(self.tokenizer_dir))
         return json.loads(json.dumps(d, default=str))
 
     @property
@@ -237,7 +237,8 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _tokenizer_hash(tokenizer_dir: Path) -> str:
+def tokenizer_hash(tokenizer_dir: Path) -> str:
+    """What identifies a tokenizer's files (recorded in the shards' manifest)."""
     h = hashlib.sha256()
     for path in sorted(tokenizer_dir.glob("*.json")):
         h.update(path.name.encode() + path.read_bytes())

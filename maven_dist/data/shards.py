@@ -82,6 +82,11 @@ def read_shard(path: str | Path) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
 
 
+def read_shard_schema(path: str | Path) -> pa.Schema:
+    """A shard's columns and types, without reading its rows."""
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).schema
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", default=None, help="submitit folder; default RUN_DIR/submitit")
     p.add_argument("--local", action="store_true", help="run on this machine with submitit's local executor")
     p.add_argument("--wait", action="store_true", help="wait for the job and report its result")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only check (RECIPE may be a recipe directory: every stage), submit nothing",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p
 
@@ -68,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tasks = args.tasks_per_node or (args.gpus_per_node if args.gpus_per_node > 0 else 1)
     layout = Layout(args.nodes, tasks, args.gpus_per_node)
+    if args.check:
+        return _check_only(args, layout)
     try:
         if args.local and layout.nodes != 1:
             raise LaunchError(f"--local runs on this machine only: --nodes {layout.nodes} must be 1")
@@ -95,6 +102,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"job {job.job_id} finished {cfg.stage.name}", flush=True)
     return 0
+
+
+def _check_only(args: argparse.Namespace, layout: Layout) -> int:
+    """``--check``: the launch checks of the stage (or of every stage of a recipe directory)."""
+    recipe = Path(args.recipe)
+    recipes = sorted(recipe.glob("stage[1-4].yaml")) if recipe.is_dir() else [recipe]
+    failed = 0
+    for path in recipes or [recipe]:
+        try:
+            cfg = check_launch(path, args.overrides, layout, visible_gpus=layout.gpus_per_node)
+        except LaunchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"ok: {path} ({cfg.stage.name}) on {layout.describe()}", flush=True)
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

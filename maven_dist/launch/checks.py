@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maven_dist.config import Config, ConfigError, load_config
+from maven_dist.launch.inputs import input_problems
 
 GPU_PARAM_THRESHOLD = 1_000_000_000
 """An LLM with at least this many parameters needs GPUs: a 7B step on CPU takes hours, so asking
@@ -161,8 +162,10 @@ def check_launch(
     overrides: list[str] | None,
     layout: Layout,
     visible_gpus: int | None = None,
+    inputs: bool = True,
 ) -> Config:
-    """Load the recipe and run every check; returns the resolved config or raises LaunchError."""
+    """Load the recipe and run every check (`inputs`: also the files it reads, launch/inputs.py); returns the
+    resolved config or raises LaunchError."""
     recipe = str(recipe)
     if not Path(recipe).is_file():
         hint = ""
@@ -180,6 +183,9 @@ def check_launch(
         raise LaunchError(f"{recipe}: {exc}") from None
     check_world_size(cfg, layout, recipe)
     check_gpus(cfg, layout, recipe, visible_gpus)
+    problems = input_problems(cfg) if inputs else []
+    if problems:
+        raise LaunchError(f"{recipe}: its inputs are not ready:\n  - " + "\n  - ".join(problems))
     return cfg
 
 
@@ -195,11 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--visible-gpus", type=int, default=None, help="GPUs to assume present (default: count them)"
     )
+    parser.add_argument(
+        "--skip-inputs", action="store_true", help="check the layout only, not the files the stage reads"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     layout = Layout(args.nodes, args.tasks_per_node, args.gpus_per_node)
     try:
-        cfg = check_launch(args.recipe, args.overrides, layout, args.visible_gpus)
+        cfg = check_launch(args.recipe, args.overrides, layout, args.visible_gpus, not args.skip_inputs)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

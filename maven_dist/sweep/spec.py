@@ -30,7 +30,8 @@ from pathlib import Path
 
 import yaml
 
-STAGES = ("stage1", "stage2", "stage3", "stage4")
+from maven_dist.config import STAGE_NAMES
+
 TOP_KEYS = {"name", "recipe", "experiment", "set", "shared", "grid", "arms"}
 ARM_KEYS = {"set", "stage_set"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,=-]{0,99}$")
@@ -86,15 +87,15 @@ def load_sweep(path: str | Path) -> Sweep:
         raise SweepError(f"{path}: unknown keys {unknown}; a sweep has {sorted(TOP_KEYS)}")
     name = _name(raw.get("name"), path, "name")
     recipe = (path.parent / str(raw.get("recipe", ""))).resolve()
-    if not raw.get("recipe") or not all((recipe / f"{s}.yaml").is_file() for s in STAGES):
+    if not raw.get("recipe") or not all((recipe / f"{s}.yaml").is_file() for s in STAGE_NAMES):
         raise SweepError(f"{path}: recipe {raw.get('recipe')!r} is not a recipe directory (stage1..4.yaml)")
     shared = raw.get("shared", [])
     if not isinstance(shared, list) or not all(isinstance(s, str) for s in shared):
         raise SweepError(f"{path}: shared takes a list of stage names, got {shared!r}")
     shared = tuple(shared)
-    bad = sorted(set(shared) - set(STAGES))
+    bad = sorted(set(shared) - set(STAGE_NAMES))
     if bad:
-        raise SweepError(f"{path}: shared stages {bad} are not stages of a recipe ({list(STAGES)})")
+        raise SweepError(f"{path}: shared stages {bad} are not stages of a recipe ({list(STAGE_NAMES)})")
     arms = [*_grid_arms(raw.get("grid") or {}, path), *_named_arms(raw.get("arms") or {}, path)]
     if not arms:
         raise SweepError(f"{path}: no arms; give a grid or arms")
@@ -138,8 +139,10 @@ def _named_arms(arms: dict, path: Path) -> list[Arm]:
         if not isinstance(body, dict) or set(body) - ARM_KEYS:
             raise SweepError(f"{path}: arm {name!r} takes {sorted(ARM_KEYS)}")
         per_stage = body.get("stage_set") or {}
-        if not isinstance(per_stage, dict) or set(per_stage) - set(STAGES):
-            raise SweepError(f"{path}: arm {name!r}: stage_set maps stage names {list(STAGES)} to overrides")
+        if not isinstance(per_stage, dict) or set(per_stage) - set(STAGE_NAMES):
+            raise SweepError(
+                f"{path}: arm {name!r}: stage_set maps stage names {list(STAGE_NAMES)} to overrides"
+            )
         stage_overrides = tuple(
             f"{stage}:{item}" for stage, items in per_stage.items() for item in _strings(items, path, name)
         )

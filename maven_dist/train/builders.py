@@ -9,7 +9,7 @@ from typing import Literal
 
 from transformers import AutoTokenizer
 
-from maven_dist.config import Config, ConfigError
+from maven_dist.config import STAGE_NAMES, Config, ConfigError
 from maven_dist.contract.vocab import VocabLayout, extend_tokenizer
 from maven_dist.data.image_transform import ImageTransform
 from maven_dist.data.templates import CHAT_TEMPLATES
@@ -21,8 +21,6 @@ from maven_dist.parallel.dims import ParallelDims
 from maven_dist.parallel.distributed import DistEnv, print0
 from maven_dist.parallel.engine import Engine
 from maven_dist.parallel.local import LocalEngine
-
-STAGE_NAMES = ("stage1", "stage2", "stage3", "stage4")
 
 
 @dataclass(frozen=True)

@@ -83,10 +83,10 @@ def test_gpu_recipe_without_gpus_is_refused() -> None:
     with pytest.raises(
         LaunchError, match=r"~6\.\dB-parameter LLM, which needs GPUs, but this launch asks for none"
     ):
-        check_launch(SEVEN_B, [], Layout(1, 8, 0), visible_gpus=0)
+        check_launch(SEVEN_B, [], Layout(1, 8, 0), visible_gpus=0, inputs=False)
     with pytest.raises(LaunchError, match="needs GPUs, but no CUDA device is visible"):
-        check_launch(SEVEN_B, [], Layout(1, 8, 8), visible_gpus=0)
-    check_launch(SEVEN_B, [], Layout(1, 8, 8), visible_gpus=8)
+        check_launch(SEVEN_B, [], Layout(1, 8, 8), visible_gpus=0, inputs=False)
+    check_launch(SEVEN_B, [], Layout(1, 8, 8), visible_gpus=8, inputs=False)
 
 
 def test_requested_gpus_must_exist_and_match_tasks() -> None:
@@ -113,6 +113,29 @@ def test_cli_exit_codes_and_messages(tmp_path: Path) -> None:
     assert bad.stderr.startswith("error: recipe ") and "missing.yaml does not exist" in bad.stderr
     # --visible-gpus: the submitting machine vouches for the compute nodes' GPUs
     gpu = _cli(
-        SEVEN_B, "--nodes", "1", "--tasks-per-node", "8", "--gpus-per-node", "8", "--visible-gpus", "8"
-    )
+        SEVEN_B, "--nodes", "1", "--tasks-per-node", "8", "--gpus-per-node", "8", "--visible-gpus", "8",
+        "--skip-inputs",
+    )  # fmt: skip
     assert gpu.returncode == 0, gpu.stderr
+
+
+def _maven_launch_check(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "maven_dist.cli", "launch", "--check", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_launch_check_validates_every_stage_and_names_a_missing_shard_directory(tiny_assets, tmp_path):
+    """Demo assets in place of a cluster's files: every stage's models, shards and columns are found; one
+    stage pointed at a missing shard directory fails at once, naming it and the command that makes it."""
+    ready = ["--set", f"run_dir={tiny_assets.root}", "--set", "demo.enabled=false"]
+    ok = _maven_launch_check("recipes/tiny", *ready)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count("ok: ") == 4
+    missing = tmp_path / "shards" / "llava_665k"
+    bad = _maven_launch_check("recipes/tiny/stage4.yaml", *ready, "--set", f"data.path={missing}")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert f"data.path={missing} holds no shards" in bad.stderr and "maven prepare" in bad.stderr
+    nolabels = _maven_launch_check(
+        "recipes/tiny/stage1.yaml", *ready, "--set", f"data.path={tiny_assets.root}/data/conversations"
+    )
+    assert nolabels.returncode == 2 and "'patch_labels'" in nolabels.stderr, nolabels.stderr
