@@ -404,3 +404,62 @@ def test_a_keep_ratio_the_shards_do_not_fit_stops_before_training_unless_allowed
     assert loader.too_long == count
     _take(loader, loader.batches_per_epoch - count)
     assert loader.num_skipped == count, "the estimate is exact for conversations in their prepared template"
+
+
+def test_several_shard_directories_are_read_as_one_data_set(world, tmp_path):
+    # Stage 1 trains on COCO and Visual Genome label shards together: data.path lists both directories.
+    raw, resized = world["dirs"]["raw"], world["dirs"]["resized"]
+    one = ShardIndex(raw)
+    both = ShardIndex([raw, resized])
+    assert both.paths == list_shards(raw) + list_shards(resized)
+    assert len(both) == len(one) + len(ShardIndex(resized))
+    assert both.dir_of.tolist() == [0] * len(one) + [1] * (len(both) - len(one))
+
+    paths = [str(raw), str(resized)]
+    loader, _, _ = _loader(
+        world, view="patch_labels", path=paths, micro=4, shuffle=False, group_by_length=False
+    )
+    assert len(loader.index) == len(both)
+    seen = [i for b in _take(loader, loader.batches_per_epoch) for i in b.sample_ids]
+    # File order: all of the first directory, then the second (the same ids: both hold the same records).
+    assert (
+        seen
+        == [r["id"] for d in (raw, resized) for p in list_shards(d) for r in read_shard(p).to_pylist()][
+            : len(seen)
+        ]
+    )
+    assert len(seen) == len(both) // 4 * 4
+
+    # The fit check reads each directory's own manifest and counts over all of them.
+    longest = int(one.lengths.max())
+    with pytest.raises(DataError, match=r"samples in \[.*raw, .*resized\] no longer fit") as err:
+        _loader(world, path=paths, micro=1, keep_ratio=1.0, max_length=longest)
+    single = _loader(world, micro=1, keep_ratio=1.0, max_length=longest, allow_too_long=True)[0].too_long
+    assert int(str(err.value).split(" of ")[0]) == 2 * single > 0
+
+    bare = tmp_path / "bare"
+    options = PrepareOptions(
+        image_root=world["synth"].image_root, out_dir=bare, tokenizer_dir=world["tok"], num_codes=NUM_CODES,
+        num_patches=GRID * GRID, shard_size=64, num_workers=0, progress=False,
+    )  # fmt: skip
+    prepare([world["synth"].captions_json], options)
+    with pytest.raises(DataError, match="several data.path directories need the same columns"):
+        ShardIndex([raw, bare])
+
+
+def test_data_path_is_a_directory_or_a_list_of_them(tmp_path):
+    from maven_dist.config import ConfigError, load_config
+
+    assert load_config(None, ["data.path=a/shards"]).data.paths == ["a/shards"]
+    cfg = load_config(None, ["data.path=[a/coco, b/vg]"])
+    assert cfg.data.path == ["a/coco", "b/vg"] and cfg.data.paths == ["a/coco", "b/vg"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  path: [x/stage1_coco, x/stage1_vg]\n")
+    assert load_config(recipe).data.paths == ["x/stage1_coco", "x/stage1_vg"]
+    for bad, match in (
+        ("[]", "non-empty list"),
+        ("[a, a]", "lists a directory twice"),
+        ("[a, 3]", r"data.path\[1\]"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [f"data.path={bad}"])
