@@ -237,11 +237,18 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")  # fmt: skip
+
+
 def tokenizer_hash(tokenizer_dir: Path) -> str:
-    """What identifies a tokenizer's files (recorded in the shards' manifest)."""
+    """What identifies a tokenizer (recorded in the shards' manifest): its own files only, so an LLM
+    directory's model config (Vicuna-7B vs -13B, same tokenizer) does not count."""
     h = hashlib.sha256()
-    for path in sorted(tokenizer_dir.glob("*.json")):
-        h.update(path.name.encode() + path.read_bytes())
+    for name in TOKENIZER_FILES:
+        path = tokenizer_dir / name
+        if path.is_file():
+            h.update(name.encode() + path.read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -29,10 +29,10 @@ def input_problems(cfg: Config) -> list[str]:
     if cfg.demo.enabled:
         return []
     problems = _model_problems(cfg)
-    for key in ("data.path", "data.val_path"):
-        value = cfg.data.path if key == "data.path" else cfg.data.val_path
-        if value:
-            problems += _shard_problems(cfg, key, cfg.resolve_path(value))
+    for path in cfg.data.paths:
+        problems += _shard_problems(cfg, "data.path", cfg.resolve_path(path))
+    if cfg.data.val_path:
+        problems += _shard_problems(cfg, "data.val_path", cfg.resolve_path(cfg.data.val_path))
     problems += _tracking_problems(cfg)
     return problems
 

@@ -126,7 +126,15 @@ class Zero3Engine(DeepSpeedEngineState, MicroBatchEngine):
 
     def export_state_dict(self) -> dict[str, torch.Tensor] | None:
         state = self.engine._zero3_consolidated_16bit_state_dict()
-        return state if dist.get_rank() == 0 else None
+        if dist.get_rank() != 0:
+            return None
+        # Where the world size does not divide a parameter, the gathered tensor is a view of a padded
+        # buffer; safetensors (rightly) refuses to save a tensor that does not cover its storage.
+        return {k: v if _owns_storage(v) else v.clone() for k, v in state.items()}
+
+
+def _owns_storage(t: torch.Tensor) -> bool:
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def maybe_convert_to_universal(engine_dir: Path) -> None:
