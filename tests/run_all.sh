@@ -5,7 +5,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 PYTEST=${PYTEST:-.venv/bin/pytest}
-"$PYTEST" tests --timeout=1200 -p no:cacheprovider "$@"
+# --durations: CI's log shows where the time goes (the suite must stay under 30 minutes on 2 cores).
+"$PYTEST" tests --timeout=1200 -p no:cacheprovider --durations=30 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "ERROR: pytest collected no tests (exit 5); the suite must never pass empty" >&2

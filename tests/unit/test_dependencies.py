@@ -14,7 +14,9 @@ LEFT_OUT = re.compile(r"^lmms-eval \S+ requires [\w.-]+, which is not installed\
 
 def test_pip_check_is_clean_apart_from_lmms_evals_left_out_requirements():
     out = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=300)
-    lines = [line for line in out.stdout.splitlines() if line.strip() and line != "No broken requirements found."]
+    lines = [
+        line for line in out.stdout.splitlines() if line.strip() and line != "No broken requirements found."
+    ]
     unexpected = [line for line in lines if not LEFT_OUT.match(line)]
     assert not unexpected, "\n".join(unexpected)
 

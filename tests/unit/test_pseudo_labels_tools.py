@@ -102,6 +102,7 @@ def test_stage1_trains_from_labels_written_by_the_tools(tmp_path):
         [
             f"run_dir={run}",
             "demo.num_images=24",
+            "data.val_fraction=0",  # 24 images: every sample trains
             "stage.max_steps=4",
             "tracking.enabled=false",
             "data.num_workers=0",
