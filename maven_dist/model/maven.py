@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
 from maven_dist.contract.batch import Batch
-from maven_dist.contract.vocab import IGNORE_INDEX, VocabLayout
+from maven_dist.contract.vocab import VocabLayout
 from maven_dist.model import hf_layout
 from maven_dist.model.frontend import MavenFrontEnd, SequenceInputs, eos_input_length, h_eos_spread
+from maven_dist.model.lm_loss import UnifiedHeadLoss, labelled_rows
 from maven_dist.model.selector import selector_bce, selector_metrics
 from maven_dist.model.spec import MavenSpec
 from maven_dist.model.vocab_init import RowInit, init_new_rows
@@ -75,6 +75,7 @@ class MavenModel(MavenFrontEnd):
         super().__init__(tower, layout, spec, hidden)
         self.llm = llm
         self.vocab_new_rows = NewVocabRows(layout.num_new_rows, hidden)
+        self.lm_loss = UnifiedHeadLoss()
         self.image_processor_config: dict | None = None
 
     def text_embedding(self) -> nn.Module:
@@ -335,29 +336,35 @@ class MavenModel(MavenFrontEnd):
             num_input_tokens=batch.num_images * eos_input_length(self.spec),
         )
 
-    def lm_logits(self, batch: Batch, views: Sequence[str]) -> tuple[torch.Tensor, SequenceInputs]:
-        """The training path's unified-vocabulary logits [B, T, V] (fp32) at every position, and the
-        assembled inputs they were computed from."""
+    def head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unified head's weight matrices in vocabulary order: the LLM's text rows, the new rows."""
+        return self.llm.get_output_embeddings().weight, self.vocab_new_rows.head.weight
+
+    def lm_hidden(self, batch: Batch, views: Sequence[str]) -> tuple[torch.Tensor, SequenceInputs]:
+        """The LLM's last-layer (final-norm) states [B, T, d] of the assembled batch, and its inputs."""
         inputs = self.sequence_inputs(batch, views, self.eos_states)
         hidden = self.llm.model(
             inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask, use_cache=False
         ).last_hidden_state
+        return hidden, inputs
+
+    def lm_logits(self, batch: Batch, views: Sequence[str]) -> tuple[torch.Tensor, SequenceInputs]:
+        """The unified-vocabulary logits [B, T, V] (fp32) at every position, and the assembled inputs
+        they were computed from (tests and scoring; the training loss never builds them)."""
+        hidden, inputs = self.lm_hidden(batch, views)
         return self.logits(hidden).float(), inputs
 
     def lm_forward(self, batch: Batch, views: Sequence[str]) -> ModelOutput:
-        all_logits, inputs = self.lm_logits(batch, views)
-        logits = all_logits[:, :-1]
-        targets = inputs.labels[:, 1:]
-        token_loss = F.cross_entropy(
-            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        labelled = targets != IGNORE_INDEX
-        num_tokens = int(labelled.sum())
+        hidden, inputs = self.lm_hidden(batch, views)
+        # Only labelled positions reach the head, a chunk at a time (``maven_dist/model/lm_loss.py``).
+        rows, targets = labelled_rows(hidden, inputs.labels)
+        token_loss = self.lm_loss(rows, targets, self.head_weights)
+        num_tokens = targets.shape[0]
         loss = token_loss.sum() / max(num_tokens, 1)
         per_image = self.visual_tokens_per_image(views)
         metrics = {"loss/lm": loss.detach(), "model/visual_tokens_per_image": torch.tensor(float(per_image))}
         is_visual = targets >= self.layout.text_size
-        for name, sel in (("lm_text", labelled & ~is_visual), ("lm_visual_codes", labelled & is_visual)):
+        for name, sel in (("lm_text", ~is_visual), ("lm_visual_codes", is_visual)):
             if sel.any():
                 metrics[f"loss/{name}"] = token_loss[sel].mean().detach()
         metrics |= _spread_metric(inputs.h_eos)

@@ -20,7 +20,8 @@ e bytes per activation), counted from what ``TPDecoderLayer`` saves for backward
 log-sum-exp, not the s x s scores, but materialises the s x s mask):
 ``e * b * s * (6h + 2 * head_dim + (4h + 4f + heads) / t + s)``. With gradient checkpointing only
 each layer's input (``e * s * b * h``) is kept, plus one layer recomputed at a time. The loss keeps
-four fp32 logit-sized tensors, ``16 * s * b * V / t``. With 1F1B, pipeline stage 0 keeps
+the labelled rows' hidden states (at most ``e * s * b * h``) and works on one chunk of at most
+``LOSS_CHUNK_ROWS`` rows at a time, four fp32 logit-sized tensors of it: ``16 * min(s * b, 1024) * V / t``. With 1F1B, pipeline stage 0 keeps
 ``min(pp, gas)`` micro-batches of its layers in flight. The vision tower runs without autograd and
 is not counted. Checked against the tiny CPU runs in ``tests/unit/test_plan.py`` and
 ``tests/distributed/test_3d_engine.py`` (errors in docs/parallel_3d.md).
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from maven_dist.config import Config, ConfigError, load_config
 from maven_dist.contract.lengths import num_kept_patches
 from maven_dist.contract.vocab import VocabLayout
+from maven_dist.model.lm_loss import LOSS_CHUNK_ROWS
 
 GB = 1024**3
 
@@ -128,9 +130,14 @@ def _trainable(cfg: Config, part: str) -> bool:
 
 
 def _head_logits_bytes(cfg: Config, layout: VocabLayout, tp: int) -> float:
-    """The last stage's logit-sized fp32 tensors autograd keeps: the two head outputs, their
-    concatenation and the cross-entropy's softmax (4 x 4 bytes per vocabulary entry)."""
-    return 16 * sequence_length(cfg) * cfg.stage.micro_batch_size * layout.padded_size / tp
+    """The loss's activations: the labelled rows' hidden states it keeps (at most every position's), and
+    while a chunk runs its logit-sized fp32 tensors (the two head outputs, their concatenation and the
+    softmax or its gradient: 16 bytes per vocabulary entry) for at most ``LOSS_CHUNK_ROWS`` rows. The
+    loss never holds the logits of the whole micro-batch (``maven_dist/model/lm_loss.py``)."""
+    e, _ = _bytes(cfg)
+    positions = sequence_length(cfg) * cfg.stage.micro_batch_size
+    rows = e * positions * cfg.model.llm.hidden_size
+    return rows + 16 * min(positions, LOSS_CHUNK_ROWS) * layout.padded_size / tp
 
 
 def estimate_zero3(cfg: Config, layout: VocabLayout, world: int) -> MemoryEstimate:

@@ -46,8 +46,9 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from maven_dist.contract.batch import Batch
-from maven_dist.contract.vocab import IGNORE_INDEX, VocabLayout
+from maven_dist.contract.vocab import VocabLayout
 from maven_dist.model.frontend import MavenFrontEnd, eos_input_length
+from maven_dist.model.lm_loss import LOSS_CHUNK_ROWS, chunked_token_losses, labelled_rows
 from maven_dist.model.maven import maybe_skip_hf_init
 from maven_dist.model.spec import MavenSpec
 from maven_dist.parallel.megatron_llama import LlamaShape, PipeTuple, RMSNorm, _no_init
@@ -108,13 +109,15 @@ class InputStage(MavenFrontEnd):
 
 
 class OutputStage(nn.Module):
-    """Final norm, vocabulary-parallel head, mean cross-entropy over the micro-batch's labelled tokens."""
+    """Final norm, vocabulary-parallel head, mean cross-entropy over the micro-batch's labelled tokens
+    (computed on the labelled rows only, in checkpointed chunks)."""
 
     def __init__(self, shape: LlamaShape, layout: VocabLayout, config: ModelParallelConfig):
         super().__init__()
         _check_vocab_tp(layout, config.tensor_model_parallel_size)
         self.layout = layout
         self.tp = config.tensor_model_parallel_size
+        self.chunk_rows = LOSS_CHUNK_ROWS
         d = shape.hidden_size
         head = dict(config=config, init_method=_no_init, bias=False, gather_output=False, skip_bias_add=True)
         self.norm = RMSNorm(d, shape.rms_norm_eps)
@@ -145,22 +148,25 @@ class OutputStage(nn.Module):
         new_pos = (new // n) * (t + n) + t + new % n
         return torch.where(is_text, text_pos, new_pos)
 
-    def token_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token next-token CE [B, T-1] and the labelled mask."""
-        logits = self.local_logits(self.norm(hidden[:, :-1])).float()
-        targets = labels[:, 1:]
-        labelled = targets != IGNORE_INDEX
-        safe = self.sharded_targets(torch.where(labelled, targets, torch.zeros_like(targets)))
-        # megatron wants [s, b, v/tp]; the loss is elementwise so a transpose is all it takes.
-        losses = vocab_parallel_cross_entropy(
-            logits.transpose(0, 1).contiguous(), safe.transpose(0, 1).contiguous()
-        )
-        return losses.transpose(0, 1) * labelled, labelled
+    def token_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token CE [N] of the labelled positions (row-major), as ``MavenModel``'s loss: only
+        labelled rows reach the head, a chunk at a time (``maven_dist/model/lm_loss.py``). Every tp
+        rank of a pipeline stage holds the same micro-batch, so all run the same chunks and collectives."""
+        rows, targets = labelled_rows(hidden, labels)
+
+        def chunk_loss(r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            logits = self.local_logits(self.norm(r)).float()
+            # megatron takes [s, b, v/tp]: each labelled row is a sequence of one.
+            return vocab_parallel_cross_entropy(
+                logits.unsqueeze(1), self.sharded_targets(t).unsqueeze(1)
+            ).squeeze(1)
+
+        return chunked_token_losses(rows, targets, chunk_loss, self.chunk_rows)
 
     def forward(self, inputs: PipeTuple) -> torch.Tensor:
         hidden, _, labels = inputs
-        losses, labelled = self.token_losses(hidden, labels)
-        return losses.sum() / labelled.sum().clamp(min=1)
+        losses = self.token_losses(hidden, labels)
+        return losses.sum() / max(losses.shape[0], 1)
 
 
 @torch.no_grad()

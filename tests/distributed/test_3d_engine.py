@@ -91,7 +91,7 @@ def reference(maven_dir: Path, stage: str) -> dict:
 
 
 def check_planner_model_states(memory: list[dict], tp: int, pp: int) -> None:
-    from maven_dist.parallel.memory_plan import estimate_3d_stages
+    from maven_dist.parallel.memory_plan import _head_logits_bytes, estimate_3d_stages
     from tests.unit.test_plan import LAYOUT, TINY
 
     cfg = load_config("recipes/tiny/stage4.yaml", TINY)
@@ -101,6 +101,9 @@ def check_planner_model_states(memory: list[dict], tp: int, pp: int) -> None:
             assert (rank["params"], rank["optimizer"]) == (est.params, est.optimizer), (
                 f"stage {stage}: {rank} vs {est}"
             )
+    # The loss's measured peak on a tp rank stays within the planner's bound (docs/parallel_3d.md).
+    for rank in (m for m in memory if "head_peak" in m):
+        assert 0 < rank["head_peak"] <= _head_logits_bytes(cfg, LAYOUT, tp), rank
 
 
 def assert_rel(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str) -> None:

@@ -53,11 +53,21 @@ def test_frozen_parameters_bitwise_unchanged_and_no_optimizer_state(tiny_base, s
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", ["stage4", "stage2"])
-def test_zero3_two_ranks_match_one_process(tiny_base, tmp_path, stage):
+@pytest.mark.parametrize(
+    ("stage", "partitioned"),
+    [
+        ("stage4", False),
+        ("stage2", False),
+        # Every parameter partitioned, as at 7B: the loss reads the head's weights itself (issue 16),
+        # and ZeRO-3 must gather them for its forward and its backward.
+        pytest.param("stage4", True, id="stage4-partitioned"),
+    ],
+)
+def test_zero3_two_ranks_match_one_process(tiny_base, tmp_path, stage, partitioned):
     base_dir = tiny_base.llm_dir.parent
     out = tmp_path / "zero3.pt"
-    torchrun(2, ["tests/distributed/zero3_engine_worker.py", str(base_dir), str(out), stage, str(STEPS)])
+    args = [str(base_dir), str(out), stage, str(STEPS)] + (["partitioned"] if partitioned else [])
+    torchrun(2, ["tests/distributed/zero3_engine_worker.py", *args])
     result = torch.load(out, weights_only=True)
     setup, engine, _, ref_losses = run_reference(base_dir, stage)
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=0)

@@ -29,6 +29,7 @@ from maven_dist.parallel.dims import ParallelDims  # noqa: E402
 from maven_dist.parallel.distributed import init_distributed  # noqa: E402
 from maven_dist.parallel.three_d import ThreeDEngine  # noqa: E402
 from tests.helpers.batches import make_batch  # noqa: E402
+from tests.helpers.memory import peak_allocated_bytes  # noqa: E402
 from tests.helpers.steps import manifest_for, train_steps  # noqa: E402
 
 NUM_CODES = 8
@@ -163,9 +164,16 @@ def measured_memory(engine: ThreeDEngine, batch) -> dict:
         result |= {"layer_act": saved.total, "seq": int(hidden.shape[1]), "rows": int(hidden.shape[0])}
         head = engine.local_layers.get(engine.num_layers + 1)
         if head is not None:
-            with SavedBytes() as saved:
-                head((out[0].detach().requires_grad_(True), x[1], x[2]))
-            result["head_act"] = saved.total
+            # The loss's activation peak over forward and backward (collective over tp: every tp rank
+            # runs it). The head's weights are frozen meanwhile: their gradients are counted apart, and
+            # DeepSpeed's gradient hooks would allocate its reduction buckets here.
+            head_input = (out[0].detach().requires_grad_(True), x[1], x[2])
+            trainable = [p for p in head.parameters() if p.requires_grad]
+            for p in trainable:
+                p.requires_grad_(False)
+            result["head_peak"] = peak_allocated_bytes(lambda: head(head_input).backward())
+            for p in trainable:
+                p.requires_grad_(True)
     return result
 
 

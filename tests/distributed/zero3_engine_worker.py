@@ -1,8 +1,11 @@
 """Worker for test_zero3_engine.py: train a tiny MaVEn under ZeRO-3 on every rank of a gloo group.
 
-argv: BASE_DIR OUT_FILE STAGE STEPS. Rank r takes micro-batch r of each global step; rank 0 saves
-the per-step losses (averaged over ranks), the validation losses of the trained model over the first
-VAL_BATCHES micro-batches (rank r evaluates every dp-th) and the final gathered weights.
+argv: BASE_DIR OUT_FILE STAGE STEPS [partitioned]. Rank r takes micro-batch r of each global step;
+rank 0 saves the per-step losses (averaged over ranks), the validation losses of the trained model over
+the first VAL_BATCHES micro-batches (rank r evaluates every dp-th) and the final gathered weights.
+
+`partitioned`: every parameter is partitioned, however small (stage3_param_persistence_threshold 0),
+as the 7B head and embeddings are; at the default threshold the tiny model's all stay whole.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from maven_dist.parallel import zero3  # noqa: E402
 from maven_dist.parallel.dims import ParallelDims  # noqa: E402
 from maven_dist.parallel.distributed import init_distributed  # noqa: E402
 from maven_dist.parallel.zero3 import Zero3Engine  # noqa: E402
@@ -27,6 +31,15 @@ VAL_BATCHES = 4
 def main() -> None:
     base_dir, out_file, stage, steps = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     env = init_distributed()
+    if sys.argv[5:] == ["partitioned"]:
+        build = zero3.build_ds_config
+
+        def partition_everything(*args, **kwargs) -> dict:
+            config = build(*args, **kwargs)
+            config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+            return config
+
+        zero3.build_ds_config = partition_everything
     setup = build_stage_setup(base_dir, stage)
     dims = ParallelDims.build(setup.cfg.parallel, env.world_size)
     accumulation = dims.accumulation_steps(
