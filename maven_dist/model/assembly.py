@@ -7,6 +7,10 @@ Per image, in this order (DESIGN §1)::
 
 Either view can be left out (stage 2 uses only the discrete one, stage 3 only the continuous one).
 Visual positions never carry a label.
+
+The assembly is index arithmetic over the whole batch (a cumulative sum gives every token its output
+position, two scatters place the text and the image blocks): no Python loop over samples or images,
+and a few host synchronisations per micro-batch whatever its size (issue 16).
 """
 
 from __future__ import annotations
@@ -45,35 +49,32 @@ def assemble_sequences(
         raise ValueError(
             f"batch has {num_placeholders} image placeholders but {visual_embeds.shape[0]} images"
         )
+    rows, num_visual, d = input_ids.shape[0], visual_embeds.shape[1], visual_embeds.shape[-1]
+    valid = attention_mask.bool()
+    is_image = valid & (input_ids == IMAGE_PLACEHOLDER_ID)
+    is_text = valid & ~is_image
+    # Each real token takes one output position, each placeholder its image's block; a token's first
+    # output position is the number of positions taken before it in its row (after the left padding).
+    width = torch.where(is_image, num_visual, is_text.long())
+    row_length = width.sum(dim=1)
+    length = int(row_length.max()) if rows else 0
+    pad = length - row_length if padding_side == "left" else torch.zeros_like(row_length)
+    first = width.cumsum(dim=1) - width + pad.unsqueeze(1)
+
+    out_e = visual_embeds.new_zeros(rows, length, d)
+    text_rows, text_cols = is_text.nonzero(as_tuple=True)
+    text_embeds = embed(input_ids[text_rows, text_cols].clamp(min=0))
+    out_e[text_rows, first[text_rows, text_cols]] = text_embeds.to(out_e.dtype)
+    # Images in batch order are the placeholders in row-major order (nonzero's order).
+    image_rows, image_cols = is_image.nonzero(as_tuple=True)
+    block = first[image_rows, image_cols].unsqueeze(1) + torch.arange(num_visual, device=first.device)
+    out_e[image_rows.unsqueeze(1).expand_as(block), block] = visual_embeds[: image_rows.shape[0]]
+
+    positions = torch.arange(length, device=attention_mask.device)
+    real = (positions >= pad.unsqueeze(1)) & (positions < (pad + row_length).unsqueeze(1))
+    out_m = real.to(attention_mask.dtype)
     if labels is None:
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        keep_labels = False
-    else:
-        keep_labels = True
-    d = visual_embeds.shape[-1]
-    text_embeds = embed(input_ids.clamp(min=0))
-    rows_embeds, rows_labels = [], []
-    image = 0
-    for b in range(input_ids.shape[0]):
-        valid = attention_mask[b].bool()
-        ids, lab, emb = input_ids[b][valid], labels[b][valid], text_embeds[b][valid]
-        cuts = (ids == IMAGE_PLACEHOLDER_ID).nonzero().flatten().tolist()
-        pieces_e, pieces_l, start = [], [], 0
-        for cut in cuts:
-            pieces_e += [emb[start:cut], visual_embeds[image]]
-            pieces_l += [lab[start:cut], lab.new_full((visual_embeds.shape[1],), IGNORE_INDEX)]
-            image, start = image + 1, cut + 1
-        pieces_e.append(emb[start:])
-        pieces_l.append(lab[start:])
-        rows_embeds.append(torch.cat(pieces_e))
-        rows_labels.append(torch.cat(pieces_l))
-    length = max(r.shape[0] for r in rows_embeds)
-    out_e = visual_embeds.new_zeros(len(rows_embeds), length, d)
-    out_l = labels.new_full((len(rows_embeds), length), IGNORE_INDEX)
-    out_m = attention_mask.new_zeros(len(rows_embeds), length)
-    for b, (e, lab) in enumerate(zip(rows_embeds, rows_labels, strict=True)):
-        where = slice(0, e.shape[0]) if padding_side == "right" else slice(length - e.shape[0], length)
-        out_e[b, where] = e
-        out_l[b, where] = lab
-        out_m[b, where] = 1
-    return out_e, out_l if keep_labels else None, out_m
+        return out_e, None, out_m
+    out_l = labels.new_full((rows, length), IGNORE_INDEX)
+    out_l[text_rows, first[text_rows, text_cols]] = labels[text_rows, text_cols]
+    return out_e, out_l, out_m
