@@ -26,6 +26,7 @@ Part = Literal["llm", "vocab_new_rows", "projector", "selector", "vision_tower"]
 View = Literal["discrete", "continuous"]
 StageName = Literal["stage1", "stage2", "stage3", "stage4"]
 STAGE_NAMES: tuple[str, ...] = get_args(StageName)
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 DataFormat = Literal["patch_labels", "discrete_alignment", "captions", "conversations"]
 
 
@@ -51,6 +52,9 @@ class LLMConfig:
     """SwiGLU inner width (random init only)."""
     max_position_embeddings: int = 4096
     """Longest position the RoPE tables cover (random init only)."""
+    attn_implementation: AttnImplementation = "sdpa"
+    """Attention kernel: `sdpa` (torch's fused attention), `eager` (plain matmul-softmax, for debugging),
+    `flash_attention_2` (CUDA with the flash-attn package; local and zero3 backends only)."""
 
     def validate(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -496,6 +500,17 @@ class Config:
         self.tracking.validate()
         self.eval.validate()
         self._validate_stage_data()
+        if self.parallel.backend == "3d" and self.model.llm.attn_implementation == "flash_attention_2":
+            raise ConfigError(
+                "model.llm.attn_implementation=flash_attention_2 with parallel.backend=3d: the 3D decoder "
+                "(megatron-core layers) runs its own attention, torch SDPA (a fused kernel on GPU) or eager; "
+                "set model.llm.attn_implementation=sdpa, or use parallel.backend=zero3 for flash-attn"
+            )
+        if self.model.llm.attn_implementation == "flash_attention_2" and self.stage.dtype == "fp32":
+            raise ConfigError(
+                "model.llm.attn_implementation=flash_attention_2 with stage.dtype=fp32: flash-attn runs in "
+                "bf16/fp16 only; set stage.dtype=bf16, or model.llm.attn_implementation=sdpa"
+            )
         tp = self.parallel.tp
         if self.model.vocab.pad_to_multiple_of % (128 * tp):
             raise ConfigError(
@@ -546,6 +561,11 @@ class Config:
         d["data"].pop("val_path")
         d["data"].pop("allow_too_long")  # a gate before training: the samples it lets through are skipped
         d["data"].pop("num_workers")  # the loader resumes exactly with any worker count
+        # The attention kernel changes the numerics in the last bits, so it is part of the recipe (a run
+        # resumed on another kernel would not reproduce its losses). Left out at its default, sdpa, which
+        # is what the LLM ran with before the key existed: those checkpoints still resume.
+        if d["model"]["llm"].get("attn_implementation") == "sdpa":
+            del d["model"]["llm"]["attn_implementation"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -11,6 +11,7 @@ what trains (``maven_dist/model/parts.py``). Two forward paths, chosen by the st
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
+from maven_dist.config import ConfigError
 from maven_dist.contract.batch import Batch
 from maven_dist.contract.vocab import VocabLayout
 from maven_dist.model import hf_layout
@@ -94,13 +96,18 @@ class MavenModel(MavenFrontEnd):
         layout: VocabLayout,
         spec: MavenSpec,
         init_weights: bool = True,
+        attn_implementation: str = "sdpa",
     ) -> MavenModel:
         """A model of the given shapes. With `init_weights=False` the LLM and tower are left uninitialised
         (their weights are loaded next): faster, and required under ZeRO-3's partitioned construction,
-        where HF's post-init would index into empty parameter shards."""
+        where HF's post-init would index into empty parameter shards. `attn_implementation` is the
+        LLM's attention kernel (``model.llm.attn_implementation``)."""
+        check_attn_implementation(attn_implementation)
         llm_config = _with_vocab_size(llm_config, layout.text_size)
         with maybe_skip_hf_init(not init_weights):
-            llm = AutoModelForCausalLM.from_config(llm_config, dtype=torch.float32)
+            llm = AutoModelForCausalLM.from_config(
+                llm_config, dtype=torch.float32, attn_implementation=attn_implementation
+            )
             tower = CLIPVisionModel(tower_config)
         return cls(llm, tower, layout, spec)
 
@@ -114,6 +121,7 @@ class MavenModel(MavenFrontEnd):
         seed: int = 0,
         copy_fn: CopyFn | None = None,
         embed_init: RowInit = "text_distribution",
+        attn_implementation: str = "sdpa",
     ) -> MavenModel:
         """The first stage's start: base LLM and CLIP tower from local HF directories; the new vocabulary
         rows drawn from a Gaussian fitted to the text rows (input rows per `embed_init`, head rows at
@@ -125,6 +133,7 @@ class MavenModel(MavenFrontEnd):
             layout,
             spec,
             init_weights=False,
+            attn_implementation=attn_implementation,
         )
         copy = copy_fn or copy_param
         text_rows: dict[str, torch.Tensor] = {}
@@ -155,7 +164,11 @@ class MavenModel(MavenFrontEnd):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, spec_overrides: dict | None = None, copy_fn: CopyFn | None = None
+        cls,
+        directory: str | Path,
+        spec_overrides: dict | None = None,
+        copy_fn: CopyFn | None = None,
+        attn_implementation: str = "sdpa",
     ) -> MavenModel:
         """Load a saved MaVEn directory (see ``hf_layout``). `spec_overrides` may change settings that
         do not affect weight shapes (keep_ratio, select_layer, label_threshold)."""
@@ -169,6 +182,7 @@ class MavenModel(MavenFrontEnd):
             layout,
             spec,
             init_weights=False,
+            attn_implementation=attn_implementation,
         )
         copy = copy_fn or copy_param
         loaded = set()
@@ -393,6 +407,22 @@ def maybe_skip_hf_init(skip: bool):
     # prevent_arange_dtype_change keeps RoPE's inv_freq in fp32 under zero.Init's dtype casting.
     with no_init_weights(), prevent_arange_dtype_change():
         yield
+
+
+def check_attn_implementation(name: str) -> None:
+    """Refuse an attention kernel this machine cannot run, before any weights are read."""
+    key = f"model.llm.attn_implementation={name}"
+    if name not in ("sdpa", "eager", "flash_attention_2"):
+        raise ConfigError(f"{key} is not allowed; choose one of sdpa, eager, flash_attention_2")
+    if name != "flash_attention_2":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key} needs a CUDA device and none is visible; use sdpa (the default) here")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            f"{key} needs the flash-attn package, which is not installed "
+            "(pip install flash-attn --no-build-isolation); or use sdpa (the default)"
+        )
 
 
 def _with_vocab_size(config, vocab_size: int):

@@ -136,13 +136,24 @@ def attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class TPAttention(nn.Module):
-    """Grouped-query self-attention; each tp rank holds num_heads/tp query and num_kv_heads/tp kv heads."""
+    """Grouped-query self-attention; each tp rank holds num_heads/tp query and num_kv_heads/tp kv heads.
 
-    def __init__(self, shape: LlamaShape, config: ModelParallelConfig):
+    ``attn_implementation`` (``model.llm.attn_implementation``): `sdpa` is torch's
+    ``scaled_dot_product_attention`` (on GPU a fused kernel that takes the padding mask), `eager` the
+    explicit matmul-softmax-matmul of transformers' eager LLaMA attention, for debugging. flash-attn is
+    not wired into this decoder (the config refuses it for the 3d backend)."""
+
+    def __init__(self, shape: LlamaShape, config: ModelParallelConfig, attn_implementation: str = "sdpa"):
         super().__init__()
+        if attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(
+                f"3d backend: model.llm.attn_implementation={attn_implementation!r} is not supported by its "
+                "decoder; use sdpa or eager"
+            )
         tp = config.tensor_model_parallel_size
         shape.check_tp(tp)
         self.shape = shape
+        self.attn_implementation = attn_implementation
         self.local_heads = shape.num_heads // tp
         self.local_kv_heads = shape.num_kv_heads // tp
         d, hd = shape.hidden_size, shape.head_dim
@@ -176,7 +187,12 @@ class TPAttention(nn.Module):
         groups = self.local_heads // self.local_kv_heads
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd**-0.5)
+        if self.attn_implementation == "eager":
+            scores = torch.matmul(q, k.transpose(2, 3)) * hd**-0.5
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.local_heads * hd))[0]
 
 
@@ -206,12 +222,18 @@ class TPMLP(nn.Module):
 class TPDecoderLayer(nn.Module):
     """One LLaMA block as a pipeline layer: (hidden, mask, labels) -> (hidden', mask, labels)."""
 
-    def __init__(self, shape: LlamaShape, config: ModelParallelConfig, checkpoint_activations: bool = False):
+    def __init__(
+        self,
+        shape: LlamaShape,
+        config: ModelParallelConfig,
+        checkpoint_activations: bool = False,
+        attn_implementation: str = "sdpa",
+    ):
         super().__init__()
         self.shape = shape
         self.checkpoint_activations = checkpoint_activations
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.self_attn = TPAttention(shape, config)
+        self.self_attn = TPAttention(shape, config, attn_implementation)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.mlp = TPMLP(shape, config)
 

@@ -168,8 +168,10 @@ class ThreeDEngine(DeepSpeedEngineState):
             LayerSpec(InputStage, self.shape, self.layout, self.spec, src.tower_config, self.views, tp_config)
         ]
         checkpointing = cfg.stage.gradient_checkpointing
+        attn = cfg.model.llm.attn_implementation
         specs += [
-            LayerSpec(TPDecoderLayer, self.shape, tp_config, checkpointing) for _ in range(self.num_layers)
+            LayerSpec(TPDecoderLayer, self.shape, tp_config, checkpointing, attn)
+            for _ in range(self.num_layers)
         ]
         specs += [LayerSpec(OutputStage, self.shape, self.layout, tp_config)]
         self.pipe = PipelineModule(

@@ -153,6 +153,7 @@ def spec_overrides(spec: MavenSpec) -> dict:
 
 def model_builder(cfg: Config, source: ModelSource, layout: VocabLayout, spec: MavenSpec):
     """A callable `(copy_fn=None) -> MavenModel`, so a backend can construct it in its own context."""
+    attn = cfg.model.llm.attn_implementation
     if source.kind == "base":
         return partial(
             MavenModel.from_base,
@@ -162,8 +163,9 @@ def model_builder(cfg: Config, source: ModelSource, layout: VocabLayout, spec: M
             spec,
             cfg.seed,
             embed_init=cfg.model.vocab.embed_init,
+            attn_implementation=attn,
         )
-    return partial(MavenModel.from_pretrained, source.path, spec_overrides(spec))
+    return partial(MavenModel.from_pretrained, source.path, spec_overrides(spec), attn_implementation=attn)
 
 
 def build_engine(

@@ -1,0 +1,124 @@
+"""model.llm.attn_implementation: sdpa and eager agree and train, on both decoders; flash-attn where it runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from maven_dist.config import Config, ConfigError, load_config
+from maven_dist.contract.vocab import extend_tokenizer
+from maven_dist.model.maven import MavenModel, check_attn_implementation
+from maven_dist.model.spec import MavenSpec
+from maven_dist.parallel.local import LocalEngine
+from tests.helpers.batches import make_batch
+from tests.helpers.steps import train_steps
+from tests.unit.test_plan import one_rank_model_parallel  # noqa: F401 (fixture)
+
+NUM_CODES, CODEBOOK = 8, 64
+TINY = "recipes/tiny/stage4.yaml"
+FLASH_RUNS = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def build(tiny_base, attn: str) -> MavenModel:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base.llm_dir)
+    layout = extend_tokenizer(tokenizer, CODEBOOK, 128)
+    spec = MavenSpec(
+        keep_ratio=0.25, selector_hidden_size=16, num_codes=NUM_CODES, eos_token_id=tokenizer.eos_token_id
+    )
+    return MavenModel.from_base(
+        tiny_base.llm_dir, tiny_base.tower_dir, layout, spec, seed=0, attn_implementation=attn
+    )
+
+
+def batches_of(model: MavenModel, n: int) -> list:
+    tower = model.vision_tower
+    size, patches = tower.tower.config.image_size, tower.num_patches
+    return [make_batch(model, NUM_CODES, size, patches, seed=i) for i in range(n)]
+
+
+def test_sdpa_and_eager_give_the_same_loss_and_each_trains(tiny_base):
+    stage = load_config(TINY).stage
+    losses = {}
+    for attn in ("sdpa", "eager"):
+        model = build(tiny_base, attn)
+        assert model.llm.config._attn_implementation == attn
+        batches = batches_of(model, 2)
+        engine = LocalEngine(model, stage, total_steps=2, accumulation=1)
+        losses[attn], norms = train_steps(engine, lambda step, b=batches: [b[step]], range(2))
+        assert all(map(torch.isfinite, torch.tensor(losses[attn] + norms)))
+    # Step 0 is the same weights through both kernels; step 1 after one AdamW update from each.
+    torch.testing.assert_close(torch.tensor(losses["eager"]), torch.tensor(losses["sdpa"]), rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(FLASH_RUNS, reason="flash-attn runs here")
+def test_flash_attention_is_refused_where_it_cannot_run():
+    with pytest.raises(ConfigError, match="flash_attention_2 needs"):
+        check_attn_implementation("flash_attention_2")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not FLASH_RUNS, reason="needs CUDA and the flash-attn package")
+def test_flash_attention_matches_sdpa_on_gpu(tiny_base):
+    batch = batches_of(build(tiny_base, "sdpa"), 1)[0].to("cuda")
+    losses = {}
+    for attn in ("sdpa", "flash_attention_2"):
+        model = build(tiny_base, attn).to("cuda", torch.bfloat16)
+        out = model(batch, views=("discrete", "continuous"), loss="lm")
+        out.loss.backward()
+        losses[attn] = float(out.loss.detach())
+    assert losses["flash_attention_2"] == pytest.approx(losses["sdpa"], rel=2e-2)
+
+
+def test_config_rules_and_the_fingerprint(monkeypatch):
+    with pytest.raises(ConfigError, match="parallel.backend=3d"):
+        load_config(TINY, ["model.llm.attn_implementation=flash_attention_2", "parallel.backend=3d"])
+    with pytest.raises(ConfigError, match="stage.dtype=fp32"):
+        load_config(TINY, ["model.llm.attn_implementation=flash_attention_2"])
+    with pytest.raises(ConfigError, match="not allowed"):
+        load_config(TINY, ["model.llm.attn_implementation=flash"])
+    base = load_config(TINY)
+    # At its default the key is left out, so checkpoints from before it existed still resume: the
+    # fingerprint is the one of a config without the key.
+    fingerprint = base.fingerprint()
+
+    def to_dict_without_the_key(cfg: Config) -> dict:
+        d = dataclasses.asdict(cfg)
+        d["model"]["llm"].pop("attn_implementation")
+        return d
+
+    monkeypatch.setattr(Config, "to_dict", to_dict_without_the_key)
+    assert base.fingerprint() == fingerprint
+    monkeypatch.undo()
+    # ... and another kernel is another recipe (its losses differ in the last bits).
+    assert load_config(TINY, ["model.llm.attn_implementation=eager"]).fingerprint() != base.fingerprint()
+
+
+def test_the_3d_decoder_layer_eager_equals_sdpa(one_rank_model_parallel):  # noqa: F811
+    from maven_dist.parallel.megatron_llama import LlamaShape, TPDecoderLayer, build_tp_config
+
+    config = build_tp_config(one_rank_model_parallel)
+    shape = LlamaShape(64, 128, 2, 4, 2, 16, 1e-6, 10000.0)
+    torch.manual_seed(0)
+    sdpa = TPDecoderLayer(shape, config)
+    for p in sdpa.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    eager = TPDecoderLayer(shape, config, attn_implementation="eager")
+    eager.load_state_dict(sdpa.state_dict())
+    x = torch.randn(3, 20, 64, requires_grad=True)
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, 15:] = 0  # right padding
+    outs, grads = [], []
+    for layer in (sdpa, eager):
+        out = layer.block(x, mask)
+        (out * mask.unsqueeze(-1)).sum().backward()
+        outs.append(out[mask.bool()].detach())
+        grads.append(x.grad.clone())
+        x.grad = None
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        TPDecoderLayer(shape, config, attn_implementation="flash_attention_2")
