@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -90,6 +92,41 @@ def test_stage3_and_stage4_keep_the_same_patches_of_the_same_image(model):
         stage3 = model.visual_embeds(batch.pixel_values, batch.image_codes, h, ["continuous"])
         stage4 = model.visual_embeds(batch.pixel_values, batch.image_codes, h, ["discrete", "continuous"])
     torch.testing.assert_close(stage3, stage4[:, NUM_CODES + 2 :], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("keep_ratio", "views", "runs"),
+    [
+        (0.25, ("discrete", "continuous"), True),
+        (0.25, ("continuous",), True),
+        (1.0, ("discrete", "continuous"), False),
+        (0.25, ("discrete",), False),
+    ],
+)
+def test_the_h_eos_pass_is_one_gradient_free_batch_of_every_image_and_only_where_the_selector_runs(
+    model, keep_ratio, views, runs
+):
+    """The LLM runs on the h_eos inputs of all the micro-batch's images at once, without autograd, and
+    not at all when alpha = 1 (every patch kept) or without the continuous view (nothing to select)."""
+    batch = batch_of(model)
+    calls: list[tuple[tuple[int, ...], bool]] = []
+
+    def record(module, args, kwargs):
+        calls.append((tuple(kwargs["inputs_embeds"].shape[:2]), torch.is_grad_enabled()))
+
+    spec = model.spec
+    model.spec = dataclasses.replace(spec, keep_ratio=keep_ratio)
+    hook = model.llm.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        assert model.selects_patches(views) == runs
+        out = model(batch, views=views, loss="lm")
+    finally:
+        hook.remove()
+        model.spec = spec
+    eos_shape = (batch.num_images, eos_input_length(spec))
+    assert calls[:-1] == ([(eos_shape, False)] if runs else []), calls
+    assert calls[-1][1], "the training pass runs with autograd"
+    assert ("selector/h_eos_spread" in out.metrics) == runs
 
 
 def test_h_eos_spread_is_zero_without_image_dependence_and_large_at_the_default_init(model):
