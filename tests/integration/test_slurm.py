@@ -27,7 +27,14 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 TINY = "recipes/tiny"
 # Short stages (the checkpoint at step 4 is where the preemption tests interrupt), val/loss only at the end.
-STAGE_SETS = ["--set", "stage.max_steps=12", "--set", "checkpoint.every_steps=4", "--set", "stage.eval_every=0"]
+STAGE_SETS = [
+    "--set",
+    "stage.max_steps=12",
+    "--set",
+    "checkpoint.every_steps=4",
+    "--set",
+    "stage.eval_every=0",
+]
 FINAL_STEP = 12
 JOB_TIMEOUT_S = 600
 
@@ -420,7 +427,9 @@ def test_recipe_sh_runs_the_four_chained_stages(slurm: None, tmp_path: Path) -> 
             -4000:
         ]
         assert (run / stage / "export").is_dir() and latest_step(run, stage) == 2
-        times.append((info["StartTime"], info["EndTime"]))  # read now: Slurm forgets finished jobs (MinJobAge)
+        times.append(
+            (info["StartTime"], info["EndTime"])
+        )  # read now: Slurm forgets finished jobs (MinJobAge)
     assert all(times[i][1] <= times[i + 1][0] for i in range(3)), times  # one after the other
 
 
