@@ -45,7 +45,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "synthetic": Subcommand("maven_dist.cli.synthetic", "write the synthetic shapes data set"),
     "merge": Subcommand("maven_dist.cli.merge", "sharded training checkpoint -> one HF-layout MaVEn model"),
     "compare": Subcommand(
-        "maven_dist.cli.compare", "compare runs in MLflow stores: metrics and differing params"
+        "maven_dist.cli.compare", "compare runs across MLflow stores: a row per arm, HTML/Markdown/CSV report"
     ),
     "eval": Subcommand(
         "maven_dist.eval.cli", "score a trained MaVEn on benchmarks (the synthetic set by default)"
