@@ -289,20 +289,7 @@ class ShardLoader:
         empty_batches = 0  # consecutive planned batches with no usable sample
         while True:
             batches = self.epoch_batches(self.epoch)[self.next_batch :]
-            loader = torch.utils.data.DataLoader(
-                _PlannedBatches(batches, self._reader),
-                batch_size=None,
-                shuffle=False,
-                num_workers=self.num_workers,
-                collate_fn=_unchanged,
-                multiprocessing_context="fork" if self.num_workers else None,
-                worker_init_fn=_init_worker if self.num_workers else None,
-                # The workers' base seed comes from this generator, not torch's global RNG: building an
-                # iterator (a validation pass, a new epoch) then changes nothing the training computes.
-                generator=torch.Generator().manual_seed(self.seed),
-                prefetch_factor=4 if self.num_workers else None,
-            )
-            for batch, skipped in loader:
+            for batch, skipped in self._workers(batches, prefetch_factor=4):
                 self.next_batch += 1
                 if self.next_batch == self.batches_per_epoch:
                     self.epoch, self.next_batch = self.epoch + 1, 0
@@ -326,21 +313,27 @@ class ShardLoader:
     def one_pass(self) -> Iterator[Batch]:
         """This rank's batches of one epoch in planned order (epoch 0), leaving the loader's own position
         alone: a validation pass. Every rank gets the same number of batches (whole steps only)."""
-        loader = torch.utils.data.DataLoader(
-            _PlannedBatches(self.epoch_batches(0), self._reader),
+        for batch, skipped in self._workers(self.epoch_batches(0)):
+            for message in skipped:
+                logger.warning("skipped bad sample %s", message)
+            if batch is not None:
+                yield batch
+
+    def _workers(self, batches: list[list[int]], prefetch_factor: int | None = None):
+        """(batch, skipped) for each planned batch, decoded by ``num_workers`` processes (or this one)."""
+        return torch.utils.data.DataLoader(
+            _PlannedBatches(batches, self._reader),
             batch_size=None,
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=_unchanged,
             multiprocessing_context="fork" if self.num_workers else None,
             worker_init_fn=_init_worker if self.num_workers else None,
+            # The workers' base seed comes from this generator, not torch's global RNG: building an
+            # iterator (a validation pass, a new epoch) then changes nothing the training computes.
             generator=torch.Generator().manual_seed(self.seed),
+            prefetch_factor=prefetch_factor if self.num_workers else None,
         )
-        for batch, skipped in loader:
-            for message in skipped:
-                logger.warning("skipped bad sample %s", message)
-            if batch is not None:
-                yield batch
 
     def state_dict(self) -> dict:
         return {
