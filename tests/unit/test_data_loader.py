@@ -92,12 +92,12 @@ def _cfg(
     return cfg
 
 
-def _loader(world, dp_rank=0, dp_size=1, **kw):
+def _loader(world, dp_rank=0, dp_size=1, split="train", **kw):
     tokenizer = AutoTokenizer.from_pretrained(str(world["tok"]))
     layout = extend_tokenizer(tokenizer, CODEBOOK, 128)
     cfg = _cfg(world, **kw)
     return (
-        build_loader(cfg, tokenizer, layout, dp_rank, dp_size, transform=ImageTransform(SIZE)),
+        build_loader(cfg, tokenizer, layout, dp_rank, dp_size, transform=ImageTransform(SIZE), split=split),
         tokenizer,
         layout,
     )
@@ -347,10 +347,7 @@ def test_an_epoch_without_a_usable_sample_is_an_error_not_an_endless_loop(world)
 
 
 def _split_loader(world, split, dp_rank=0, dp_size=1, **kw):
-    tokenizer = AutoTokenizer.from_pretrained(str(world["tok"]))
-    layout = extend_tokenizer(tokenizer, CODEBOOK, 128)
-    cfg = _cfg(world, **kw)
-    return build_loader(cfg, tokenizer, layout, dp_rank, dp_size, transform=ImageTransform(SIZE), split=split)
+    return _loader(world, dp_rank, dp_size, split=split, **kw)[0]
 
 
 def test_the_validation_split_is_held_out_by_id_and_read_once_per_pass(world):
