@@ -39,8 +39,16 @@ def base_ds_config(cfg: Config, dims: ParallelDims, accumulation: int) -> dict:
     }
 
 
+# DeepSpeed's CPU comm layer JIT-compiles a shared-memory all-reduce op when it starts. Only DeepSpeed
+# inference's `inference_all_reduce` uses it, never a training collective, and the C++ build costs about
+# a minute of both cores the first time a machine (or a new install path) runs a stage.
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
 def init_deepspeed_distributed() -> None:
     """DeepSpeed's comm layer adopts the process group ``init_distributed`` already created."""
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
