@@ -13,9 +13,6 @@ CPU only here; on a GPU the loop's cost is mostly its host synchronisations (a `
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import platform
 import statistics
 import time
 
@@ -23,6 +20,11 @@ import torch
 
 from maven_dist.contract.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from maven_dist.model.assembly import assemble_sequences
+
+try:  # run as a script, bench/ is on sys.path; imported from the repository root (tests), it is not
+    from _hardware import hardware
+except ModuleNotFoundError:
+    from bench._hardware import hardware
 
 
 def loop_assembly(input_ids, labels, attention_mask, embed, visual_embeds, padding_side="right"):
@@ -71,16 +73,6 @@ def make_batch(rows: int, text: int, hidden: int, seed: int = 0):
     labels = torch.where((ids == IMAGE_PLACEHOLDER_ID) | (mask == 0), IGNORE_INDEX, ids)
     visual = torch.randn(images, 34 + 144, hidden, generator=g)
     return ids, labels, mask, visual
-
-
-def hardware() -> str:
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,11 @@ from maven_dist.data.prepare import PrepareOptions, prepare
 from maven_dist.data.templates import render
 from maven_dist.offline.synthetic import generate_synthetic
 from maven_dist.offline.tokenizer_training import train_tokenizer
+
+try:  # run as a script, bench/ is on sys.path; imported from the repository root (tests), it is not
+    from _hardware import hardware
+except ModuleNotFoundError:
+    from bench._hardware import hardware
 
 
 class LlavaStyleDataset(torch.utils.data.Dataset):
@@ -52,18 +56,6 @@ class LlavaStyleDataset(torch.utils.data.Dataset):
         pixels = [self.transform(Image.open(self.image_root / p).convert("RGB")) for p in paths]
         rendered = render(record["conversations"], "vicuna_v1", self.tokenizer)
         return Example(record["id"], pixels, [[] for _ in paths], rendered.input_ids, rendered.labels)
-
-
-def _hardware() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs visible, torch {torch.__version__}"
 
 
 def _rate(batches, total_samples: int) -> tuple[float, int]:
@@ -156,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = paired[len(paired) // 2]
 
     result = {
-        "hardware": _hardware(),
+        "hardware": hardware(),
         "samples": num_samples,
         "timed_samples": {"ours": ours_n, "llava_style": llava_n},
         "workers": args.workers,

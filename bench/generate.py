@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import statistics
 import time
 
@@ -29,6 +28,11 @@ from maven_dist.contract.vocab import IMAGE_PLACEHOLDER_ID, VocabLayout
 from maven_dist.model.generation import MavenForConditionalGeneration
 from maven_dist.model.maven import MavenModel
 from maven_dist.model.spec import MavenSpec
+
+try:  # run as a script, bench/ is on sys.path; imported from the repository root (tests), it is not
+    from _hardware import hardware
+except ModuleNotFoundError:
+    from bench._hardware import hardware
 
 ARMS = {"maven": (("discrete", "continuous"), 0.25), "576-patch": (("continuous",), 1.0)}
 
@@ -110,14 +114,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     args = parser.parse_args()
-    hardware = (
-        torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    )
     model, layout = build(args)
     print(
-        f"# {hardware}; {args.preset} shapes, {args.layers} LLM layers, {args.dtype}; {args.new_tokens} new tokens"
+        f"# {hardware(args.device)}; {args.preset} shapes, {args.layers} LLM layers, {args.dtype}; {args.new_tokens} new tokens"
     )
     print(f"{'arm':>10} {'images':>6} {'positions':>9} {'prefill s':>9} {'prefill tok/s':>13} "
           f"{'decode tok/s':>12} {'no-cache tok/s':>14}")  # fmt: skip

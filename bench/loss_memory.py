@@ -27,9 +27,6 @@ default sizes do: ~2048 and ~3072 labelled rows, chunks of 1024).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import platform
 import time
 from collections.abc import Callable
 from functools import partial
@@ -42,6 +39,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from maven_dist.contract.vocab import IGNORE_INDEX
 from maven_dist.model.lm_loss import LOSS_CHUNK_ROWS, UnifiedHeadLoss, chunked_token_losses, labelled_rows
+
+try:  # run as a script, bench/ is on sys.path; imported from the repository root (tests), it is not
+    from _hardware import hardware
+except ModuleNotFoundError:
+    from bench._hardware import hardware
 
 TEXT_VOCAB, NEW_ROWS, HIDDEN = 32000, 8320, 4096  # 32000 + 8192 + 2 padded to a multiple of 128: 40320
 
@@ -105,16 +107,6 @@ def run_way(way, name: str, hidden, labels, heads, losses: dict[str, float]) -> 
     loss = way(hidden, labels, heads)
     loss.backward()
     losses[name] = float(loss.detach())
-
-
-def hardware() -> str:
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,12 +21,16 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+try:  # run as a script, bench/ is on sys.path; imported from the repository root (tests), it is not
+    from _hardware import hardware
+except ModuleNotFoundError:
+    from bench._hardware import hardware
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,17 +209,6 @@ def compare(ours: Path, theirs: Path) -> tuple[int, bool]:
                             equal &= bool(torch.equal(tensor, t.get_tensor(name)))
                         seen.add(name)
     return len(seen), equal and seen == set(where)
-
-
-def hardware() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-        platform.processor(),
-    )
-    mem = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal")) / 2**20
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
 
 
 def main(argv: list[str] | None = None) -> dict:

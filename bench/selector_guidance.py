@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import time
 from pathlib import Path
 
@@ -39,6 +38,11 @@ from maven_dist.offline.synthetic import generate_synthetic
 from maven_dist.parallel.engine import NonFiniteGuard
 from maven_dist.parallel.local import LocalEngine
 from maven_dist.train.builders import ModelSource, load_stage_tokenizer, model_builder, model_spec
+
+try:  # run as a script, bench/ is on sys.path; imported from the repository root (tests), it is not
+    from _hardware import hardware
+except ModuleNotFoundError:
+    from bench._hardware import hardware
 
 INITS = ("mean", "text_distribution")
 ORDERS = ("1 first", "2 first")
@@ -172,7 +176,7 @@ def main() -> None:
     prepare_demo(base)
     args.heldout = build_eval_set(args.work, base, args.heldout_images)
     print(
-        f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; tiny recipe shapes; "
+        f"# {hardware()}; tiny recipe shapes; "
         f"stage 1: {args.stage1_steps} steps, stage 2: {args.stage2_steps} steps; "
         f"held out: {args.heldout_images} images (seed {base.seed + 1})"
     )
