@@ -9,18 +9,38 @@
 
 Each step runs the same tools a user runs on real data (tools/prepare_data.py,
 tools/make_pseudo_labels.py, tools/tokenize_images.py, as functions) and is skipped when its
-output exists, so calling it before every launch costs nothing after the first time. The recipe runner
+output exists. Once every step ran, ``{run_dir}/data/demo_done.json`` records the settings the assets
+were built from; a later call with the same settings returns before importing any of the tools (every
+Slurm job and every ``maven pipeline`` calls it, and importing them cost 8-10 s per call). The recipe runner
 (``maven pipeline``) and the launchers (``slurm/*.sh``, ``maven launch``) call it for recipes with
 ``demo.enabled``; the trainer never does (training does not import this package).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 from maven_dist.config import Config
 
 _DONE = ".done"
+_ALL_DONE = "demo_done.json"
+
+
+def _settings(cfg: Config) -> dict:
+    """The settings the assets are built from (JSON values, as the marker stores them)."""
+    model = cfg.model
+    built_from = {"demo": asdict(cfg.demo), "seed": cfg.seed, "llm": asdict(model.llm),
+                  "vision": asdict(model.vision), "discrete": asdict(model.discrete)}  # fmt: skip
+    return json.loads(json.dumps(built_from, default=str))
+
+
+def _already_built(cfg: Config) -> bool:
+    try:
+        return json.loads((Path(cfg.run_dir) / "data" / _ALL_DONE).read_text()) == _settings(cfg)
+    except (OSError, ValueError):
+        return False
 
 
 def log(message: str) -> None:
@@ -29,6 +49,8 @@ def log(message: str) -> None:
 
 def prepare_demo(cfg: Config) -> None:
     """Build whatever of the demo assets under ``cfg.run_dir`` is missing (one process)."""
+    if _already_built(cfg):
+        return
     from maven_dist.data.prepare import PrepareOptions, prepare
     from maven_dist.offline.base_models import build_random_llm, build_random_vision_tower
     from maven_dist.offline.discrete.kmeans import train_kmeans_tokenizer
@@ -99,3 +121,6 @@ def prepare_demo(cfg: Config) -> None:
         )
     for name in shard_sets:
         tokenize_shards(run / "data" / name, "kmeans", kmeans_dir, progress=False)
+    done = run / "data" / _ALL_DONE
+    done.with_suffix(".tmp").write_text(json.dumps(_settings(cfg), indent=1) + "\n")
+    done.with_suffix(".tmp").replace(done)
