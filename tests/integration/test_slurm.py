@@ -186,7 +186,7 @@ def test_plumbing_ranks_rendezvous_and_usr2_requeue(slurm: None, tmp_path: Path)
     from maven_dist.launch.slurm_env import port_for_job
 
     run = tmp_path / "run"
-    env = job_env(MAVEN_TRAIN_CMD=f"{PYTHON} {__file__}", STANDIN_STEPS="40")
+    env = job_env(MAVEN_TRAIN_CMD=f"{PYTHON} {__file__}", STANDIN_STEPS="20")
     jid = sbatch(tmp_path, "slurm/stage4.sh", f"{TINY}/stage4.yaml", "--set", f"run_dir={run}", env=env)
     log = stage_log(tmp_path, "stage4", jid)
     wait_until(lambda: len(list(run.glob("env*.0.json"))) == 2, 120, "both stand-in ranks to start")
@@ -203,8 +203,8 @@ def test_plumbing_ranks_rendezvous_and_usr2_requeue(slurm: None, tmp_path: Path)
         assert first["MASTER_ADDR"] == "localhost" and first["MASTER_PORT"] == str(port_for_job(jid))
         assert first["MAVEN_LAUNCHER"] == "sbatch" and again["MAVEN_REQUEUE_COUNT"] == "1"
         saved = int((run / f"saved{rank}").read_text())
-        assert 0 < saved < 40
-        assert (run / f"step{rank}").read_text() == "40"  # resumed from `saved`, not from 0
+        assert 0 < saved < 20
+        assert (run / f"step{rank}").read_text() == "20"  # resumed from `saved`, not from 0
         assert (run / f"resumed{rank}").read_text() == str(saved)
 
 
