@@ -23,7 +23,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from maven_dist.config import STAGE_NAMES
 from maven_dist.sweep.spec import Arm, Sweep
 from maven_dist.train.tracking import TRACKING_URI_ENV
 from maven_dist.train.tracking.run_info import ARM_ENV, RUN_NAME_ENV, SWEEP_ENV
@@ -69,7 +68,7 @@ def plan_jobs(sweep: Sweep, root: Path, nproc: int) -> tuple[Job | None, list[Jo
     root = root.resolve()
     common = [*sweep.overrides, f"tracking.uri={tracking_uri(sweep, root)}"]
     common.append(f"tracking.experiment={sweep.experiment}")
-    own = [s for s in STAGE_NAMES if s not in sweep.shared]
+    own = [s for s in sweep.stages if s not in sweep.shared]
     shared = None
     if sweep.shared:
         shared = _job(sweep, SHARED, root / SHARED, list(sweep.shared), common, [], nproc)

@@ -6,6 +6,8 @@
     recipe: ../maven-7b             # a recipe directory, relative to this file
     experiment: maven-7b-ablations  # optional; default: the sweep's name
     set: [data.num_workers=8]       # optional: overrides for every arm and every stage
+    stages: [stage3, stage4]        # optional: the stages the sweep runs (default: all four); the ones
+                                    #   before them start from stage.init_from as the recipe says
     shared: [stage2, stage1]        # optional: stages run once, before the arms, with the shared settings;
                                     #   the arms start from their exports
     grid:                           # every combination is an arm (named keep_ratio=0.1,...)
@@ -32,7 +34,7 @@ import yaml
 
 from maven_dist.config import STAGE_NAMES
 
-TOP_KEYS = {"name", "recipe", "experiment", "set", "shared", "grid", "arms"}
+TOP_KEYS = {"name", "recipe", "experiment", "set", "stages", "shared", "grid", "arms"}
 ARM_KEYS = {"set", "stage_set"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,=-]{0,99}$")
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9._,=-]")
@@ -64,6 +66,8 @@ class Sweep:
     overrides: tuple[str, ...]
     shared: tuple[str, ...]
     arms: tuple[Arm, ...] = field(default_factory=tuple)
+    stages: tuple[str, ...] = STAGE_NAMES
+    """The stages the sweep runs: the shared ones once, the others in every arm."""
 
     def arm(self, name: str) -> Arm:
         for arm in self.arms:
@@ -89,13 +93,12 @@ def load_sweep(path: str | Path) -> Sweep:
     recipe = (path.parent / str(raw.get("recipe", ""))).resolve()
     if not raw.get("recipe") or not all((recipe / f"{s}.yaml").is_file() for s in STAGE_NAMES):
         raise SweepError(f"{path}: recipe {raw.get('recipe')!r} is not a recipe directory (stage1..4.yaml)")
-    shared = raw.get("shared", [])
-    if not isinstance(shared, list) or not all(isinstance(s, str) for s in shared):
-        raise SweepError(f"{path}: shared takes a list of stage names, got {shared!r}")
-    shared = tuple(shared)
-    bad = sorted(set(shared) - set(STAGE_NAMES))
-    if bad:
-        raise SweepError(f"{path}: shared stages {bad} are not stages of a recipe ({list(STAGE_NAMES)})")
+    stages = _stage_names(raw.get("stages", list(STAGE_NAMES)), path, "stages")
+    shared = _stage_names(raw.get("shared", []), path, "shared")
+    if set(shared) - set(stages):
+        raise SweepError(
+            f"{path}: shared stages {sorted(set(shared) - set(stages))} are not in stages {stages}"
+        )
     arms = [*_grid_arms(raw.get("grid") or {}, path), *_named_arms(raw.get("arms") or {}, path)]
     if not arms:
         raise SweepError(f"{path}: no arms; give a grid or arms")
@@ -111,7 +114,17 @@ def load_sweep(path: str | Path) -> Sweep:
         overrides=tuple(_strings(raw.get("set", []), path, "set")),
         shared=shared,
         arms=tuple(arms),
+        stages=tuple(s for s in STAGE_NAMES if s in stages),
     )
+
+
+def _stage_names(value, path: Path, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise SweepError(f"{path}: {key} takes a list of stage names, got {value!r}")
+    bad = sorted(set(value) - set(STAGE_NAMES))
+    if bad:
+        raise SweepError(f"{path}: {key} {bad} are not stages of a recipe ({list(STAGE_NAMES)})")
+    return value
 
 
 def _grid_arms(grid: dict, path: Path) -> list[Arm]:

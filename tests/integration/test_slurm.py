@@ -344,6 +344,10 @@ def test_sbatch_preemption_resumes_to_the_same_weights(
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text[-4000:]
     assert "restart 1" in text and "resumed from" in text
+    # Every rank of the requeued run exited 0 (issue 17: one died of SIGABRT after its export): srun
+    # reports each task that exits non-zero or on a signal as "srun: error: NODE: task N: ...".
+    requeued = text[text.index("restart 1") :]
+    assert "stage4 finished" in requeued and "srun: error" not in requeued, requeued[-4000:]
     assert latest_step(run, "stage4") == FINAL_STEP
     assert_same_weights(reference_run, run)
     (stage_run,) = [r for r in mlflow_stage_runs(run, "stage4") if r.data.tags.get("slurm.job_id") == jid]

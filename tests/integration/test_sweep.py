@@ -25,14 +25,15 @@ ALPHAS = (0.1, 1.0)
 
 
 def sweep_file(tmp_path, tiny_assets):
-    """The tiny keep-ratio sweep made cheap: stage 3 (from the base models) shared and short, the arms'
-    stage 4 short, one benchmark, and the prepared tiny assets linked into every run directory instead of
+    """The tiny keep-ratio sweep made cheap: stages 3 and 4 only, stage 3 (from the base models) shared and
+    short, the arms' stage 4 short, one benchmark, and the prepared tiny assets linked into every run directory instead of
     being built again."""
     spec = {
         "name": "keep-ratio-test",
         "recipe": str(REPO / "recipes" / "tiny"),
         "set": ["demo.enabled=false", "stage.max_steps=4", "checkpoint.every_steps=2", "eval.tasks=[vqav2]",
                 "eval.max_new_tokens=4", "stage.init_missing=base"],
+        "stages": ["stage3", "stage4"],
         "shared": ["stage3"],
         "grid": {"model.selector.keep_ratio": list(ALPHAS)},
     }  # fmt: skip
@@ -114,6 +115,13 @@ def test_bad_sweep_files_are_clear_errors(tmp_path):
             "name": "s",
             "recipe": recipe,
             "shared": ["stage9"],
+            "grid": {"seed": [1]},
+        },
+        "are not in stages": {
+            "name": "s",
+            "recipe": recipe,
+            "stages": ["stage4"],
+            "shared": ["stage3"],
             "grid": {"seed": [1]},
         },
         "no arms": {"name": "s", "recipe": recipe},
