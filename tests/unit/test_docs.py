@@ -1,7 +1,8 @@
 """The data-preparation docs and the 7B/13B recipes describe one path from nothing to a stage-4 run.
 
-docs/data_preparation.md's commands are parsed with the options the ``maven prepare|labels|tokenize``
-parsers declare (read from their source, so no heavy import), and every path a recipe reads must be a file
+docs/data_preparation.md's commands (``maven ...``, and ``bash slurm/*_array.sh ...`` with the tool's arguments)
+are parsed with the options the ``maven prepare|labels|tokenize`` parsers declare (read from their source,
+so no heavy import), and every path a recipe reads must be a file
 of the "What to place where" table or the output of a documented command, made with the settings the recipe
 trains with; the README's cluster table must say the same. A failure names the doc line and the recipe key.
 The project's docs also stay inside the repository: no link leaves it, none is broken.
@@ -28,6 +29,8 @@ RECIPES = sorted((REPO / "recipes" / "maven-7b").glob("stage*.yaml")) + sorted(
     (REPO / "recipes" / "maven-13b").glob("stage*.yaml")
 )
 CLI = {name: REPO / "maven_dist" / "cli" / f"{name}.py" for name in ("prepare", "labels", "tokenize")}
+# `bash slurm/labels_array.sh ARGS` (or `sbatch [OPTIONS] slurm/labels_array.sh ARGS`) runs `maven labels ARGS`.
+ARRAY_SCRIPTS = {"slurm/labels_array.sh": "labels", "slurm/tokenize_array.sh": "tokenize"}
 MODEL_KEYS = (
     "model.llm.path",
     "model.vision.path",
@@ -151,18 +154,31 @@ def shell_commands(path: Path) -> list[tuple[str, list[str]]]:
     return out
 
 
+def as_maven(argv: list[str]) -> tuple[str, list[str]] | None:
+    """(subcommand, its arguments) of a documented ``maven`` command or array script, else None."""
+    if argv[0] == "maven" and len(argv) > 1:
+        return argv[1], argv[2:]
+    if argv[0] in ("bash", "sbatch"):
+        scripts = [k for k, a in enumerate(argv) if norm(a) in ARRAY_SCRIPTS]
+        if scripts:
+            return ARRAY_SCRIPTS[norm(argv[scripts[0]])], argv[scripts[0] + 1 :]
+    return None
+
+
 def maven_commands(path: Path) -> list[Command]:
     parsers = {name: cli_parser(name) for name in CLI}
     out = []
     for where, argv in shell_commands(path):
-        if argv[0] != "maven" or len(argv) < 2 or argv[1] not in parsers:
+        command = as_maven(argv)
+        if command is None or command[0] not in parsers:
             continue
+        name, rest = command
         text = shlex.join(argv)
         try:
-            args = parsers[argv[1]].parse_args(argv[2:])
+            args = parsers[name].parse_args(rest)
         except ValueError as err:
-            raise AssertionError(f"{where}: `{text}` does not parse as `maven {argv[1]}`: {err}") from None
-        out.append(Command(where, text, argv[1], args))
+            raise AssertionError(f"{where}: `{text}` does not parse as `maven {name}`: {err}") from None
+        out.append(Command(where, text, name, args))
     return out
 
 

@@ -19,6 +19,7 @@ from maven_dist.offline.pseudo_labels.noun_phrases import extract_noun_phrases, 
 from maven_dist.offline.pseudo_labels.patch_labels import mask_to_patch_labels
 from maven_dist.offline.pseudo_labels.sources import MaskFailure, MaskRequest, box_mask
 from maven_dist.offline.pseudo_labels.visual_genome import VisualGenomeBoxes
+from maven_dist.offline.shard_jobs import read_rejects
 from maven_dist.offline.synthetic import generate_synthetic
 
 
@@ -269,16 +270,20 @@ def test_make_patch_labels_writes_exact_labels_records_rejects_and_resumes(tmp_p
     for i in range(4):
         assert labels[i] == [mask_to_patch_labels(data.masks(i).any(axis=0), 6).tolist()]
     assert labels[4] == [None]
-    (reject,) = [json.loads(line) for line in report.rejects_path.read_text().splitlines()]
+    (reject,) = read_rejects(shards, "patch_labels")
+    assert report.rejects_dir == shards / "patch_labels_rejects"
+    assert [p.name for p in report.rejects_dir.iterdir()] == [
+        "shard-00001.jsonl"
+    ]  # shards without rejects: none
     assert reject["shard"] == "shard-00001.arrow" and reject["row"] == 1 and reject["id"] == "cap-00004"
     assert "zzz.png" in reject["reason"]
     again = make_patch_labels(shards, "coco", annotations=[data.instances_json], grid=6, progress=False)
     assert again.shards_done == [] and len(again.shards_skipped) == 2
-    assert len(report.rejects_path.read_text().splitlines()) == 1
+    assert len(read_rejects(shards, "patch_labels")) == 1
     redo = make_patch_labels(
         shards, "coco", annotations=[data.instances_json], grid=3, overwrite=True, progress=False
     )
-    assert len(redo.shards_done) == 2 and len(redo.rejects_path.read_text().splitlines()) == 1
+    assert len(redo.shards_done) == 2 and len(read_rejects(shards, "patch_labels")) == 1
     assert len(read_shard(shards / "shard-00000.arrow")["patch_labels"][0][0]) == 9
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from PIL import Image
 
 from maven_dist.data.shards import BASE_SCHEMA, list_shards, read_shard, shard_name, write_shard_atomic
-from maven_dist.offline.shard_jobs import tokenize_shards
+from maven_dist.offline.shard_jobs import read_rejects, tokenize_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,7 +64,7 @@ def test_tokenize_shards_with_a_seed_tokenizer_records_undecodable_images(tmp_pa
     for sample in codes:
         for c in sample:
             assert c is None or (len(c) == 6 and all(0 <= x < 50 for x in c))
-    (reject,) = [json.loads(line) for line in report.rejects_path.read_text().splitlines()]
+    (reject,) = read_rejects(shards, "image_codes")
     assert (reject["shard"], reject["row"], reject["id"], reject["image"]) == (
         "shard-00000.arrow",
         1,

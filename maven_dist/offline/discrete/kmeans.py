@@ -25,14 +25,17 @@ import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import CLIPVisionModel
 
 from maven_dist.data.image_transform import ImageTransform
+
+if TYPE_CHECKING:
+    from transformers import CLIPVisionModel
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "codebook.safetensors"
@@ -184,6 +187,10 @@ def build_slot_features(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> SlotFeatures:
+    # Imported here: transformers takes seconds to import, and `maven tokenize --dry-run` (the check
+    # slurm/tokenize_array.sh runs before queueing) and the SEED path never need CLIP.
+    from transformers import CLIPVisionModel
+
     tower = CLIPVisionModel.from_pretrained(str(tower_path), local_files_only=True, torch_dtype=dtype).to(
         device
     )

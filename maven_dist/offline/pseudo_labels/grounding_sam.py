@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor, SamModel, SamProcessor
 
 from maven_dist.offline.pseudo_labels.noun_phrases import extract_noun_phrases, grounding_prompt
 from maven_dist.offline.pseudo_labels.sources import MaskFailure, MaskRequest, MaskResult
@@ -54,6 +53,15 @@ class GroundingSam:
                     f"{what} directory {path} has no config.json: save the model and its processor there "
                     "with save_pretrained (see docs/data_preparation.md)"
                 )
+        # Imported here: transformers takes seconds to import, and COCO/VG labels and
+        # `maven labels --dry-run` (the check slurm/labels_array.sh runs before queueing) never need it.
+        from transformers import (
+            GroundingDinoForObjectDetection,
+            GroundingDinoProcessor,
+            SamModel,
+            SamProcessor,
+        )
+
         self.dino = GroundingDinoForObjectDetection.from_pretrained(cfg.dino_path, local_files_only=True)
         self.dino_processor = GroundingDinoProcessor.from_pretrained(cfg.dino_path, local_files_only=True)
         self.sam = SamModel.from_pretrained(cfg.sam_path, local_files_only=True)

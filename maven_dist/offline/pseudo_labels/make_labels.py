@@ -9,6 +9,7 @@ through the tower's letterbox to ``grid x grid`` labels (raster order, uint8).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -80,11 +81,15 @@ def make_patch_labels(
     annotations: list[str | Path] | None = None,
     vg_select: Literal["text", "all"] = "text",
     grounding: GroundingSamConfig | None = None,
+    shard_files: Sequence[str | Path] | None = None,
     batch_size: int = 8,
     overwrite: bool = False,
     progress: bool = True,
 ) -> JobReport:
-    """Write ``patch_labels`` into every shard of `shards_dir` (skipping done shards unless `overwrite`)."""
+    """Write ``patch_labels`` into every shard of `shards_dir` (skipping done shards unless `overwrite`).
+
+    `shard_files` limits it to this process's part of the shards (``shard_jobs.plan_shard_files``).
+    """
 
     def build_compute():
         mask_source = source
@@ -98,6 +103,7 @@ def make_patch_labels(
         shards_dir,
         "patch_labels",
         build_compute,
+        shard_files=shard_files,
         batch_size=batch_size,
         overwrite=overwrite,
         progress=progress,
