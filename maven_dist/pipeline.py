@@ -21,18 +21,19 @@ import time
 from pathlib import Path
 
 from maven_dist.config import STAGE_NAMES
+from maven_dist.contract.command_line import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maven pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("recipe_dir", help="directory with stage1.yaml .. stage4.yaml, e.g. recipes/tiny")
-    parser.add_argument(
-        "--nproc", type=int, default=1, help="ranks per stage (torchrun --nproc_per_node; default 1)"
+    parser = argparse.ArgumentParser(
+        prog="maven pipeline", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
     )
+    parser.add_argument("recipe_dir", help="directory with stage1.yaml .. stage4.yaml, e.g. recipes/tiny")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks per stage (torchrun --nproc_per_node)")
     parser.add_argument(
         "--stages",
         default=",".join(STAGE_NAMES),
-        help="comma-separated subset, e.g. stage3,stage4 (default all)",
+        help="comma-separated subset, e.g. stage3,stage4",
     )
     parser.add_argument(
         "--print-order", action="store_true", help="print the stages in the order they run, and exit"

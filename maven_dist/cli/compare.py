@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from maven_dist.contract.command_line import HelpFormatter
 from maven_dist.train.tracking.compare import find_runs_in_stores, format_table, load_histories
 from maven_dist.train.tracking.report import (
     HISTORY_KEYS,
@@ -28,10 +29,8 @@ from maven_dist.train.tracking.report import (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="maven compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maven compare", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--uri",
         action="append",
@@ -62,13 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--all-params", action="store_true", help="show every param, not only those that differ"
     )
-    parser.add_argument("--width", type=int, default=24, help="terminal column width (default 24)")
+    parser.add_argument("--width", type=int, default=24, help="terminal column width")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="write the report as Markdown")
     parser.add_argument("--csv", type=Path, metavar="FILE", help="write the report as CSV (one row per arm)")
     parser.add_argument(
         "--html", type=Path, metavar="FILE", help="write a self-contained HTML page with plots"
     )
     parser.add_argument("--plots", type=Path, metavar="DIR", help="write the loss/val-loss PNGs per stage")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     uris = list(args.uri)

@@ -12,17 +12,30 @@ import argparse
 import sys
 from pathlib import Path
 
+from maven_dist.contract.command_line import HelpFormatter
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="maven prepare-demo", description=__doc__.splitlines()[0])
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maven prepare-demo", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("recipe", help="a stage recipe or a recipe directory, e.g. recipes/tiny")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="recipe override"
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override (repeatable)",
     )
     parser.add_argument(
         "--if-enabled", action="store_true", help="do nothing (exit 0) for a recipe without demo.enabled"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from maven_dist.config import ConfigError, load_config
     from maven_dist.offline.demo import prepare_demo

@@ -16,13 +16,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from maven_dist.contract.command_line import HelpFormatter
 from maven_dist.merge import MergeError, MergeOptions, merge_checkpoint
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="maven merge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="maven merge", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("src", type=Path, help="run, stage, checkpoints or step_XXXXXXXX directory")
     p.add_argument("out_dir", type=Path, help="output directory (must not exist unless --force)")
     p.add_argument("--stage", help="stage of a run directory (default: the stage with the newest checkpoint)")
@@ -32,9 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the written weights"
     )
-    p.add_argument(
-        "--max-shard-size", default="5GB", help="largest safetensors file per component (default 5GB)"
-    )
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file per component")
     p.add_argument(
         "--only",
         action="append",
@@ -46,11 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         "--exclude-frozen", action="store_true", help="leave out parameters the stage did not train"
     )
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    p.add_argument("--threads", type=int, default=4, help="reader threads (default 4)")
+    p.add_argument("--threads", type=int, default=4, help="reader threads")
     p.add_argument(
         "--no-progress", action="store_true", help="no progress (a bar on a terminal, else a line every 10 s)"
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     options = MergeOptions(
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,

@@ -15,15 +15,14 @@ import json
 import sys
 from pathlib import Path
 
+from maven_dist.contract.command_line import HelpFormatter
 from maven_dist.data.image_transform import ImageTransform
 from maven_dist.data.prepare import PrepareError, PrepareOptions, prepare
 from maven_dist.data.templates import TEMPLATES
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="maven prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="maven prepare", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "sources", nargs="+", type=Path, help="LLaVA .json (a list) or .jsonl (one record per line)"
     )
@@ -34,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tokenizer", type=Path, required=True, help="HF tokenizer directory (for the length check)"
     )
-    p.add_argument("--template", choices=TEMPLATES, default="vicuna_v1")
+    p.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default="vicuna_v1",
+        help="conversation template the lengths are measured in (the recipe's data.template; plain for captions)",
+    )
     p.add_argument("--max-length", type=int, default=2048, help="longest sequence after image expansion")
     p.add_argument("--num-codes", type=int, default=32, help="discrete codes per image")
     p.add_argument("--num-patches", type=int, default=576, help="continuous patches per image")
@@ -50,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=1024, help="records per shard")
     p.add_argument("--workers", type=int, default=2, help="worker processes (0: in this process)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     resize, pad_mean = args.resize, None
     if args.tower is not None:

@@ -24,12 +24,14 @@ import json
 import sys
 from pathlib import Path
 
+from maven_dist.contract.command_line import HelpFormatter
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="maven eval",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("model_dir", type=Path, help="a MaVEn directory: a stage export or a `maven merge` output")
     p.add_argument("--tasks", default="", help="comma-separated tasks (default: every task under --data)")

@@ -16,12 +16,14 @@ import sys
 
 from transformers import TextStreamer
 
+from maven_dist.contract.command_line import HelpFormatter
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="maven chat",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("model_dir", help="a MaVEn directory: a stage export or a `maven merge` output")
     p.add_argument(

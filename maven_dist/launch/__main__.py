@@ -15,6 +15,7 @@ from pathlib import Path
 
 import submitit
 
+from maven_dist.contract.command_line import HelpFormatter
 from maven_dist.launch.checks import LaunchError, Layout, check_launch, visible_gpu_count
 from maven_dist.launch.stage_job import StageJob
 
@@ -24,15 +25,17 @@ MIN_TIMEOUT_MIN = 11
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="maven launch", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="maven launch", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     p.add_argument("recipe", help="stage recipe, e.g. recipes/maven-7b/stage4.yaml")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1, help="nodes of the job")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node = tasks per node; 0 = CPU")
     p.add_argument("--tasks-per-node", type=int, default=None, help="default: --gpus-per-node, or 1 on CPU")
     p.add_argument("--cpus-per-task", type=int, default=None, help="default: 10 per GPU task, 1 on CPU")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--account", default=None)
-    p.add_argument("--timeout-min", type=int, default=24 * 60)
+    p.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
+    p.add_argument("--account", default=None, help="Slurm account (default: your default account)")
+    p.add_argument("--timeout-min", type=int, default=24 * 60, help="time limit of the job in minutes")
     p.add_argument("--folder", default=None, help="submitit folder; default RUN_DIR/submitit")
     p.add_argument("--local", action="store_true", help="run on this machine with submitit's local executor")
     p.add_argument("--wait", action="store_true", help="wait for the job and report its result")
@@ -41,7 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only check (RECIPE may be a recipe directory: every stage), submit nothing",
     )
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set stage.max_steps=10 (repeatable)",
+    )
     return p
 
 

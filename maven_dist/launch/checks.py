@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maven_dist.config import Config, ConfigError, load_config
+from maven_dist.contract.command_line import HelpFormatter
 from maven_dist.launch.inputs import input_problems
 
 GPU_PARAM_THRESHOLD = 1_000_000_000
@@ -189,23 +190,36 @@ def check_launch(
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m maven_dist.launch.checks RECIPE --nodes N --tasks-per-node T --gpus-per-node G``."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m maven_dist.launch.checks", description=__doc__.splitlines()[0]
+        prog="python -m maven_dist.launch.checks",
+        description=__doc__.splitlines()[0],
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("recipe")
-    parser.add_argument("--nodes", type=int, required=True)
-    parser.add_argument("--tasks-per-node", type=int, required=True)
-    parser.add_argument("--gpus-per-node", type=int, default=0)
+    parser.add_argument("recipe", help="stage recipe, e.g. recipes/maven-7b/stage4.yaml")
+    parser.add_argument("--nodes", type=int, required=True, help="nodes of the job")
+    parser.add_argument("--tasks-per-node", type=int, required=True, help="ranks per node")
+    parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; 0 = CPU")
     parser.add_argument(
         "--visible-gpus", type=int, default=None, help="GPUs to assume present (default: count them)"
     )
     parser.add_argument(
         "--skip-inputs", action="store_true", help="check the layout only, not the files the stage reads"
     )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, as the stage will run it (repeatable)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m maven_dist.launch.checks RECIPE --nodes N --tasks-per-node T --gpus-per-node G``."""
+    args = build_parser().parse_args(argv)
     layout = Layout(args.nodes, args.tasks_per_node, args.gpus_per_node)
     try:
         cfg = check_launch(args.recipe, args.overrides, layout, args.visible_gpus, not args.skip_inputs)

@@ -36,6 +36,7 @@ import sys
 from dataclasses import dataclass
 
 from maven_dist.config import Config, ConfigError, load_config
+from maven_dist.contract.command_line import HelpFormatter
 from maven_dist.contract.lengths import num_kept_patches
 from maven_dist.contract.vocab import VocabLayout
 from maven_dist.model.lm_loss import LOSS_CHUNK_ROWS
@@ -299,11 +300,9 @@ def plan(
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="maven plan",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="maven plan", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument("recipe", help="stage recipe, e.g. recipes/maven-7b/stage4.yaml")
     parser.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
@@ -312,8 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--text-vocab", type=int, default=32000, help="text rows when the LLM directory is not present"
     )
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.recipe, args.set)
     except ConfigError as exc:

@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from maven_dist.contract.command_line import HelpFormatter
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="maven train", description=__doc__.splitlines()[0])
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maven train", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/stage4.yaml")
     parser.add_argument(
         "--set",
@@ -25,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="resume even from a checkpoint written by a different recipe"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from maven_dist.config import ConfigError, load_config
     from maven_dist.data.formats import DataError
