@@ -15,6 +15,10 @@ class Batch:
     ``maven_dist.contract.vocab.IMAGE_PLACEHOLDER_ID``; the model expands each one into the image's
     visual block. Images are listed sample-major in order of appearance, so the k-th placeholder of
     the batch (row-major) belongs to ``pixel_values[k]`` / ``image_codes[k]``.
+
+    A *packed* batch (``data.packing``) holds several samples per row, one after another, and says which
+    sample each token belongs to in ``segment_ids``; the model restarts positions at 0 for each sample
+    and confines attention to it (``maven_dist/model/packing.py``). Samples are then listed row-major.
     """
 
     pixel_values: torch.Tensor
@@ -31,6 +35,9 @@ class Batch:
     """float [N, P]: 1 for patches relevant to the text (stage 1 targets)."""
     sample_ids: list[str] = field(default_factory=list)
     """Source ids of the samples, for error messages and logs."""
+    segment_ids: torch.Tensor | None = None
+    """long [B, T], packed batches only: the sample (index into ``sample_ids``) each token belongs to,
+    -1 on padding; a row's samples are contiguous and in order. None: one sample per row."""
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {
@@ -46,5 +53,7 @@ class Batch:
 
     @property
     def num_samples(self) -> int:
-        """Rows of text, or images for an image-only (stage 1) batch."""
+        """Samples: rows of text (several per row when packed), or images for an image-only (stage 1) batch."""
+        if self.segment_ids is not None:
+            return len(self.sample_ids)
         return self.input_ids.shape[0] if self.input_ids is not None else self.num_images

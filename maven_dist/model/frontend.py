@@ -15,6 +15,8 @@ is here::
     visual block        the discrete block, then the projected kept patches (as ``stage.views`` says)
     assembly            each <image> placeholder replaced by its image's block; visual positions unlabelled
     blank-image rule    a micro-batch without images runs one blank image with weight 0
+    packed rows         ``Batch.segment_ids`` follow their tokens into the assembled positions, and every
+                        sample's first position is unlabelled (``maven_dist/model/packing.py``)
 
 **The h_eos pass starts with BOS.** Every sequence the LLM is trained on in stages 2 and 4 starts with
 ``<s>``, and LLaMA-family models put a large share of attention on the first position (the "attention
@@ -35,7 +37,8 @@ from transformers import CLIPVisionModel
 from maven_dist.contract.batch import Batch
 from maven_dist.contract.lengths import num_kept_patches
 from maven_dist.contract.vocab import VocabLayout
-from maven_dist.model.assembly import assemble_sequences
+from maven_dist.model.assembly import assemble_segment_ids, assemble_sequences
+from maven_dist.model.packing import ignore_sample_starts
 from maven_dist.model.projector import build_projector
 from maven_dist.model.selector import PatchSelector, select_top_patches
 from maven_dist.model.spec import MavenSpec
@@ -57,6 +60,8 @@ class SequenceInputs:
     """[B, T] 1 for real positions."""
     h_eos: torch.Tensor | None
     """[N, d] the real images' h_eos when the selector ran (None otherwise): for ``selector/h_eos_spread``."""
+    segment_ids: torch.Tensor | None = None
+    """[B, T] packed batches only: the sample each position belongs to, -1 on padding."""
 
 
 class MavenFrontEnd(nn.Module):
@@ -190,7 +195,15 @@ class MavenFrontEnd(nn.Module):
         )
         if not has_images:
             embeds = embeds + 0.0 * visual.sum()
-        return SequenceInputs(embeds, labels, mask, h_eos if has_images else None)
+        segments = None
+        if batch.segment_ids is not None:
+            if padding_side != "right":
+                raise ValueError("packed batches are for training: they are assembled right-padded")
+            segments = assemble_segment_ids(
+                batch.input_ids, batch.attention_mask, batch.segment_ids, visual.shape[1]
+            )
+            labels = None if labels is None else ignore_sample_starts(labels, segments)
+        return SequenceInputs(embeds, labels, mask, h_eos if has_images else None, segments)
 
 
 def eos_input_length(spec: MavenSpec) -> int:

@@ -30,6 +30,7 @@ from maven_dist.contract.vocab import VocabLayout
 from maven_dist.model import hf_layout
 from maven_dist.model.frontend import MavenFrontEnd, SequenceInputs, eos_input_length, h_eos_spread
 from maven_dist.model.lm_loss import UnifiedHeadLoss, labelled_rows
+from maven_dist.model.packing import packed_hidden_states
 from maven_dist.model.selector import selector_bce, selector_metrics
 from maven_dist.model.spec import MavenSpec
 from maven_dist.model.vocab_init import RowInit, init_new_rows
@@ -356,8 +357,12 @@ class MavenModel(MavenFrontEnd):
         return self.llm.get_output_embeddings().weight, self.vocab_new_rows.head.weight
 
     def lm_hidden(self, batch: Batch, views: Sequence[str]) -> tuple[torch.Tensor, SequenceInputs]:
-        """The LLM's last-layer (final-norm) states [B, T, d] of the assembled batch, and its inputs."""
+        """The LLM's last-layer (final-norm) states [B, T, d] of the assembled batch, and its inputs.
+        Packed rows run with per-sample positions and attention (``maven_dist/model/packing.py``)."""
         inputs = self.sequence_inputs(batch, views, self.eos_states)
+        if inputs.segment_ids is not None:
+            attn = self.llm.config._attn_implementation
+            return packed_hidden_states(self.llm.model, inputs.embeds, inputs.segment_ids, attn), inputs
         hidden = self.llm.model(
             inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask, use_cache=False
         ).last_hidden_state
