@@ -217,6 +217,13 @@ class DataConfig:
     """Hold out this fraction of `path`'s samples (chosen by a hash of each id) for val/loss; 0: none."""
     val_path: str = ""
     """Shards of a separate validation set (instead of `val_fraction`); `{run_dir}` is substituted."""
+    packing: bool = False
+    """Stages 2-4: pack several samples per row; a micro-batch is then `stage.micro_batch_size` rows of up to
+    `max_length` positions, the batch sizes count rows, and `group_by_length` does not apply
+    (docs/data_preparation.md, "Sequence packing")."""
+    pack_max_images: int = 0
+    """With `packing`: the most images one micro-batch may hold (bounds the tower and projector work); 0: no bound
+    but the positions."""
 
     @property
     def paths(self) -> list[str]:
@@ -242,6 +249,8 @@ class DataConfig:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
         if not 0.0 <= self.t2i_fraction <= 1.0:
             raise ConfigError(f"data.t2i_fraction={self.t2i_fraction} must be in [0, 1]")
+        if self.pack_max_images < 0:
+            raise ConfigError(f"data.pack_max_images={self.pack_max_images} must be >= 0 (0: no bound)")
 
 
 @dataclass
@@ -309,9 +318,9 @@ class StageConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     """Learning-rate schedule."""
     micro_batch_size: int = 16
-    """Samples per rank per forward/backward."""
+    """Samples per rank per forward/backward (with `data.packing`: packed rows, each of several samples)."""
     global_batch_size: int = 256
-    """Samples per optimizer step across all ranks (micro * dp * accumulation)."""
+    """Samples per optimizer step across all ranks (micro * dp * accumulation); with `data.packing`: rows."""
     max_steps: int = 0
     """Optimizer steps; 0 means derive from `epochs`."""
     epochs: float = 1.0
@@ -511,6 +520,12 @@ class Config:
                 "model.llm.attn_implementation=flash_attention_2 with stage.dtype=fp32: flash-attn runs in "
                 "bf16/fp16 only; set stage.dtype=bf16, or model.llm.attn_implementation=sdpa"
             )
+        if self.data.packing and self.parallel.backend == "3d":
+            raise ConfigError(
+                "data.packing=true with parallel.backend=3d: the 3D decoder (megatron-core layers in a DeepSpeed "
+                "pipeline) takes one sample per row, with no per-sample positions or block-diagonal mask; set "
+                "data.packing=false, or use parallel.backend=zero3 to pack"
+            )
         tp = self.parallel.tp
         if self.model.vocab.pad_to_multiple_of % (128 * tp):
             raise ConfigError(
@@ -532,6 +547,11 @@ class Config:
             raise ConfigError(
                 f"stage.views={stage.views} with stage.loss=selector_bce: the selector scores the continuous "
                 "view's patches against the discrete view's h_eos; set stage.views=[discrete, continuous]"
+            )
+        if self.data.packing and fmt == "patch_labels":
+            raise ConfigError(
+                "data.packing=true with data.format=patch_labels: stage 1 has no text to pack (its micro-batches "
+                "are images); set data.packing=false"
             )
         if fmt == "discrete_alignment" and stage.views != ["discrete"]:
             raise ConfigError(
@@ -566,6 +586,10 @@ class Config:
         # is what the LLM ran with before the key existed: those checkpoints still resume.
         if d["model"]["llm"].get("attn_implementation") == "sdpa":
             del d["model"]["llm"]["attn_implementation"]
+        # Packing changes the micro-batches, so it is part of the recipe; off (and its image bound, which
+        # then means nothing) is what ran before the keys existed: those checkpoints still resume.
+        if not d["data"]["packing"]:
+            del d["data"]["packing"], d["data"]["pack_max_images"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -58,6 +58,8 @@ class Example:
     input_ids: list[int] | None = None
     labels: list[int] | None = None
     patch_labels: list[list[int]] | None = None
+    length: int = 0
+    """Sequence positions after image expansion (what a packed row is filled with); 0 without text."""
 
 
 @dataclass(frozen=True)
@@ -236,11 +238,29 @@ def make_example(
         length = rendered.expanded_length(spec.tokens_per_image)
     if length > spec.max_length:
         raise BadSample(f"{length} tokens after image expansion > data.max_length {spec.max_length}")
+    example.length = length
     return example
 
 
 def collate(examples: Sequence[Example], pad_id: int, transform: ImageTransform) -> Batch:
     """Right-pad text, stack images sample-major (the k-th placeholder is image k)."""
+    batch = collate_images(examples, transform)
+    if examples and examples[0].input_ids is not None:
+        length = max(len(e.input_ids) for e in examples)
+        input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for b, e in enumerate(examples):
+            n = len(e.input_ids)
+            input_ids[b, :n] = torch.tensor(e.input_ids)
+            labels[b, :n] = torch.tensor(e.labels)
+            mask[b, :n] = 1
+        batch.input_ids, batch.labels, batch.attention_mask = input_ids, labels, mask
+    return batch
+
+
+def collate_images(examples: Sequence[Example], transform: ImageTransform) -> Batch:
+    """A batch of the examples' images, codes, patch labels and ids (in this order), without text."""
     pixels = [p for e in examples for p in e.pixel_values]
     codes = [c for e in examples for c in e.image_codes]
     pixel_values = _pixel_batch(pixels, transform)
@@ -257,15 +277,4 @@ def collate(examples: Sequence[Example], pad_id: int, transform: ImageTransform)
         batch.patch_labels = torch.tensor(
             [lab for e in examples for lab in e.patch_labels], dtype=torch.float32
         )
-    if examples and examples[0].input_ids is not None:
-        length = max(len(e.input_ids) for e in examples)
-        input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(examples), length), dtype=torch.long)
-        for b, e in enumerate(examples):
-            n = len(e.input_ids)
-            input_ids[b, :n] = torch.tensor(e.input_ids)
-            labels[b, :n] = torch.tensor(e.labels)
-            mask[b, :n] = 1
-        batch.input_ids, batch.labels, batch.attention_mask = input_ids, labels, mask
     return batch

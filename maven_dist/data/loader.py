@@ -16,6 +16,10 @@ Per epoch:
    steps so long and short steps interleave;
 3. drop the incomplete last step (every rank must take the same number of steps).
 
+With ``data.packing`` a step is ``global_batch_size / micro_batch_size`` micro-batches of packed rows
+instead, filled from the same permutation (no length grouping: ``maven_dist/data/packing.py``); rank r
+takes its micro-batches of each step as above.
+
 Shards are read with ``pyarrow.memory_map``: a worker touches only the pages of the rows it decodes.
 Samples that fail at load time (an undecodable image, a missing code list, too long for this stage)
 are logged with shard, row and id, counted in ``num_skipped`` and left out of their batch, or stop
@@ -40,8 +44,9 @@ from maven_dist.contract.batch import Batch
 from maven_dist.contract.lengths import visual_tokens_per_image
 from maven_dist.contract.preemption import ignore_preemption_signals
 from maven_dist.contract.vocab import VocabLayout
-from maven_dist.data.formats import BadSample, DataError, SampleFormat, collate, make_example
+from maven_dist.data.formats import BadSample, DataError, Example, SampleFormat, collate, make_example
 from maven_dist.data.image_transform import ImageTransform
+from maven_dist.data.packing import PackedBatch, PackingBudget, collate_packed, pack_micro_batches
 from maven_dist.data.shards import list_shards, read_shard
 
 logger = logging.getLogger(__name__)
@@ -151,27 +156,66 @@ def epoch_steps(
     num_steps = n // per_step
     order = order[: num_steps * per_step]
     if group_by_length:
-        window = per_step * GROUP_STEPS
-        for start in range(0, len(order), window):
-            chunk = order[start : start + window]
-            # lexsort: last key is primary -> by image count, then by length, longest first.
-            keys = np.lexsort((-index.lengths[chunk], index.num_images[chunk]))
-            order[start : start + window] = chunk[keys]
+        _group_windows(order, index.lengths, index.num_images, per_step * GROUP_STEPS)
     steps = [order[s * per_step : (s + 1) * per_step].tolist() for s in range(num_steps)]
     if group_by_length and shuffle:
         steps = [steps[k] for k in rng.permutation(num_steps)]
     return steps
 
 
+def epoch_packed_steps(
+    index: ShardIndex,
+    lengths: np.ndarray,
+    seed: int,
+    epoch: int,
+    batches_per_step: int,
+    budget: PackingBudget,
+    shuffle: bool,
+) -> list[list[PackedBatch]]:
+    """The packed epoch (``data.packing``): every optimizer step as `batches_per_step` micro-batches of
+    packed rows (:func:`~maven_dist.data.packing.pack_micro_batches`), from `lengths`, each sample's
+    positions at this stage.
+
+    The same permutation as :func:`epoch_steps`, packed in that order; the incomplete last step is
+    dropped. Length grouping does not apply: packing fills each micro-batch longest first from the next
+    samples, which pads less than grouping does (``pack_micro_batches``). A step holds as many samples as
+    its rows take, so the number of steps per epoch depends on the lengths and the order (and differs a
+    little between epochs)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(index)) if shuffle else np.arange(len(index))
+    batches = pack_micro_batches(order, lengths, index.num_images, budget)
+    num_steps = len(batches) // batches_per_step
+    return [batches[s * batches_per_step : (s + 1) * batches_per_step] for s in range(num_steps)]
+
+
+def _group_windows(order: np.ndarray, lengths: np.ndarray, num_images: np.ndarray, window: int) -> None:
+    """Sort each `window` of `order` in place by (number of images, length descending)."""
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        # lexsort: last key is primary -> by image count, then by length, longest first.
+        keys = np.lexsort((-lengths[chunk], num_images[chunk]))
+        order[start : start + window] = chunk[keys]
+
+
 class _BatchReader:
-    """Decodes one planned batch; lives in the DataLoader workers (each opens shards lazily)."""
+    """Decodes one planned batch; lives in the DataLoader workers (each opens shards lazily).
+
+    A planned batch is a list of sample indices, or with `packing` a list of rows of them."""
 
     def __init__(
-        self, index: ShardIndex, spec: SampleFormat, tokenizer, layout, transform, pad_id: int, strict: bool
+        self,
+        index: ShardIndex,
+        spec: SampleFormat,
+        tokenizer,
+        layout,
+        transform,
+        pad_id: int,
+        strict: bool,
+        packing: bool = False,
     ):
         self.paths, self.shard_of, self.row_of = index.paths, index.shard_of, index.row_of
         self.spec, self.tokenizer, self.layout, self.transform = spec, tokenizer, layout, transform
-        self.pad_id, self.strict = pad_id, strict
+        self.pad_id, self.strict, self.packing = pad_id, strict, packing
         self._tables: dict[int, object] = {}
 
     def _table(self, shard: int):
@@ -179,25 +223,33 @@ class _BatchReader:
             self._tables[shard] = read_shard(self.paths[shard]).select(self.spec.columns)
         return self._tables[shard]
 
-    def __call__(self, indices: list[int]) -> tuple[Batch | None, list[str]]:
-        examples, skipped = [], []
-        for g in indices:
-            shard, row_number = int(self.shard_of[g]), int(self.row_of[g])
-            row = self._table(shard).slice(row_number, 1).to_pylist()[0]
-            try:
-                examples.append(make_example(self.spec, row, self.tokenizer, self.layout, self.transform))
-            except (BadSample, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-                path = self.paths[shard]
-                message = f"{path.parent.name}/{path.name} row {row_number} (id {row['id']!r}): {err}"
-                if self.strict:
-                    raise DataError(f"bad sample (data.strict is set): {message}") from err
-                skipped.append(message)
+    def __call__(self, planned: list[int] | PackedBatch) -> tuple[Batch | None, list[str]]:
+        skipped: list[str] = []
+        if self.packing:
+            rows = [[e for g in row if (e := self._example(g, skipped)) is not None] for row in planned]
+            rows = [row for row in rows if row]
+            batch = collate_packed(rows, self.pad_id, self.transform, self.spec.max_length) if rows else None
+            return batch, skipped
+        examples = [e for g in planned if (e := self._example(g, skipped)) is not None]
         batch = collate(examples, self.pad_id, self.transform) if examples else None
         return batch, skipped
 
+    def _example(self, g: int, skipped: list[str]) -> Example | None:
+        shard, row_number = int(self.shard_of[g]), int(self.row_of[g])
+        row = self._table(shard).slice(row_number, 1).to_pylist()[0]
+        try:
+            return make_example(self.spec, row, self.tokenizer, self.layout, self.transform)
+        except (BadSample, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            path = self.paths[shard]
+            message = f"{path.parent.name}/{path.name} row {row_number} (id {row['id']!r}): {err}"
+            if self.strict:
+                raise DataError(f"bad sample (data.strict is set): {message}") from err
+            skipped.append(message)
+            return None
+
 
 class _PlannedBatches(torch.utils.data.Dataset):
-    def __init__(self, batches: list[list[int]], reader: _BatchReader) -> None:
+    def __init__(self, batches: list[list[int]] | list[PackedBatch], reader: _BatchReader) -> None:
         self.batches, self.reader = batches, reader
 
     def __len__(self) -> int:
@@ -218,7 +270,9 @@ def _init_worker(_worker_id: int) -> None:
 
 
 class ShardLoader:
-    """Iterates :class:`Batch` es of ``micro_batch_size`` samples forever, epoch after epoch.
+    """Iterates :class:`Batch` es of ``micro_batch_size`` samples forever, epoch after epoch; with
+    `packing`, of at most ``micro_batch_size`` packed rows of at most ``spec.max_length`` positions and
+    ``pack_max_images`` images (``maven_dist/data/packing.py``), and ``global_batch_size`` counts rows.
 
     ``state_dict()`` taken after the k-th yielded batch resumes, via ``load_state_dict``, at batch
     k+1 exactly, with any ``num_workers``. Call ``load_state_dict`` before ``iter()``, and iterate
@@ -243,6 +297,8 @@ class ShardLoader:
         strict: bool = False,
         split: Split = "all",
         val_fraction: float = 0.0,
+        packing: bool = False,
+        pack_max_images: int = 0,
     ) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
@@ -260,38 +316,56 @@ class ShardLoader:
                 f"{micro_batch_size} x {dp_size}"
             )
         self.accumulation = self.global_batch_size // (micro_batch_size * dp_size)
-        self.batches_per_epoch = len(self.index) // self.global_batch_size * self.accumulation
+        self.packing = packing
+        self.budget = PackingBudget(micro_batch_size, spec.max_length, pack_max_images)
+        self.lengths = stage_lengths(self.index, spec) if packing else self.index.lengths
+        """Each sample's positions at this stage (what packing fills rows with)."""
+        # The last epoch planned, (epoch, this rank's batches): packing 665K samples takes ~4 s.
+        self._plan: tuple[int, list] | None = None
+        self.batches_per_epoch = len(self.epoch_batches(0))
+        """This rank's micro-batches in an epoch (packed: in epoch 0; other epochs differ a little)."""
         if self.batches_per_epoch == 0:
+            what = "packed micro-batches" if packing else "samples"
             raise DataError(
                 f"{len(self.index)} samples in {where} cannot fill one step of "
-                f"global_batch_size={self.global_batch_size}; lower the batch size or add data"
+                f"global_batch_size={self.global_batch_size} ({what}); lower the batch size or add data"
             )
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
-        self._reader = _BatchReader(self.index, spec, tokenizer, layout, transform, pad_id, strict)
+        self._reader = _BatchReader(self.index, spec, tokenizer, layout, transform, pad_id, strict, packing)
         self.epoch, self.next_batch, self.num_skipped = 0, 0, 0
         self.too_long = 0
         """Samples estimated too long for this stage before training (:func:`samples_too_long`)."""
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's micro-batches of `epoch` as global sample indices: of each step's micro-batches
-        (in epoch order) rank r takes r, r + dp, r + 2 dp, ..."""
-        steps = epoch_steps(
-            self.index, self.seed, epoch, self.global_batch_size, self.shuffle, self.group_by_length
-        )
+    def epoch_batches(self, epoch: int) -> list[list[int]] | list[PackedBatch]:
+        """This rank's micro-batches of `epoch` as global sample indices (packed: rows of them): of each
+        step's micro-batches (in epoch order) rank r takes r, r + dp, r + 2 dp, ..."""
+        if self._plan is not None and self._plan[0] == epoch:
+            return self._plan[1]
         micro = self.micro_batch_size
-        mine = []
-        for step in steps:
-            chunks = [step[k : k + micro] for k in range(0, len(step), micro)]
-            mine.extend(chunks[self.dp_rank :: self.dp_size])
+        if self.packing:
+            per_step = self.global_batch_size // micro
+            steps = epoch_packed_steps(
+                self.index, self.lengths, self.seed, epoch, per_step, self.budget, self.shuffle
+            )
+        else:
+            steps = [
+                [step[k : k + micro] for k in range(0, len(step), micro)]
+                for step in epoch_steps(
+                    self.index, self.seed, epoch, self.global_batch_size, self.shuffle, self.group_by_length
+                )
+            ]
+        mine = [batch for step in steps for batch in step[self.dp_rank :: self.dp_size]]
+        self._plan = (epoch, mine)
         return mine
 
     def __iter__(self) -> Iterator[Batch]:
         empty_batches = 0  # consecutive planned batches with no usable sample
         while True:
-            batches = self.epoch_batches(self.epoch)[self.next_batch :]
+            planned = self.epoch_batches(self.epoch)
+            batches = planned[self.next_batch :]
             for batch, skipped in self._workers(batches, prefetch_factor=4):
                 self.next_batch += 1
-                if self.next_batch == self.batches_per_epoch:
+                if self.next_batch == len(planned):
                     self.epoch, self.next_batch = self.epoch + 1, 0
                 for message in skipped:
                     logger.warning("skipped bad sample %s", message)
@@ -345,13 +419,15 @@ class ShardLoader:
             "micro_batch_size": self.micro_batch_size,
             "global_batch_size": self.global_batch_size,
             "dp_size": self.dp_size,
+            "packing": self.packing,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at exactly the batch after the one the state was taken at; on another dp size too,
         when the state was taken on an optimizer-step boundary (checkpoints always are)."""
         current = self.state_dict()
-        for key in ("seed", "num_samples", "micro_batch_size", "global_batch_size"):
+        state = {"packing": False} | state  # states saved before packing existed were unpacked
+        for key in ("seed", "num_samples", "micro_batch_size", "global_batch_size", "packing"):
             if state.get(key) != current[key]:
                 raise ValueError(
                     f"data loader state has {key}={state.get(key)} but this loader has {current[key]} "
@@ -390,34 +466,47 @@ def _check_prepared_size(shards_dirs: list[Path], transform: ImageTransform) -> 
             )
 
 
-def samples_too_long(shards_dir: ShardDirs, index: ShardIndex, spec: SampleFormat) -> int:
-    """How many samples of `index` would exceed ``spec.max_length`` at the stage's positions per image.
+def _prepared_tokens_per_image(shards_dir: Path) -> int | None:
+    """Positions per image the shards' ``num_tokens`` were measured with (their ``manifest.json``), or
+    None where the directory does not say."""
+    manifest = shards_dir / "manifest.json"
+    if not manifest.is_file():
+        return None
+    options = json.loads(manifest.read_text()).get("options", {})
+    try:
+        return visual_tokens_per_image(
+            int(options["num_codes"]),
+            int(options["num_patches"]),
+            float(options["keep_ratio"]),
+            options["views"],
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
 
-    The shards' ``num_tokens`` were measured at preparation with its own positions per image (recorded in
-    each directory's ``manifest.json``); each image's share is moved to the stage's. Exact for conversations
-    in the template they were prepared with, an upper bound for the caption formats (they render the first
-    round only, in the shorter ``plain`` template). A directory without a manifest counts 0 (nothing to
-    compare with)."""
+
+def stage_lengths(index: ShardIndex, spec: SampleFormat) -> np.ndarray:
+    """Every sample's sequence positions at the stage's positions per image (``spec.tokens_per_image``):
+    the shards' ``num_tokens``, each image's share moved from what they were prepared with. Exact for
+    conversations in the template they were prepared with, an upper bound for the caption formats (they
+    render the first round only, in the shorter ``plain`` template); a directory without a manifest keeps
+    its ``num_tokens`` as they are."""
+    lengths = index.lengths.copy()
+    for j, d in enumerate(index.dirs):
+        prepared = _prepared_tokens_per_image(d)
+        if prepared is not None:
+            mine = index.dir_of == j
+            lengths[mine] += index.num_images[mine] * (spec.tokens_per_image - prepared)
+    return lengths
+
+
+def samples_too_long(shards_dir: ShardDirs, index: ShardIndex, spec: SampleFormat) -> int:
+    """How many samples of `index` (read from `shards_dir`) would exceed ``spec.max_length`` at the
+    stage's positions per image (:func:`stage_lengths`). A directory without a manifest counts 0
+    (nothing to compare with)."""
     dirs = as_shard_dirs(shards_dir)
-    too_long = 0
-    for j, d in enumerate(dirs):
-        manifest = d / "manifest.json"
-        if not manifest.is_file():
-            continue
-        options = json.loads(manifest.read_text()).get("options", {})
-        try:
-            prepared = visual_tokens_per_image(
-                int(options["num_codes"]),
-                int(options["num_patches"]),
-                float(options["keep_ratio"]),
-                options["views"],
-            )
-        except (KeyError, TypeError, ValueError):
-            continue
-        mine = index.dir_of == j if len(dirs) > 1 else slice(None)
-        lengths = index.lengths[mine] + index.num_images[mine] * (spec.tokens_per_image - prepared)
-        too_long += int((lengths > spec.max_length).sum())
-    return too_long
+    known = [j for j, d in enumerate(dirs) if _prepared_tokens_per_image(d) is not None]
+    too_long = (stage_lengths(index, spec) > spec.max_length) & np.isin(index.dir_of, known)
+    return int(too_long.sum())
 
 
 def _check_fit(shards_dirs: list[Path], index: ShardIndex, spec: SampleFormat, allowed: bool) -> int:
@@ -503,6 +592,9 @@ def build_loader(
         strict=data.strict,
         split=index_split,
         val_fraction=data.val_fraction,
+        # Validation stays unpacked: val/loss then compares across runs with and without packing.
+        packing=data.packing and not val,
+        pack_max_images=data.pack_max_images,
     )
     loader.too_long = _check_fit(shards_dirs, loader.index, spec, data.allow_too_long or val)
     return loader

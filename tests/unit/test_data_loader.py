@@ -112,8 +112,12 @@ def _split(batch):
     """Per sample: (id, input_ids, labels, pixel tensors, codes), following the placeholder order."""
     out, image = [], 0
     for b, sample_id in enumerate(batch.sample_ids):
-        ids = batch.input_ids[b][batch.attention_mask[b].bool()]
-        labels = batch.labels[b][batch.attention_mask[b].bool()]
+        if batch.segment_ids is None:
+            mine = batch.attention_mask[b].bool()
+            ids, labels = batch.input_ids[b][mine], batch.labels[b][mine]
+        else:  # packed: sample b is where segment_ids says, samples numbered row-major
+            mine = batch.segment_ids == b
+            ids, labels = batch.input_ids[mine], batch.labels[mine]
         n = int((ids == IMAGE_PLACEHOLDER_ID).sum())
         out.append((sample_id, ids.tolist(), labels.tolist(), batch.pixel_values[image : image + n],
                     batch.image_codes[image : image + n]))  # fmt: skip
@@ -151,65 +155,122 @@ def test_round_trip_equals_direct_decoding(world, data):
 
 def _signature(batches):
     return [
-        (b.sample_ids, b.input_ids.tolist(), _digest(b.pixel_values), b.image_codes.tolist()) for b in batches
+        (
+            b.sample_ids,
+            b.input_ids.tolist(),
+            _digest(b.pixel_values),
+            b.image_codes.tolist(),
+            None if b.segment_ids is None else b.segment_ids.tolist(),
+        )  # fmt: skip
+        for b in batches
     ]
 
 
+PACKED = {"packing": True, "max_length": 420}
+"""Packing on, with rows that take two samples of this data (164 to 207 positions each)."""
+
+
+def _samples(planned) -> list[int]:
+    """The sample indices of planned micro-batches (lists of samples, or of packed rows)."""
+    return [i for batch in planned for item in batch for i in (item if isinstance(item, list) else [item])]
+
+
+@pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("dp_size", [1, 2])
-def test_resume_is_exact_with_other_worker_counts(world, dp_size):
+def test_resume_is_exact_with_other_worker_counts(world, dp_size, packing):
     micro = 3
     gb = micro * dp_size
+    kw = PACKED if packing else {}
     for rank in range(dp_size):
-        full, _, _ = _loader(world, dp_rank=rank, dp_size=dp_size, micro=micro, workers=2, global_batch=gb)
+        full, _, _ = _loader(
+            world, dp_rank=rank, dp_size=dp_size, micro=micro, workers=2, global_batch=gb, **kw
+        )
         per_epoch = full.batches_per_epoch
-        assert per_epoch == len(world["records"]) // (micro * dp_size)
+        if not packing:
+            assert per_epoch == len(world["records"]) // (micro * dp_size)
         total = per_epoch + 3  # crosses an epoch boundary
         expected = _signature(_take(full, total))
         stop = per_epoch - 1
-        first, _, _ = _loader(world, dp_rank=rank, dp_size=dp_size, micro=micro, workers=0, global_batch=gb)
+        first, _, _ = _loader(
+            world, dp_rank=rank, dp_size=dp_size, micro=micro, workers=0, global_batch=gb, **kw
+        )
         head = _signature(_take(first, stop))
         state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
-        second, _, _ = _loader(world, dp_rank=rank, dp_size=dp_size, micro=micro, workers=1, global_batch=gb)
+        second, _, _ = _loader(
+            world, dp_rank=rank, dp_size=dp_size, micro=micro, workers=1, global_batch=gb, **kw
+        )
         second.load_state_dict(state)
         tail = _signature(_take(second, total - stop))
         assert head + tail == expected
-        assert second.state_dict()["epoch"] == 1
+        assert second.state_dict()["epoch"] >= 1
     if dp_size == 2:  # ranks see disjoint halves of every epoch
-        r0, _, _ = _loader(world, dp_rank=0, dp_size=2, micro=micro, global_batch=gb)
-        r1, _, _ = _loader(world, dp_rank=1, dp_size=2, micro=micro, global_batch=gb)
+        r0, _, _ = _loader(world, dp_rank=0, dp_size=2, micro=micro, global_batch=gb, **kw)
+        r1, _, _ = _loader(world, dp_rank=1, dp_size=2, micro=micro, global_batch=gb, **kw)
         for epoch in range(2):
-            a = {i for b in r0.epoch_batches(epoch) for i in b}
-            b = {i for b in r1.epoch_batches(epoch) for i in b}
-            assert not a & b and len(a) == len(b) == r0.batches_per_epoch * micro
+            a, b = _samples(r0.epoch_batches(epoch)), _samples(r1.epoch_batches(epoch))
+            assert not set(a) & set(b) and len(set(a)) == len(a) and len(set(b)) == len(b)
+            if not packing:  # packed micro-batches hold as many samples as fit
+                assert len(a) == len(b) == r0.batches_per_epoch * micro
         assert r0.epoch_batches(0) != r0.epoch_batches(1)  # reshuffled per epoch
-    other, _, _ = _loader(world, micro=micro, global_batch=2 * gb)
+    other, _, _ = _loader(world, micro=micro, global_batch=2 * gb, **kw)
     with pytest.raises(ValueError, match="global_batch_size"):
         other.load_state_dict(state)
+    flipped, _, _ = _loader(world, micro=micro, global_batch=gb, **({} if packing else PACKED))
+    with pytest.raises(ValueError, match="packing"):
+        flipped.load_state_dict(state)
 
 
-def test_same_steps_on_any_dp_size_and_resume_across_dp_sizes(world):
+@pytest.mark.parametrize("packing", [False, True])
+def test_same_steps_on_any_dp_size_and_resume_across_dp_sizes(world, packing):
     """1 rank accumulating 2 micro-batches sees, per step, exactly the samples of 2 ranks x 1; a state
     saved on 1 rank resumes on 2 at the same step."""
     micro, gb = 3, 6
-    single, _, _ = _loader(world, micro=micro, global_batch=gb)
+    kw = PACKED if packing else {}
+    single, _, _ = _loader(world, micro=micro, global_batch=gb, **kw)
     reference = [b.sample_ids for b in _take(single, 6)]  # 3 steps x 2 micro-batches
-    ranks = [_loader(world, dp_rank=r, dp_size=2, micro=micro, global_batch=gb)[0] for r in range(2)]
+    ranks = [_loader(world, dp_rank=r, dp_size=2, micro=micro, global_batch=gb, **kw)[0] for r in range(2)]
     per_rank = [[b.sample_ids for b in _take(loader, 3)] for loader in ranks]
     for step in range(3):
         assert per_rank[0][step] + per_rank[1][step] == reference[2 * step] + reference[2 * step + 1]
-    head, _, _ = _loader(world, micro=micro, global_batch=gb)
+    head, _, _ = _loader(world, micro=micro, global_batch=gb, **kw)
     _take(head, 4)  # two full steps
     state = json.loads(json.dumps(head.state_dict()))
     for rank, loader in enumerate(
-        _loader(world, dp_rank=r, dp_size=2, micro=micro, global_batch=gb)[0] for r in range(2)
+        _loader(world, dp_rank=r, dp_size=2, micro=micro, global_batch=gb, **kw)[0] for r in range(2)
     ):
         loader.load_state_dict(state)
         assert next(iter(loader)).sample_ids == reference[4 + rank]
     _take(head, 1)  # mid-step: cannot be split over 2 ranks
     mid = head.state_dict()
-    late, _, _ = _loader(world, dp_rank=0, dp_size=2, micro=micro, global_batch=gb)
+    late, _, _ = _loader(world, dp_rank=0, dp_size=2, micro=micro, global_batch=gb, **kw)
     with pytest.raises(ValueError, match="step boundary"):
         late.load_state_dict(mid)
+
+
+def test_packed_batches_hold_each_sample_as_decoded_within_their_budgets(world):
+    """Packed rows are the samples end to end, as the unpacked loader decodes them; no row is longer than
+    data.max_length at the stage's positions per image, no micro-batch has more rows or images than allowed."""
+    micro, images_allowed = 3, 4
+    packed, _, _ = _loader(world, micro=micro, pack_max_images=images_allowed, **PACKED)
+    plain, _, _ = _loader(world, micro=1, shuffle=False, group_by_length=False)
+    decoded = {s[0]: s for b in _take(plain, plain.batches_per_epoch) for s in _split(b)}
+    per_image = NUM_CODES + 2 + GRID * GRID // 4
+    seen = []
+    for batch in _take(packed, packed.batches_per_epoch):
+        rows = batch.input_ids.shape[0]
+        assert rows <= micro and batch.num_images <= images_allowed
+        for r in range(rows):
+            real = batch.attention_mask[r].bool()
+            ids = batch.input_ids[r][real]
+            assert (
+                len(ids) + int((ids == IMAGE_PLACEHOLDER_ID).sum()) * (per_image - 1) <= PACKED["max_length"]
+            )
+        for got in _split(batch):
+            want = decoded[got[0]]
+            assert got[1:3] == want[1:3] and torch.equal(got[3], want[3]) and torch.equal(got[4], want[4])
+            seen.append(got[0])
+    assert len(seen) == len(set(seen)) == len(_samples(packed.epoch_batches(0)))
+    assert len(seen) > packed.batches_per_epoch * micro, "rows hold more than one sample"
 
 
 def test_plan_groups_by_modality_and_length(world):
