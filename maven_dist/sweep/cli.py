@@ -16,12 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from maven_dist.contract.command_line import HelpFormatter
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="maven sweep",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("sweep", type=Path, help="sweep file, e.g. recipes/ablations/tiny-keep-ratio.yaml")
     p.add_argument("--out", type=Path, default=None, help="sweep folder (default: runs/sweeps/NAME)")
