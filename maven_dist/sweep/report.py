@@ -44,9 +44,9 @@ def report_sweep(sweep: Sweep, root: Path) -> Path | None:
 
 def sweep_run(uri: str, sweep: Sweep) -> str:
     """The sweep's own run in its experiment (created once, found again by its tags on a rerun)."""
-    from mlflow import MlflowClient
+    from maven_dist.train.tracking.client import mlflow_client
 
-    client = MlflowClient(tracking_uri=uri)
+    client = mlflow_client(uri)
     experiment = client.get_experiment_by_name(sweep.experiment)
     exp_id = experiment.experiment_id if experiment else client.create_experiment(sweep.experiment)
     query = f"tags.`maven.run_kind` = '{SWEEP_KIND}' and tags.`maven.sweep` = '{sweep.name}'"

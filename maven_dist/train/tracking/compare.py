@@ -82,13 +82,13 @@ def find_runs_in_stores(
 ) -> list[RunSummary]:
     """:func:`find_runs` over several stores, store by store in the order given. An experiment or run id
     needs to be in one of them only; one that is in none raises ``ValueError``."""
-    from mlflow import MlflowClient
+    from maven_dist.train.tracking.client import mlflow_client
 
     found: list[RunSummary] = []
     missing_experiments = set(experiments)
     missing_runs = set(run_ids)
     for uri in uris:
-        client = MlflowClient(tracking_uri=uri)
+        client = mlflow_client(uri)
         if run_ids:
             runs = [run for run in (_get_run(client, r) for r in run_ids) if run is not None]
             missing_runs -= {run.info.run_id for run in runs}
@@ -112,11 +112,13 @@ def find_runs_in_stores(
 def load_histories(runs: Iterable[RunSummary], keys: Sequence[str]) -> None:
     """Fill ``run.history[key]`` from the store for every ``key`` the run has. A step logged more than
     once (a resumed stage repeats the steps after its checkpoint) keeps its latest value."""
-    from mlflow import MlflowClient
+    from maven_dist.train.tracking.client import mlflow_client
 
-    clients: dict[str, MlflowClient] = {}
+    clients = {}
     for run in runs:
-        client = clients.setdefault(run.store, MlflowClient(tracking_uri=run.store))
+        if run.store not in clients:
+            clients[run.store] = mlflow_client(run.store)
+        client = clients[run.store]
         for key in keys:
             if key not in run.metrics:
                 continue

@@ -58,9 +58,10 @@ def summarise_launch(
     """Name the launch's parent run `name` and log `params` and :func:`summary_metrics` into it; its run id,
     or None when the launch has no parent run in the store."""
     from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    from maven_dist.train.tracking.client import mlflow_client
+
+    client = mlflow_client(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None

@@ -316,9 +316,9 @@ def write_report(arms: Sequence[Arm], out_dir: Path, all_params: bool = False) -
 def log_report(uri: str, run_id: str, paths: Sequence[Path], artifact_path: str = "report") -> None:
     """Log the report files as artifacts of run ``run_id`` in the store at ``uri``: under
     ``artifact_path``, the PNGs under ``artifact_path/plots`` (the layout :func:`write_report` writes)."""
-    from mlflow import MlflowClient
+    from maven_dist.train.tracking.client import mlflow_client
 
-    client = MlflowClient(tracking_uri=uri)
+    client = mlflow_client(uri)
     for path in paths:
         where = f"{artifact_path}/plots" if path.suffix == ".png" else artifact_path
         client.log_artifact(run_id, str(path), artifact_path=where)

@@ -325,9 +325,9 @@ class Sender:
 
     def _get_client(self) -> Any:
         if self._client is None:
-            from mlflow import MlflowClient
+            from maven_dist.train.tracking.client import mlflow_client
 
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = mlflow_client(self.uri)
         return self._client
 
     def _deliver(self, batch: list[Op]) -> None:
