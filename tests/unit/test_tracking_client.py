@@ -30,11 +30,9 @@ client.set_terminated(client.create_run(experiment.experiment_id, run_name=sys.a
 def test_processes_creating_one_sqlite_store_at_once_all_keep_their_runs(tmp_path):
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     go = tmp_path / "go"
-    # Imported first, then released together: the store is created by all of them at the same moment.
-    warm = "import mlflow, mlflow.store.tracking.sqlalchemy_store; " + OPENER
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", warm, uri, str(go), f"arm{i}"],
+            [sys.executable, "-c", OPENER, uri, str(go), f"arm{i}"],
             cwd=REPO,
             env=cpu_env(),
             stderr=subprocess.PIPE,
@@ -42,7 +40,10 @@ def test_processes_creating_one_sqlite_store_at_once_all_keep_their_runs(tmp_pat
         )  # fmt: skip
         for i in range(2)
     ]
-    time.sleep(8)  # every process has imported MLflow and waits for `go`
+    # Imported first, then released together: both open the new store at the same moment.
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("go.arm*"))) < len(procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
     go.touch()
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errors)
