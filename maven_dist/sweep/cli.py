@@ -35,11 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument(
         "--slurm", action="store_true", help="submit the arms to Slurm instead of running them"
     )
-    slurm.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per arm (= ranks per stage)")
+    slurm.add_argument(
+        "--gpus-per-node", type=int, default=8, help="GPUs per arm (= ranks per stage); 0: CPU, --nproc ranks"
+    )
     slurm.add_argument("--partition", default=None, help="Slurm partition")
     slurm.add_argument("--account", default=None, help="Slurm account")
     slurm.add_argument("--timeout-min", type=int, default=24 * 60, help="time limit per arm job")
-    slurm.add_argument("--cpus-per-task", type=int, default=None, help="default: 10 per GPU")
+    slurm.add_argument("--cpus-per-task", type=int, default=None, help="default: 10 per GPU, or 1 per rank")
     return p
 
 
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep = load_sweep(args.sweep)
         root = (args.out or Path("runs") / "sweeps" / sweep.name).resolve()
-        shared, arms = plan_jobs(sweep, root, args.gpus_per_node if args.slurm else args.nproc)
+        on_gpus = args.slurm and args.gpus_per_node > 0
+        shared, arms = plan_jobs(sweep, root, args.gpus_per_node if on_gpus else args.nproc)
         wanted = [a for a in args.arms.split(",") if a]
         if wanted:
             arms = [job for job in arms if job.arm in {sweep.arm(a).name for a in wanted}]
@@ -70,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.slurm and not args.report_only:
         from maven_dist.sweep.slurm import submit
 
+        cpus = args.cpus_per_task or (10 * args.gpus_per_node if args.gpus_per_node > 0 else args.nproc)
         ids = submit(shared, arms, root / "submitit", args.gpus_per_node, args.partition, args.account,
-                     args.timeout_min, args.cpus_per_task)  # fmt: skip
+                     args.timeout_min, cpus)  # fmt: skip
         print(f"[sweep] submitted {' '.join(ids) or 'nothing (all finished)'}; when they are done: "
               f"maven sweep {args.sweep} --out {root} --report-only")  # fmt: skip
         return 0

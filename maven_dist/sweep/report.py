@@ -9,10 +9,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from maven_dist.sweep.runner import tracking_uri
+from maven_dist.sweep.runner import SHARED, tracking_uri
 from maven_dist.sweep.spec import Sweep
 
 SWEEP_KIND = "sweep"
+ARM_TAG = "maven.arm"
 CURVES = ("loss/total", "val/loss")
 
 
@@ -27,8 +28,9 @@ def report_sweep(sweep: Sweep, root: Path) -> Path | None:
     except ValueError as exc:  # no experiment yet: nothing ran
         print(f"[sweep] no report: {exc}", file=sys.stderr)
         return None
+    runs = [r for r in runs if r.tags.get(ARM_TAG) != SHARED]  # the stages every arm started from
     if not runs:
-        print(f"[sweep] no report: no run of sweep {sweep.name} in {uri}", file=sys.stderr)
+        print(f"[sweep] no report: no run of sweep {sweep.name}'s arms in {uri}", file=sys.stderr)
         return None
     load_histories(runs, CURVES)
     arms = group_arms(runs)

@@ -71,7 +71,10 @@ def plan_jobs(sweep: Sweep, root: Path, nproc: int) -> tuple[Job | None, list[Jo
     own = [s for s in sweep.stages if s not in sweep.shared]
     shared = None
     if sweep.shared:
-        shared = _job(sweep, SHARED, root / SHARED, list(sweep.shared), common, [], nproc)
+        # The recipe's evaluation scores the arms' models, not the stages they start from.
+        shared = _job(
+            sweep, SHARED, root / SHARED, list(sweep.shared), [*common, "eval.enabled=false"], [], nproc
+        )
     arms = []
     for arm in sweep.arms:
         hand_offs = [

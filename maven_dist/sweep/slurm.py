@@ -42,15 +42,16 @@ def submit(
     partition: str | None,
     account: str | None,
     timeout_min: int,
-    cpus_per_task: int | None,
+    cpus_per_task: int,
 ) -> list[str]:
-    """Submit the jobs; the Slurm job ids (shared job first, then the array's tasks)."""
+    """Submit the jobs; the Slurm job ids (shared job first, then the array's tasks). ``gpus_per_node``
+    0 asks for CPU nodes (no GPU request at all: a cluster without GPU gres rejects even a zero)."""
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
     executor.update_parameters(
         nodes=1,
         tasks_per_node=1,  # the pipeline starts one torchrun per stage with a rank per GPU
-        gpus_per_node=gpus_per_node,
-        cpus_per_task=cpus_per_task or max(1, 10 * gpus_per_node),
+        gpus_per_node=gpus_per_node or None,
+        cpus_per_task=cpus_per_task,
         timeout_min=max(timeout_min, MIN_TIMEOUT_MIN),
         slurm_additional_parameters={"requeue": True, **({"account": account} if account else {})},
     )

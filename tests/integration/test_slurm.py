@@ -437,6 +437,60 @@ def test_recipe_sh_runs_the_four_chained_stages(slurm: None, tmp_path: Path) -> 
     assert all(times[i][1] <= times[i + 1][0] for i in range(3)), times  # one after the other
 
 
+@pytest.mark.slow
+def test_sweep_runs_its_arms_as_one_job_array(slurm: None, tiny_assets, tmp_path: Path) -> None:
+    """`maven sweep --slurm` on CPU nodes: the arms are the tasks of one submitit job array, each its arm's
+    `maven pipeline`, into one store; `--report-only` then writes the report of both."""
+    import yaml
+
+    arms = ["keep_ratio=0.1", "keep_ratio=1.0"]
+    spec = {
+        "name": "array-test",
+        "recipe": str(REPO / TINY),
+        "stages": ["stage4"],
+        "set": ["demo.enabled=false", "stage.max_steps=2", "checkpoint.every_steps=2", "stage.eval_every=0",
+                "eval.enabled=false", "stage.init_missing=base"],
+        "grid": {"model.selector.keep_ratio": [0.1, 1.0]},
+    }  # fmt: skip
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    root = tmp_path / "sweep"
+    for arm in arms:  # the prepared tiny assets, linked instead of built again
+        (root / arm).mkdir(parents=True)
+        for part in ("base", "data"):
+            (root / arm / part).symlink_to(tiny_assets.root / part)
+    sweep = [PYTHON, "-m", "maven_dist.cli", "sweep", str(path), "--out", str(root)]
+    out = subprocess.run(
+        [*sweep, "--slurm", "--gpus-per-node", "0", "--nproc", "1", "--partition", "debug", "--timeout-min", "30"],
+        cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    ids = re.search(r"submitted (.+?); when they are done", out.stdout).group(1).split()
+    assert len(ids) == 2 and len({i.split("_")[0] for i in ids}) == 1, ids  # JOB_0 and JOB_1 of one array
+    for task in ids:
+        info = wait_state(task, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), JOB_TIMEOUT_S)
+        logs = "".join(p.read_text()[-2000:] for p in (root / "submitit").rglob(f"{task}_*_log.*"))
+        assert info["JobState"] == "COMPLETED", logs
+    assert all((root / arm / "arm_finished.json").is_file() for arm in arms)
+
+    report = subprocess.run([*sweep, "--report-only"], cwd=REPO, env=job_env(), capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    html = (root / "report" / "report.html").read_text()
+    assert all(arm in html for arm in arms)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("array-test")
+    stage_runs = [
+        r
+        for r in client.search_runs([experiment.experiment_id])
+        if r.data.tags.get("maven.stage") == "stage4"
+    ]
+    assert sorted(r.data.tags["maven.arm"] for r in stage_runs) == arms
+    assert all(r.info.status == "FINISHED" for r in stage_runs)
+
+
 # ------------------------------------------------------------------------------------------ accounting
 
 
