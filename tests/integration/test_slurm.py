@@ -296,12 +296,28 @@ def test_submit_mode_refuses_before_queueing(slurm: None, tmp_path: Path) -> Non
 # ------------------------------------------------------------------------------------------ real stages
 
 
+REFERENCE_TIME = "00:42:00"  # the env file's time limit for the README's command (env.local.sh says 00:30:00)
+
+
 @pytest.fixture(scope="session")
 def reference_stage4(slurm: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    """`sbatch slurm/stage4.sh recipes/tiny/stage4.yaml`, uninterrupted: (cwd, run_dir, job id)."""
+    """The README's command, `bash slurm/stage4.sh recipes/tiny/stage4.yaml --set run_dir=...`, with an env
+    file (env.local.sh, another time limit) and nothing else setting sbatch options; uninterrupted:
+    (cwd, run_dir, job id)."""
     cwd = tmp_path_factory.mktemp("reference")
     run = cwd / "run"
-    jid = sbatch(cwd, "slurm/stage4.sh", f"{TINY}/stage4.yaml", "--set", f"run_dir={run}", *STAGE_SETS)
+    env_file = cwd / "env.sh"
+    local = (REPO / "slurm/env.local.sh").read_text()
+    assert 'MAVEN_TIME="00:30:00"' in local
+    env_file.write_text(local.replace('MAVEN_TIME="00:30:00"', f'MAVEN_TIME="{REFERENCE_TIME}"'))
+    env = job_env(MAVEN_SLURM_ENV=str(env_file), MAVEN_LOG_DIR=str(cwd))
+    env = {k: v for k, v in env.items() if not k.startswith("SBATCH_")}
+    out = subprocess.run(
+        ["bash", str(REPO / "slurm/stage4.sh"), f"{TINY}/stage4.yaml", "--set", f"run_dir={run}", *STAGE_SETS],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    jid = out.stdout.split()[-1]
     wait_state(
         jid, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), JOB_TIMEOUT_S, stage_log(cwd, "stage4", jid)
     )
@@ -316,7 +332,10 @@ def test_sbatch_stage4_runs_two_tasks_and_writes_checkpoints_and_mlflow(
     log = stage_log(cwd, "stage4", jid)
     info = job_info(jid)
     assert info["JobState"] == "COMPLETED", log.read_text()[-4000:]
-    assert info["NumTasks"] == "2" or "1 node(s) x 2 task(s)" in log.read_text()
+    # env.local.sh's settings, from the env file alone (issue 17): partition, time, 2 CPU tasks, no GPU.
+    assert info["Partition"] == os.environ.get("MAVEN_SLURM_PARTITION", "debug")
+    assert info["TimeLimit"] == REFERENCE_TIME
+    assert info["NumTasks"] == "2" and "gpu" not in info.get("TresPerNode", "")
     assert "world size 2" in log.read_text()
     assert latest_step(run, "stage4") == FINAL_STEP
     assert (run / "stage4" / "export").is_dir()
