@@ -23,7 +23,8 @@ from tests.helpers.torchrun import run_train
 
 pytestmark = pytest.mark.distributed
 
-LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}
+# (tp, pp, dp). dp = 3 (issue 17): the stage export at a data-parallel size that divides no tiny shape.
+LAYOUTS = {"tp2": (2, 1, 1), "pp2": (1, 2, 1), "tp2xpp2": (2, 2, 1), "dp3": (1, 1, 3)}
 WEIGHT_FILES = [
     f"{hf_layout.LLM_DIR}/model.safetensors",
     f"{hf_layout.TOWER_DIR}/model.safetensors",
@@ -39,12 +40,14 @@ def three_d_run(tiny_assets, tmp_path_factory):
 
     def run(layout: str) -> Path:
         if layout not in _RUNS:
-            tp, pp = LAYOUTS[layout]
+            tp, pp, dp = LAYOUTS[layout]
             run_dir = tmp_path_factory.mktemp(f"merge_3d_{layout}")
+            batch = ["stage.micro_batch_size=4", "stage.global_batch_size=12"] if dp == 3 else []
             run_train(
-                tp * pp,
+                tp * pp * dp,
                 "recipes/tiny/stage4.yaml",
                 tiny_assets.overrides(run_dir, "conversations")
+                + batch
                 + [
                     "parallel.backend=3d",
                     f"parallel.tp={tp}",
@@ -69,7 +72,7 @@ def checkpoint_of(run_dir: Path, step: int) -> Path:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_3d_checkpoint_merges_bitwise_equal_to_the_unsharded_model(three_d_run, tmp_path, layout):
     run_dir = three_d_run(layout)
-    tp, pp = LAYOUTS[layout]
+    tp, pp, dp = LAYOUTS[layout]
     engine = checkpoint_of(run_dir, 2) / "engine" / "3d"
     # The checkpoint really is sharded: one file per pipeline layer (tiny LLM: 2 blocks) and tp rank,
     # a column-parallel weight cut in tp pieces.
@@ -89,7 +92,7 @@ def test_3d_checkpoint_merges_bitwise_equal_to_the_unsharded_model(three_d_run, 
     q = llm["model.layers.0.self_attn.q_proj.weight"]
     assert q.shape[0] == tp * q_slice.shape[0] and torch.equal(q[: q_slice.shape[0]], q_slice)
     provenance = json.loads((tmp_path / "merged" / PROVENANCE_FILE).read_text())
-    assert provenance["kind"] == "3d" and provenance["layout"] == {"dp": 1, "tp": tp, "pp": pp}
+    assert provenance["kind"] == "3d" and provenance["layout"] == {"dp": dp, "tp": tp, "pp": pp}
     assert provenance["complete"] is True
 
     # The step-1 checkpoint merges to other LLM weights: the equality above is of trained weights.
