@@ -41,10 +41,14 @@ def hardware(device: str | torch.device | None = None) -> str:
             f"{os.cpu_count()} cores",
             *([f"{ram:.0f} GiB RAM"] if ram is not None else []),
             f"{platform.system()} {platform.release()}",
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+            f"torch {torch.__version__} ({_count(torch.get_num_threads(), 'thread')})",
         ]
     )
     if device is not None and torch.device(device).type == "cuda":
         gpu = torch.cuda.get_device_name(device)
         return f"{gpu} x{torch.cuda.device_count()} (CUDA {torch.version.cuda}); host: {host}"
     return host
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
