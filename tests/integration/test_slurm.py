@@ -425,12 +425,22 @@ def test_launch_cli_local_runs_the_stage(reference_stage4: tuple[Path, Path, str
 
 
 @pytest.mark.slow
-def test_recipe_sh_runs_the_four_chained_stages(slurm: None, tmp_path: Path) -> None:
+def test_recipe_sh_runs_the_four_chained_stages(slurm: None, tiny_assets, tmp_path: Path) -> None:
+    """The chain itself (order, afterok, hand-offs): one task per stage job, the stages 2 steps long, the
+    prepared tiny assets linked into the run dir (the reference stage builds them inside its job)."""
     run = tmp_path / "run"
+    for part in ("base", "data"):
+        (run / part).parent.mkdir(parents=True, exist_ok=True)
+        (run / part).symlink_to(tiny_assets.root / part)
+    env_file = tmp_path / "env.sh"
+    local = (REPO / "slurm/env.local.sh").read_text()
+    assert "MAVEN_CPU_TASKS_PER_NODE=2" in local
+    env_file.write_text(local.replace("MAVEN_CPU_TASKS_PER_NODE=2", "MAVEN_CPU_TASKS_PER_NODE=1"))
+    env = job_env(MAVEN_LOG_DIR=str(tmp_path / "logs"), MAVEN_SLURM_ENV=str(env_file))
     out = subprocess.run(
         ["bash", str(REPO / "slurm/recipe.sh"), TINY, "--set", f"run_dir={run}", "--set", "stage.max_steps=2",
          "--set", "stage.eval_every=0"],
-        cwd=tmp_path, env=job_env(MAVEN_LOG_DIR=str(tmp_path / "logs")), capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     jobs = dict(line.split() for line in out.stdout.splitlines())
