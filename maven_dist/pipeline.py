@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from maven_dist.config import STAGE_NAMES
-from maven_dist.contract.command_line import HelpFormatter
+from maven_dist.contract.command_line import HelpFormatter, add_overrides_option
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,14 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STAGE:KEY=VALUE",
         help="override a value in one stage's recipe only, e.g. stage4:stage.init_from=/x/export (repeatable)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value in every stage's recipe (repeatable)",
-    )
+    add_overrides_option(parser, "override a value in every stage's recipe")
     return parser
 
 

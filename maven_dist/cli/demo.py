@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from maven_dist.contract.command_line import HelpFormatter
+from maven_dist.contract.command_line import HelpFormatter, add_overrides_option
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,14 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="maven prepare-demo", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
     )
     parser.add_argument("recipe", help="a stage recipe or a recipe directory, e.g. recipes/tiny")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="recipe override (repeatable)",
-    )
+    add_overrides_option(parser, "recipe override")
     parser.add_argument(
         "--if-enabled", action="store_true", help="do nothing (exit 0) for a recipe without demo.enabled"
     )

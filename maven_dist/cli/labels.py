@@ -28,10 +28,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from maven_dist.cli.work_share import add_work_share_arguments, work_share
 from maven_dist.contract.command_line import HelpFormatter
 from maven_dist.offline.pseudo_labels.grounding_sam import GroundingSamConfig
 from maven_dist.offline.pseudo_labels.make_labels import grid_from_tower, make_patch_labels
-from maven_dist.offline.shard_jobs import JobInputError, WorkShare, input_errors, plan_shard_files
+from maven_dist.offline.shard_jobs import JobInputError, input_errors, plan_shard_files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,36 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="", help="torch device (default: cuda when present)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch")
     p.add_argument("--overwrite", action="store_true", help="recompute shards that already have labels")
-    split = p.add_argument_group(
-        "splitting the work over processes (GPUs, a Slurm array: slurm/labels_array.sh)"
-    )
-    split.add_argument(
-        "--num-shards",
-        type=int,
-        default=1,
-        help="number of processes sharing the work; each labels a disjoint part of the shard files",
-    )
-    split.add_argument(
-        "--shard-index",
-        type=int,
-        default=0,
-        help="this process's part, 0 .. N-1: every N-th shard file of SHARDS (in the order given) from here",
-    )
-    split.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="check the arguments and inputs, print the shard files this process would label, and exit",
-    )
+    add_work_share_arguments(p, "labels", "slurm/labels_array.sh")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    try:
-        share = WorkShare(args.shard_index, args.num_shards)
-    except ValueError as exc:
-        p.error(f"--shard-index {args.shard_index} of --num-shards {args.num_shards}: {exc}")
+    share = work_share(p, args)
     grounding = _grounding_config(p, args)
     try:
         _check_inputs(args)

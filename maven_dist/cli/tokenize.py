@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
+from maven_dist.cli.work_share import add_work_share_arguments, work_share
 from maven_dist.contract.command_line import HelpFormatter
 from maven_dist.offline.discrete.kmeans import CONFIG_NAME, train_kmeans_tokenizer
 from maven_dist.offline.shard_jobs import (
     JobInputError,
-    WorkShare,
     input_errors,
     plan_shard_files,
     tokenize_shards,
@@ -67,36 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
     p.add_argument("--overwrite", action="store_true", help="recompute shards that already have codes")
-    split = p.add_argument_group(
-        "splitting the work over processes (GPUs, a Slurm array: slurm/tokenize_array.sh)"
-    )
-    split.add_argument(
-        "--num-shards",
-        type=int,
-        default=1,
-        help="number of processes sharing the work; each encodes a disjoint part of the shard files",
-    )
-    split.add_argument(
-        "--shard-index",
-        type=int,
-        default=0,
-        help="this process's part, 0 .. N-1: every N-th shard file of SHARDS (in the order given) from here",
-    )
-    split.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="check the arguments and inputs, print the shard files this process would encode, and exit",
-    )
+    add_work_share_arguments(p, "encodes", "slurm/tokenize_array.sh")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    try:
-        share = WorkShare(args.shard_index, args.num_shards)
-    except ValueError as exc:
-        p.error(f"--shard-index {args.shard_index} of --num-shards {args.num_shards}: {exc}")
+    share = work_share(p, args)
     train = args.train_kmeans and not (args.path / CONFIG_NAME).is_file()
     if args.train_kmeans and (args.tokenizer != "kmeans" or args.tower is None):
         p.error("--train-kmeans needs --tokenizer kmeans and --tower")

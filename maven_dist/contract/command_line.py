@@ -39,3 +39,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if "%(default)" in text or not shows_default(action):
             return text
         return f"{text} (default: %(default)s)"
+
+
+def add_overrides_option(
+    parser: argparse.ArgumentParser, help: str = "override a recipe value, e.g. --set stage.max_steps=10"
+) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``: how every command takes recipe overrides."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"{help} (repeatable)",
+    )

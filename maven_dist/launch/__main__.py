@@ -15,7 +15,7 @@ from pathlib import Path
 
 import submitit
 
-from maven_dist.contract.command_line import HelpFormatter
+from maven_dist.contract.command_line import HelpFormatter, add_overrides_option
 from maven_dist.launch.checks import LaunchError, Layout, check_launch, visible_gpu_count
 from maven_dist.launch.stage_job import StageJob
 
@@ -44,14 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only check (RECIPE may be a recipe directory: every stage), submit nothing",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set stage.max_steps=10 (repeatable)",
-    )
+    add_overrides_option(p)
     return p
 
 

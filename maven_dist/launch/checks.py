@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maven_dist.config import Config, ConfigError, load_config
-from maven_dist.contract.command_line import HelpFormatter
+from maven_dist.contract.command_line import HelpFormatter, add_overrides_option
 from maven_dist.launch.inputs import input_problems
 
 GPU_PARAM_THRESHOLD = 1_000_000_000
@@ -206,14 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--skip-inputs", action="store_true", help="check the layout only, not the files the stage reads"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, as the stage will run it (repeatable)",
-    )
+    add_overrides_option(parser, "override a recipe value, as the stage will run it")
     return parser
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from maven_dist.contract.command_line import HelpFormatter
+from maven_dist.contract.command_line import HelpFormatter, add_overrides_option
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,14 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="maven train", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
     )
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/stage4.yaml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set stage.max_steps=10 (repeatable)",
-    )
+    add_overrides_option(parser)
     parser.add_argument(
         "--force", action="store_true", help="resume even from a checkpoint written by a different recipe"
     )

@@ -29,6 +29,9 @@ RECIPES = sorted((REPO / "recipes" / "maven-7b").glob("stage*.yaml")) + sorted(
     (REPO / "recipes" / "maven-13b").glob("stage*.yaml")
 )
 CLI = {name: REPO / "maven_dist" / "cli" / f"{name}.py" for name in ("prepare", "labels", "tokenize")}
+WORK_SHARE = (
+    REPO / "maven_dist" / "cli" / "work_share.py"
+)  # the --num-shards options labels and tokenize share
 # `bash slurm/labels_array.sh ARGS` (or `sbatch [OPTIONS] slurm/labels_array.sh ARGS`) runs `maven labels ARGS`.
 ARRAY_SCRIPTS = {"slurm/labels_array.sh": "labels", "slurm/tokenize_array.sh": "tokenize"}
 MODEL_KEYS = (
@@ -119,10 +122,14 @@ def cli_parser(name: str) -> argparse.ArgumentParser:
     """A parser with the options ``maven_dist/cli/<name>.py`` declares (names, actions, nargs, defaults,
     required), read from its source: the commands are checked against the real flags without importing
     torch. Values stay strings (``type=`` is not replayed)."""
-    tree = ast.parse(CLI[name].read_text())
+    source = CLI[name].read_text()
+    sources = [source] + ([WORK_SHARE.read_text()] if "add_work_share_arguments" in source else [])
     parser = _DocParser(prog=f"maven {name}", add_help=False)
     calls = [
-        n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "add_argument"
+        n
+        for text in sources
+        for n in ast.walk(ast.parse(text))
+        if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "add_argument"
     ]
     for call in sorted(calls, key=lambda n: (n.lineno, n.col_offset)):
         names = [ast.literal_eval(a) for a in call.args]
