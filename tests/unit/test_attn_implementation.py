@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 
 import pytest
 import torch
+import yaml
 from transformers import AutoTokenizer
 
 from maven_dist.config import Config, ConfigError, load_config
@@ -52,6 +54,27 @@ def test_sdpa_and_eager_give_the_same_loss_and_each_trains(tiny_base):
         assert all(map(torch.isfinite, torch.tensor(losses[attn] + norms)))
     # Step 0 is the same weights through both kernels; step 1 after one AdamW update from each.
     torch.testing.assert_close(torch.tensor(losses["eager"]), torch.tensor(losses["sdpa"]), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("attn", ["eager", *(["flash_attention_2"] if FLASH_RUNS else [])])
+def test_the_tiny_recipe_trains_with_each_kernel(tiny_assets, tmp_path, attn):
+    """The tiny stage 4, as `maven train` runs it, with a kernel other than the default (sdpa: every other
+    stage test). flash-attn needs bf16 and CUDA: only where it runs."""
+    from maven_dist.parallel.distributed import destroy
+    from maven_dist.train.trainer import run_stage
+
+    sets = [f"model.llm.attn_implementation={attn}", "stage.max_steps=2", "stage.eval_every=0",
+            "tracking.enabled=false", "data.num_workers=0", "stage.init_missing=base"]  # fmt: skip
+    if attn == "flash_attention_2":
+        sets.append("stage.dtype=bf16")
+    cfg = load_config(TINY, tiny_assets.overrides(tmp_path / "run", "conversations") + sets)
+    try:
+        result = run_stage(cfg)
+    finally:
+        destroy()
+    assert result.steps == 2 and math.isfinite(result.final_loss)
+    resolved = yaml.safe_load((tmp_path / "run" / "stage4" / "resolved_recipe.yaml").read_text())
+    assert resolved["model"]["llm"]["attn_implementation"] == attn
 
 
 @pytest.mark.skipif(FLASH_RUNS, reason="flash-attn runs here")
