@@ -7,6 +7,7 @@ only the order of the row-parallel sums, but an elementwise ratio on near-zero e
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ def maven_dir(tiny_base, tmp_path_factory) -> Path:
     return model.save_pretrained(tmp_path_factory.mktemp("maven3d") / "maven", tokenizer)
 
 
+@functools.cache  # the three stage-4 layouts share one reference (maven_dir is one per module)
 def reference(maven_dir: Path, stage: str) -> dict:
     """One process: loss, logits and gradients of micro-batch 0, then STEPS accumulated steps."""
     cfg = stage_config(stage)

@@ -170,7 +170,8 @@ def test_the_stage_export_equals_the_merge_of_its_checkpoint_at_every_world_size
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+# 3 ranks, not 4: the run the export test makes anyway, and the uneven partitions are the harder case.
+@pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_merge_equals_deepspeed_zero_to_fp32_bitwise(zero3_run, tmp_path, world_size):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -192,7 +193,9 @@ def test_merge_equals_deepspeed_zero_to_fp32_bitwise(zero3_run, tmp_path, world_
 
     # And the files are the ones save_pretrained writes for DeepSpeed's state dict (in model order).
     model = MavenModel.from_pretrained(tmp_path / "from_legacy")
-    ordered = {name: reference[name] for name in model.state_dict()}
+    # zero_to_fp32's tensors are views of one flat buffer; at 3 ranks save_pretrained refuses views that
+    # do not cover their storage, so the reference files are written from copies (same values).
+    ordered = {name: reference[name].clone() for name in model.state_dict()}
     model.save_pretrained(tmp_path / "ref", state_dict=ordered)
     for rel in ("llm/model.safetensors", "vision_tower/model.safetensors", hf_layout.MAVEN_MODULES_FILE):
         assert (tmp_path / "from_legacy" / rel).read_bytes() == (tmp_path / "ref" / rel).read_bytes(), rel

@@ -82,8 +82,8 @@ def kill_after_checkpoint(cmd: list[str], latest: Path, step_name: str, timeout:
     "stage, nproc, packing, steps",
     [
         ("stage1", 1, False, STEPS),
-        ("stage4", 2, False, STEPS),
-        # Packed micro-batches on 2 ZeRO-3 ranks; 7 steps resume at 6 and 7, enough (issue 16).
+        # 2 ZeRO-3 ranks, unpacked and packed (issue 16): 7 steps resume at steps 6 and 7, enough.
+        ("stage4", 2, False, 7),
         ("stage4", 2, True, 7),
     ],
     ids=["stage1-1", "stage4-2", "stage4-2-packed"],
@@ -91,6 +91,8 @@ def kill_after_checkpoint(cmd: list[str], latest: Path, step_name: str, timeout:
 def test_sigkill_after_step5_checkpoint_resumes_exactly(tiny_assets, tmp_path, stage, nproc, packing, steps):
     recipe = f"recipes/tiny/{stage}.yaml"
     extra = [f"data.packing={str(packing).lower()}"]
+    if packing:  # batch sizes count rows, and a packed row holds ~4.7 samples: one row per rank and step
+        extra += ["stage.micro_batch_size=1", "stage.global_batch_size=2"]
     straight = tmp_path / "straight"
     run_train(nproc, recipe, stage_overrides(tiny_assets, straight, stage, steps) + extra)
     killed = tmp_path / "killed"
