@@ -37,10 +37,16 @@ def _settings(cfg: Config) -> dict:
 
 
 def _already_built(cfg: Config) -> bool:
+    """The marker matches and the outputs it stands for are still there (one may have been deleted)."""
+    run = Path(cfg.run_dir)
+    models = (cfg.model.llm.path, cfg.model.vision.path, cfg.model.discrete.path)
+    outputs = [cfg.resolve_path(m) / "config.json" for m in models]
+    outputs += [run / "data" / name / "manifest.json" for name in ("captions", "conversations")]
     try:
-        return json.loads((Path(cfg.run_dir) / "data" / _ALL_DONE).read_text()) == _settings(cfg)
+        same = json.loads((run / "data" / _ALL_DONE).read_text()) == _settings(cfg)
     except (OSError, ValueError):
         return False
+    return same and all(path.is_file() for path in outputs)
 
 
 def log(message: str) -> None:
