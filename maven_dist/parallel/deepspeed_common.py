@@ -3,7 +3,9 @@ checkpoint I/O that never unpickles code, and the per-step accessors."""
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 from pathlib import Path
 
 import deepspeed
@@ -43,13 +45,33 @@ def base_ds_config(cfg: Config, dims: ParallelDims, accumulation: int) -> dict:
 # inference's `inference_all_reduce` uses it, never a training collective, and the C++ build costs about
 # a minute of both cores the first time a machine (or a new install path) runs a stage.
 SHM_COMM_OP = "deepspeed_shm_comm"
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
 
 def init_deepspeed_distributed() -> None:
     """DeepSpeed's comm layer adopts the process group ``init_distributed`` already created."""
     if not torch.cuda.is_available():
         deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    _import_muon_uncompiled()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer with its ``torch.compile`` decorator left out.
+
+    Every ZeRO optimizer DeepSpeed builds imports Muon, only to ask whether ours is one (we pass a torch
+    AdamW). That import wraps Muon's Newton-Schulz kernel in ``torch.compile``, which imports dynamo and
+    inductor: 2-4 s of CPU per rank at every stage start, for a kernel we never call."""
+    if MUON_MODULE in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    compile_decorator = compiler.compile
+    compiler.compile = lambda: lambda fn: fn
+    try:
+        importlib.import_module(MUON_MODULE)
+    finally:
+        compiler.compile = compile_decorator
 
 
 class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
