@@ -153,7 +153,7 @@ def test_compare_merges_a_tracking_server_and_a_run_directory(server, tmp_path, 
         "1.0",
     ]
     assert (rows["server-b"]["val/loss final"], rows["server-b"]["val/loss best"]) == ("0.65", "0.6")
-    assert rows["local-c"]["visual positions/image"] == str(32 + 2 + 576)
+    assert rows["local-c"]["visual tokens/image"] == str(32 + 576)
     assert rows["server-a"]["eval/synth_vqa/accuracy"] == "0.5"
 
     runs = find_runs_in_stores([server.uri])

@@ -1,6 +1,6 @@
 """`maven sweep`: a tiny keep-ratio sweep (α ∈ {0.1, 1.0}) end to end into one store, killed in the
 middle of its second arm and rerun: only what was missing runs, into the same MLflow runs; the report
-lists every arm with its visual positions and eval scores. Two arms prove all of it; the three-arm sweep
+lists every arm with its visual tokens per image and eval scores. Two arms prove all of it; the three-arm sweep
 of recipes/ablations/tiny-keep-ratio.yaml is `make sweep-demo` (docs/experiments.md)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from maven_dist.contract.lengths import visual_tokens_per_image
+from maven_dist.contract.lengths import image_tokens
 from maven_dist.sweep.spec import SweepError, load_sweep
 from tests.distributed.test_resume import kill_tree
 from tests.helpers.torchrun import REPO, cpu_env
@@ -91,9 +91,9 @@ def test_a_killed_sweep_finishes_what_is_missing_into_the_same_runs(tiny_assets,
     html = (root / "report" / "report.html").read_text()
     for alpha in ALPHAS:
         assert f"keep_ratio={alpha}" in html
-        # 112 px / 14 px patches = 64 patches, 32 codes + <img></img>: 40 and 98 positions per image
-        positions = visual_tokens_per_image(32, 64, alpha, ["discrete", "continuous"])
-        assert f">{positions}<" in html, positions
+        # 112 px / 14 px patches = 64 patches and 32 codes: 38 and 96 visual tokens per image
+        tokens = image_tokens(32, 64, alpha, ["discrete", "continuous"])
+        assert f">{tokens}<" in html, tokens
     assert "data:image/png;base64," in html
     plots = sorted((root / "report" / "plots").glob("*.png"))
     assert plots and all(Image.open(p).format == "PNG" for p in plots)

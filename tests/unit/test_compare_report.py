@@ -20,7 +20,7 @@ from maven_dist.train.tracking.report import (
     build_report,
     group_arms,
     log_report,
-    visual_positions,
+    visual_tokens,
     write_report,
 )
 from tests.helpers.mlflow_runs import BASE_PARAMS, LaunchLog, StageLog, log_launch
@@ -156,9 +156,9 @@ def test_one_row_per_arm_with_the_params_that_differ_and_hand_computed_numbers(s
     assert (b["val/loss final"], b["val/loss best"]) == (0.65, 0.65)  # the resumed step-4 value wins
     assert a["eval/synth_vqa/accuracy"] == 0.5 and b["eval/synth_vqa/accuracy"] == 0.75
     assert a["eval/synth_mme/total"] is None and b["eval/synth_mme/total"] == 120.0
-    # 32 codes + <img> + </img> + floor(alpha * 576) kept patches.
-    assert a["visual positions/image"] == 32 + 2 + 57
-    assert b["visual positions/image"] == 32 + 2 + 144
+    # The paper's count: 32 codes + floor(alpha * 576) kept patches (the sequence adds <img></img>).
+    assert a["visual tokens/image"] == 32 + 57
+    assert b["visual tokens/image"] == 32 + 144
     assert a["tokens/s"] == b["tokens/s"] == 250.0  # median of 100, 200, 300, 1000
 
     per_stage = rows_by_arm(report.per_stage)
@@ -249,12 +249,11 @@ def test_arm_labels_take_the_store_where_two_arms_read_the_same():
     assert [a.label for a in arms] == ["base @ x", "base @ mlflow:5000", "l3"]
 
 
-def test_visual_positions_follow_the_views_of_the_stage():
+def test_visual_tokens_follow_the_views_of_the_stage():
     params = {**BASE_PARAMS, "model.selector.keep_ratio": "1.0"}
-    assert visual_positions(params) == 32 + 2 + 576
-    assert visual_positions({**params, "stage.views": '["discrete"]'}) == 34
+    assert visual_tokens(params) == 32 + 576
+    assert visual_tokens({**params, "stage.views": '["discrete"]'}) == 32
     assert (
-        visual_positions({**params, "model.selector.keep_ratio": "0.25", "stage.views": '["continuous"]'})
-        == 144
+        visual_tokens({**params, "model.selector.keep_ratio": "0.25", "stage.views": '["continuous"]'}) == 144
     )
-    assert visual_positions({"model.selector.keep_ratio": "0.25"}) is None
+    assert visual_tokens({"model.selector.keep_ratio": "0.25"}) is None

@@ -8,16 +8,17 @@ An *arm* is one launch: the stage runs and ``eval-*`` runs sharing a store, an e
   other arms), so a param whose value changes from stage to stage within every arm, like
   ``stage.optimizer.lr``, is not an arm difference by itself. A differing param is one column when each arm
   has one value for it over all its stages (``model.selector.keep_ratio``), else one column per stage in
-  which the arms differ (``stage.optimizer.lr [stage3]``). ``run_dir`` is left out (every launch has its
-  own) unless ``all_params``, which shows every param;
+  which the arms differ (``stage.optimizer.lr [stage3]``). ``run_dir`` and ``recipe_fingerprint`` are left
+  out (:data:`PER_LAUNCH_PARAMS`) unless ``all_params``, which shows every param;
 * the last training stage (the one started last), its final and best (lowest) ``val/loss`` and its
   median ``perf/tokens_per_s`` over the logged windows (the median, so that the warm-up window and a short
   last window do not decide it);
 * every ``eval/<task>/<metric>`` of the arm's evaluation runs (where two evaluation runs of one arm log the
   same key, the one started later wins);
-* the LLM positions one image occupies under the last stage's params (``stage.views``, the codes with
-  their two boundary tokens plus ``floor(keep_ratio * patches)`` kept patches:
-  :func:`~maven_dist.contract.lengths.visual_tokens_per_image`, the rule the data and the model share);
+* the visual tokens per image under the last stage's params, counted as the paper counts them: the codes
+  (``stage.views`` with ``discrete``) plus ``floor(keep_ratio * patches)`` kept patches (``continuous``),
+  89 / 176 / 608 at 336 px (:func:`~maven_dist.contract.lengths.image_tokens`; the sequence adds
+  ``<img>`` and ``</img>``);
 
 a second table gives the final and best ``val/loss`` of every training stage, and the plots overlay the
 ``loss/total`` and the ``val/loss`` curves of all arms, one image per stage and metric.
@@ -43,7 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from maven_dist.contract.lengths import visual_tokens_per_image
+from maven_dist.contract.lengths import image_tokens
 
 from .compare import RunSummary, store_name
 
@@ -52,8 +53,9 @@ VAL_LOSS = "val/loss"
 TOKENS_PER_S = "perf/tokens_per_s"
 HISTORY_KEYS = (TRAIN_LOSS, VAL_LOSS, TOKENS_PER_S)
 """The metric histories the report reads (:func:`~.compare.load_histories`)."""
-PER_LAUNCH_PARAMS = ("run_dir",)
-"""Params that differ between any two launches by construction, so they say nothing about an arm."""
+PER_LAUNCH_PARAMS = ("run_dir", "recipe_fingerprint")
+"""Params that say nothing about an arm: each launch has its own run_dir, and the recipe's fingerprint
+differs wherever any param differs (those params are the columns)."""
 
 Cell = str | int | float | None
 
@@ -128,7 +130,7 @@ def build_report(arms: Sequence[Arm], all_params: bool = False) -> Report:
     eval_keys = sorted({k for a in arms for k in _eval_metrics(a)})
     several_stores = len({a.store for a in arms}) > 1
     header = ["arm"] + (["store"] if several_stores else []) + ["last stage"] + [h for h, _ in params]
-    header += [f"{VAL_LOSS} final", f"{VAL_LOSS} best", *eval_keys, "visual positions/image", "tokens/s"]
+    header += [f"{VAL_LOSS} final", f"{VAL_LOSS} best", *eval_keys, "visual tokens/image", "tokens/s"]
     rows = []
     for i, arm in enumerate(arms):
         last = arm.last
@@ -138,7 +140,7 @@ def build_report(arms: Sequence[Arm], all_params: bool = False) -> Report:
         row.append(_stage_cell(last))
         row += [values[i] for _, values in params]
         row += [final, best, *(evals.get(k) for k in eval_keys)]
-        row += [visual_positions(last.params) if last else None, tokens_per_s(last) if last else None]
+        row += [visual_tokens(last.params) if last else None, tokens_per_s(last) if last else None]
         rows.append(row)
 
     stages = [s for s in stage_order(arms) if any((r := a.stage(s)) and VAL_LOSS in r.metrics for a in arms)]
@@ -197,11 +199,11 @@ def tokens_per_s(run: RunSummary) -> float | None:
     return run.metrics.get(TOKENS_PER_S)
 
 
-def visual_positions(params: dict[str, str]) -> int | None:
-    """LLM positions per image from a stage run's params; None when a param it needs is missing."""
+def visual_tokens(params: dict[str, str]) -> int | None:
+    """The paper's visual tokens per image from a stage run's params; None when a param it needs is missing."""
     try:
         patches = (int(params["model.vision.image_size"]) // int(params["model.vision.patch_size"])) ** 2
-        return visual_tokens_per_image(
+        return image_tokens(
             int(params["model.discrete.num_codes"]),
             patches,
             float(params["model.selector.keep_ratio"]),
