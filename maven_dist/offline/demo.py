@@ -28,7 +28,7 @@ _DONE = ".done"
 _ALL_DONE = "demo_done.json"
 
 
-def _settings(cfg: Config) -> dict:
+def demo_settings(cfg: Config) -> dict:
     """The settings the assets are built from (JSON values, as the marker stores them)."""
     model = cfg.model
     built_from = {"demo": asdict(cfg.demo), "seed": cfg.seed, "llm": asdict(model.llm),
@@ -43,7 +43,7 @@ def _already_built(cfg: Config) -> bool:
     outputs = [cfg.resolve_path(m) / "config.json" for m in models]
     outputs += [run / "data" / name / "manifest.json" for name in ("captions", "conversations")]
     try:
-        same = json.loads((run / "data" / _ALL_DONE).read_text()) == _settings(cfg)
+        same = json.loads((run / "data" / _ALL_DONE).read_text()) == demo_settings(cfg)
     except (OSError, ValueError):
         return False
     return same and all(path.is_file() for path in outputs)
@@ -128,5 +128,5 @@ def prepare_demo(cfg: Config) -> None:
     for name in shard_sets:
         tokenize_shards(run / "data" / name, "kmeans", kmeans_dir, progress=False)
     done = run / "data" / _ALL_DONE
-    done.with_suffix(".tmp").write_text(json.dumps(_settings(cfg), indent=1) + "\n")
+    done.with_suffix(".tmp").write_text(json.dumps(demo_settings(cfg), indent=1) + "\n")
     done.with_suffix(".tmp").replace(done)

@@ -26,7 +26,7 @@ class ArmTask(submitit.helpers.Checkpointable):
     def __call__(self, job: Job) -> int:
         if job.finished():
             return 0
-        job.run_dir.mkdir(parents=True, exist_ok=True)
+        job.prepare_run_dir()
         code = subprocess.call(job.command, env=os.environ | job.env)
         if code != 0:
             raise RuntimeError(f"arm {job.arm}: maven pipeline exited with {code}; see the task's log")
