@@ -64,6 +64,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import stat
 import warnings
 from collections import Counter
@@ -617,6 +618,14 @@ def encode_for_shard(
 _WORKER: dict = {}
 
 
+def _init_pool_worker(options: PrepareOptions) -> None:
+    # Pool.terminate() ends the workers with SIGTERM. A worker forked from a process whose SIGTERM
+    # handler only records the signal (the trainer's preemption handler, or any caller's) would live
+    # on, and terminate() would wait for it forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(options)
+
+
 def _init_worker(options: PrepareOptions) -> None:
     from transformers import AutoTokenizer
 
@@ -808,7 +817,9 @@ def prepare(sources: Sequence[Path], options: PrepareOptions) -> dict:
             pool = None
         else:
             # fork: workers inherit the imported modules; this process has not started tokenizers' threads.
-            pool = mp.get_context("fork").Pool(min(options.num_workers, len(tasks)), _init_worker, (options,))
+            pool = mp.get_context("fork").Pool(
+                min(options.num_workers, len(tasks)), _init_pool_worker, (options,)
+            )
             outputs = pool.imap(_build_shard, tasks)
         try:
             for result in outputs:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import runpy
+import signal
 import struct
 import sys
 import zlib
@@ -673,3 +674,19 @@ def test_every_attack_at_once_with_workers(corpus, attack, tmp_path):
     assert counts["kept"] == len(KEEP) and counts["rejected"] == len(ATTACKS)
     expected = Counter(reason for _, reason, _ in ATTACKS.values())
     assert counts["rejected_by_reason"] == dict(sorted(expected.items()))
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_error_ends_the_pool_when_the_caller_only_records_sigterm(corpus, tmp_path):
+    """A --strict error in the first shard stops preparation with the others still queued, in a process
+    whose SIGTERM handler only records the signal (a trainer's preemption handler). The forked workers
+    used to inherit that handler, ignore Pool.terminate() and leave it waiting for them forever."""
+    records = [corpus["bad"]["truncated_image"], *[dict(corpus["good"][0], id=f"g{i}") for i in range(8)]]
+    source = tmp_path / "records.json"
+    source.write_text(json.dumps(records))
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        with pytest.raises(PrepareError, match=r"id 'bad-truncated'.*truncated_image"):
+            prepare([source], _options(corpus, tmp_path / "out", shard_size=1, num_workers=2, strict=True))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
