@@ -30,14 +30,8 @@ if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${MAVEN_REPO:-}" ]; then
 fi
 _slurm=${MAVEN_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}/slurm
 [ -f "$_slurm/tool_array.sh" ] || { echo "error: $_slurm/tool_array.sh not found; set MAVEN_REPO=/path/to/maven_dist" >&2; exit 2; }
-# shellcheck source=slurm/launch.sh
-source "$_slurm/launch.sh"
 # shellcheck source=slurm/tool_array.sh
 source "$_slurm/tool_array.sh"
-case "${1:-}" in
-    -h | --help) maven_array_usage "$_slurm/labels_array.sh"; exit 0 ;;
-    "") maven_array_usage "$_slurm/labels_array.sh" >&2; exit 2 ;;
-esac
 _needs_gpu=0
 [ "$(maven_array_option source "$@")" = grounding_sam ] && _needs_gpu=1
 maven_array_main labels "$_needs_gpu" "$@"

@@ -1,6 +1,7 @@
 # slurm/tool_array.sh - the launcher shared by slurm/labels_array.sh and slurm/tokenize_array.sh.
-# Sourced after slurm/launch.sh, not run. A script calls `maven_array_main TOOL NEEDS_GPU "$@"`
-# (TOOL: labels or tokenize; NEEDS_GPU: 1 when the tool's models want a GPU), which either
+# Sourced (it sources slurm/launch.sh beside it), not run. A script calls
+# `maven_array_main TOOL NEEDS_GPU "$@"` (TOOL: labels or tokenize; NEEDS_GPU: 1 when the tool's models
+# want a GPU), which prints the script's usage for -h/--help or no arguments, or else either
 #
 #   * submits the script itself as a job array of --num-shards tasks with the settings of
 #     slurm/env.sh (outside a job: `bash slurm/labels_array.sh ... --num-shards N`), after checking
@@ -11,6 +12,9 @@
 #
 # The tools take their part from these flags only, never from SLURM_* themselves: a `maven tokenize`
 # that happens to run inside some other array job (a sweep's arms) still does all of its work.
+
+# shellcheck source=slurm/launch.sh
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
 
 # maven_array_option NAME ARGS...: the value of --NAME in ARGS (--NAME V or --NAME=V), empty if absent.
 maven_array_option() {
@@ -91,12 +95,17 @@ maven_array_run() {
 maven_array_main() {
     local tool=$1 needs_gpu=$2; shift 2
     maven_find_repo
+    local script="$MAVEN_REPO/slurm/${tool}_array.sh"
+    case "${1:-}" in
+        -h | --help) maven_array_usage "$script"; exit 0 ;;
+        "") maven_array_usage "$script" >&2; exit 2 ;;
+    esac
     maven_load_env
     if [ -n "${SLURM_JOB_ID:-}" ]; then
         maven_array_run "$tool" "$needs_gpu" "$@"
     fi
     local jid
-    jid=$(maven_array_submit "$tool" "$needs_gpu" "$MAVEN_REPO/slurm/${tool}_array.sh" "$@") || exit $?
+    jid=$(maven_array_submit "$tool" "$needs_gpu" "$script" "$@") || exit $?
     maven_log "submitted maven $tool as array job $jid (logs: ${MAVEN_LOG_DIR:-$PWD/logs/slurm}/maven-$tool-${jid}_<task>.out)"
     echo "$jid"
 }
