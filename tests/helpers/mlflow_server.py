@@ -12,12 +12,6 @@ import urllib.request
 from pathlib import Path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MlflowServer:
     """``mlflow server`` in its own process group (it forks a uvicorn worker) so a kill takes all of it."""
 

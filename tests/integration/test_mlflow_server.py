@@ -22,7 +22,8 @@ import pytest
 
 from maven_dist.config import Config
 from maven_dist.train.tracking import MLflowTracker, build_tracker
-from tests.helpers.mlflow_server import MlflowServer, free_port, wait_until
+from tests.helpers.mlflow_server import MlflowServer, wait_until
+from tests.helpers.torchrun import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from maven_dist.train.metrics_file import read_metrics
 from maven_dist.train.tracking.sender import PARENT_KIND
-from tests.helpers.mlflow_server import MlflowServer, free_port, wait_until
-from tests.helpers.torchrun import REPO, cpu_env
+from tests.helpers.mlflow_server import MlflowServer, wait_until
+from tests.helpers.torchrun import REPO, cpu_env, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

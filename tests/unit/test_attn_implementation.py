@@ -3,37 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer
 
 from maven_dist.config import Config, ConfigError, load_config
-from maven_dist.contract.vocab import extend_tokenizer
 from maven_dist.model.maven import MavenModel, check_attn_implementation
-from maven_dist.model.spec import MavenSpec
 from maven_dist.parallel.local import LocalEngine
 from tests.helpers.batches import make_batch
+from tests.helpers.models import FLASH_RUNS, NUM_CODES, tiny_maven
 from tests.helpers.steps import train_steps
 from tests.unit.test_plan import one_rank_model_parallel  # noqa: F401 (fixture)
 
-NUM_CODES, CODEBOOK = 8, 64
 TINY = "recipes/tiny/stage4.yaml"
-FLASH_RUNS = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-
-
-def build(tiny_base, attn: str) -> MavenModel:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base.llm_dir)
-    layout = extend_tokenizer(tokenizer, CODEBOOK, 128)
-    spec = MavenSpec(
-        keep_ratio=0.25, selector_hidden_size=16, num_codes=NUM_CODES, eos_token_id=tokenizer.eos_token_id
-    )
-    return MavenModel.from_base(
-        tiny_base.llm_dir, tiny_base.tower_dir, layout, spec, seed=0, attn_implementation=attn
-    )
 
 
 def batches_of(model: MavenModel, n: int) -> list:
@@ -46,7 +30,7 @@ def test_sdpa_and_eager_give_the_same_loss_and_each_trains(tiny_base):
     stage = load_config(TINY).stage
     losses = {}
     for attn in ("sdpa", "eager"):
-        model = build(tiny_base, attn)
+        model = tiny_maven(tiny_base, attn)
         assert model.llm.config._attn_implementation == attn
         batches = batches_of(model, 2)
         engine = LocalEngine(model, stage, total_steps=2, accumulation=1)
@@ -86,10 +70,10 @@ def test_flash_attention_is_refused_where_it_cannot_run():
 @pytest.mark.gpu
 @pytest.mark.skipif(not FLASH_RUNS, reason="needs CUDA and the flash-attn package")
 def test_flash_attention_matches_sdpa_on_gpu(tiny_base):
-    batch = batches_of(build(tiny_base, "sdpa"), 1)[0].to("cuda")
+    batch = batches_of(tiny_maven(tiny_base, "sdpa"), 1)[0].to("cuda")
     losses = {}
     for attn in ("sdpa", "flash_attention_2"):
-        model = build(tiny_base, attn).to("cuda", torch.bfloat16)
+        model = tiny_maven(tiny_base, attn).to("cuda", torch.bfloat16)
         out = model(batch, views=("discrete", "continuous"), loss="lm")
         out.loss.backward()
         losses[attn] = float(out.loss.detach())

@@ -3,42 +3,25 @@ its budgets and plans every sample once; the collator lays samples out as the mo
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from maven_dist.config import ConfigError, load_config
 from maven_dist.contract.batch import Batch
-from maven_dist.contract.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, extend_tokenizer
+from maven_dist.contract.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from maven_dist.data.formats import Example, collate
 from maven_dist.data.image_transform import ImageTransform
 from maven_dist.data.packing import PackingBudget, collate_packed, pack_micro_batches
 from maven_dist.model.maven import MavenModel
 from maven_dist.model.packing import block_causal_mask, packed_position_ids
-from maven_dist.model.spec import MavenSpec
 from tests.helpers.batches import make_batch
-
-NUM_CODES, CODEBOOK = 8, 64
-FLASH_RUNS = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-
-
-def build(tiny_base, attn: str = "sdpa") -> MavenModel:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base.llm_dir)
-    layout = extend_tokenizer(tokenizer, CODEBOOK, 128)
-    spec = MavenSpec(
-        keep_ratio=0.25, selector_hidden_size=16, num_codes=NUM_CODES, eos_token_id=tokenizer.eos_token_id
-    )
-    return MavenModel.from_base(
-        tiny_base.llm_dir, tiny_base.tower_dir, layout, spec, seed=0, attn_implementation=attn
-    )
+from tests.helpers.models import FLASH_RUNS, NUM_CODES, tiny_maven
 
 
 @pytest.fixture(scope="module")
 def models(tiny_base) -> dict[str, MavenModel]:
-    return {attn: build(tiny_base, attn) for attn in ("sdpa", "eager")}
+    return {attn: tiny_maven(tiny_base, attn) for attn in ("sdpa", "eager")}
 
 
 def examples_of(batch: Batch, tokens_per_image: int) -> list[Example]:
@@ -214,7 +197,7 @@ def test_packing_is_refused_where_it_does_not_apply():
 @pytest.mark.gpu
 @pytest.mark.skipif(not FLASH_RUNS, reason="needs CUDA and the flash-attn package")
 def test_flash_attention_varlen_matches_the_unpacked_loss_on_gpu(tiny_base):
-    model = build(tiny_base, "flash_attention_2").to("cuda", torch.bfloat16)
+    model = tiny_maven(tiny_base, "flash_attention_2").to("cuda", torch.bfloat16)
     examples = mixed_examples(model)
     unpacked, packed = both_ways(examples, PLANS["mixed rows"], model.vision_tower.tower.config.image_size)
     losses = [float(model(b.to("cuda"), views=("discrete", "continuous")).loss) for b in (unpacked, packed)]
