@@ -38,6 +38,8 @@ STAGE_SETS = [
 FINAL_STEP = 12
 JOB_TIMEOUT_S = 600
 
+# tests/run_all.sh hands pytest-xdist whole files (--dist loadfile): one worker runs all of these, so one
+# session starts the single-node cluster, and stops it only after the last of them.
 pytestmark = pytest.mark.integration
 
 
@@ -216,18 +218,20 @@ def test_plumbing_submitit_local_requeue(tmp_path: Path) -> None:
 
     run = tmp_path / "run"
     ex = submitit.LocalExecutor(folder=tmp_path / "submitit" / "%j")
-    # a 15 s limit, USR2 8 s before it: the stand-in (20 x 0.5 s) is interrupted once
-    ex.update_parameters(tasks_per_node=2, timeout_min=0.25, signal_delay_s=8)
-    os.environ["STANDIN_STEPS"] = "20"
+    # A 30 s limit and USR2 12 s before it, at 18 s: the tasks have started and installed their handler
+    # by then even on a loaded machine (a USR2 before that would kill them), and the stand-in (80 steps
+    # of 0.25 s after its start) is still counting, so it is interrupted once and resumes.
+    ex.update_parameters(tasks_per_node=2, timeout_min=0.5, signal_delay_s=12)
+    os.environ.update(STANDIN_STEPS="80", STANDIN_STEP_S="0.25")
     try:
         job = ex.submit(StageJob(str(REPO / TINY / "stage4.yaml"), [f"run_dir={run}"], entry=__file__))
         assert job.results() == [0, 0]
     finally:
-        del os.environ["STANDIN_STEPS"]
+        del os.environ["STANDIN_STEPS"], os.environ["STANDIN_STEP_S"]
     for rank in (0, 1):
         saved = int((run / f"saved{rank}").read_text())
-        assert 0 < saved < 20 and (run / f"resumed{rank}").read_text() == str(saved)
-        assert (run / f"step{rank}").read_text() == "20"
+        assert 0 < saved < 80 and (run / f"resumed{rank}").read_text() == str(saved)
+        assert (run / f"step{rank}").read_text() == "80"
         assert json.loads((run / f"env{rank}.0.json").read_text())["MAVEN_LAUNCHER"] == "submitit-local"
 
 
@@ -581,8 +585,9 @@ def test_accounting_mode_lets_submitit_see_a_cancelled_job(slurm: None, tmp_path
 def standin_main(argv: list[str]) -> int:
     """A task for the launcher's plumbing tests ONLY: `RECIPE --set run_dir=DIR ...`.
 
-    Records its torch.distributed variables, counts to $STANDIN_STEPS (0.5 s per step) and, on a
-    preemption signal, saves its step and exits with REQUEUE_EXIT_CODE like the trainer does.
+    Records its torch.distributed variables, counts to $STANDIN_STEPS ($STANDIN_STEP_S seconds per step,
+    default 0.5) and, on a preemption signal, saves its step and exits with REQUEUE_EXIT_CODE like the
+    trainer does.
     """
     from maven_dist.contract.preemption import (
         REQUEUE_EXIT_CODE,
@@ -610,8 +615,9 @@ def standin_main(argv: list[str]) -> int:
     step = int(state.read_text()) if state.exists() else 0
     if step:
         (run / f"resumed{rank}").write_text(str(step))
-    while step < int(os.environ.get("STANDIN_STEPS", "20")):
-        time.sleep(0.5)
+    steps, step_s = int(os.environ.get("STANDIN_STEPS", "20")), float(os.environ.get("STANDIN_STEP_S", "0.5"))
+    while step < steps:
+        time.sleep(step_s)
         step += 1
         if preemption_requested():
             state.write_text(str(step))
