@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,34 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+LONGEST_FIRST = ("integration/test_slurm.py", "integration/", "distributed/")
+"""Where the suite's longest files are, longest first (test_slurm.py runs ~10 minutes in one worker)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest files first: tests/run_all.sh hands two pytest-xdist workers whole files in this order
+    (--no-loadscope-reorder), so a long file never starts last while the other worker idles."""
+
+    def rank(item: pytest.Item) -> int:
+        path = item.path.as_posix()
+        return next(
+            (i for i, part in enumerate(LONGEST_FIRST) if f"/tests/{part}" in path), len(LONGEST_FIRST)
+        )
+
+    items.sort(key=rank)  # stable: the order within a group stays pytest's
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """A test that trains in-process installs the trainer's preemption handlers; the next test in that
+    process (a pytest-xdist worker runs many) gets the default ones back, as a fresh process would."""
+    saved = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @dataclass(frozen=True)
