@@ -89,6 +89,14 @@ class TinyAssets:
 
     root: Path
 
+    def link_into(self, run_dir: Path) -> Path:
+        """Link the assets into ``run_dir`` as its own ``base/`` and ``data/`` (a tiny recipe's demo step then
+        finds them built, with the settings they were built from); returns ``run_dir``."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for part in ("base", "data"):
+            (run_dir / part).symlink_to(self.root / part, target_is_directory=True)
+        return run_dir
+
     def overrides(self, run_dir: Path, data: str = "captions") -> list[str]:
         """--set overrides that point a tiny recipe at these assets instead of rebuilding them."""
         return [

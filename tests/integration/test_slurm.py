@@ -183,11 +183,11 @@ def mlflow_stage_runs(run_dir: Path, stage: str) -> list:
 # ------------------------------------------------------------------------------------------ plumbing
 
 
-def test_plumbing_ranks_rendezvous_and_usr2_requeue(slurm: None, tmp_path: Path) -> None:
+def test_plumbing_ranks_rendezvous_and_usr2_requeue(slurm: None, tiny_assets, tmp_path: Path) -> None:
     """slurm/launch.sh with a stand-in task: 2 ranks, their env, USR2 -> save -> requeue -> resume."""
     from maven_dist.launch.slurm_env import port_for_job
 
-    run = tmp_path / "run"
+    run = tiny_assets.link_into(tmp_path / "run")  # the launcher's demo step finds them built
     env = job_env(MAVEN_TRAIN_CMD=f"{PYTHON} {__file__}", STANDIN_STEPS="20")
     jid = sbatch(tmp_path, "slurm/stage4.sh", f"{TINY}/stage4.yaml", "--set", f"run_dir={run}", env=env)
     log = stage_log(tmp_path, "stage4", jid)
@@ -300,6 +300,14 @@ def test_submit_mode_refuses_before_queueing(slurm: None, tmp_path: Path) -> Non
 # ------------------------------------------------------------------------------------------ real stages
 
 
+def assets_of(reference_run: Path):
+    """The base models and shards the reference job built inside its job: the runs compared with it link
+    them instead of building the same ones again."""
+    from tests.conftest import TinyAssets  # here: the stand-in runs this file as a script
+
+    return TinyAssets(reference_run)
+
+
 REFERENCE_TIME = "00:42:00"  # the env file's time limit for the README's command (env.local.sh says 00:30:00)
 
 
@@ -354,7 +362,7 @@ def test_sbatch_preemption_resumes_to_the_same_weights(
     reference_stage4: tuple[Path, Path, str], tmp_path: Path, how: str
 ) -> None:
     _, reference_run, _ = reference_stage4
-    run = tmp_path / "run"
+    run = assets_of(reference_run).link_into(tmp_path / "run")
     jid = sbatch(tmp_path, "slurm/stage4.sh", f"{TINY}/stage4.yaml", "--set", f"run_dir={run}", *STAGE_SETS)
     log = stage_log(tmp_path, "stage4", jid)
     wait_until(lambda: latest_step(run, "stage4") >= 4, JOB_TIMEOUT_S, "the first checkpoint")
@@ -386,7 +394,7 @@ def test_submitit_slurm_stage_resumes_after_interrupt(
     import submitit
 
     _, reference_run, _ = reference_stage4
-    run = tmp_path / "run"
+    run = assets_of(reference_run).link_into(tmp_path / "run")
     folder = tmp_path / "submitit"
     out = subprocess.run(
         [PYTHON, "-m", "maven_dist.launch", f"{TINY}/stage4.yaml", "--tasks-per-node", "2", "--partition", "debug",
@@ -416,7 +424,7 @@ def test_submitit_slurm_stage_resumes_after_interrupt(
 @pytest.mark.slow
 def test_launch_cli_local_runs_the_stage(reference_stage4: tuple[Path, Path, str], tmp_path: Path) -> None:
     _, reference_run, _ = reference_stage4
-    run = tmp_path / "run"
+    run = assets_of(reference_run).link_into(tmp_path / "run")
     out = subprocess.run(
         [PYTHON, "-m", "maven_dist.launch", f"{TINY}/stage4.yaml", "--local", "--tasks-per-node", "2",
          "--set", f"run_dir={run}", *STAGE_SETS],
@@ -432,10 +440,7 @@ def test_launch_cli_local_runs_the_stage(reference_stage4: tuple[Path, Path, str
 def test_recipe_sh_runs_the_four_chained_stages(slurm: None, tiny_assets, tmp_path: Path) -> None:
     """The chain itself (order, afterok, hand-offs): one task per stage job, the stages 2 steps long, the
     prepared tiny assets linked into the run dir (the reference stage builds them inside its job)."""
-    run = tmp_path / "run"
-    for part in ("base", "data"):
-        (run / part).parent.mkdir(parents=True, exist_ok=True)
-        (run / part).symlink_to(tiny_assets.root / part)
+    run = tiny_assets.link_into(tmp_path / "run")
     env_file = tmp_path / "env.sh"
     local = (REPO / "slurm/env.local.sh").read_text()
     assert "MAVEN_CPU_TASKS_PER_NODE=2" in local
@@ -489,9 +494,7 @@ def test_sweep_runs_its_arms_as_one_job_array(slurm: None, tiny_assets, tmp_path
     path.write_text(yaml.safe_dump(spec))
     root = tmp_path / "sweep"
     for arm in arms:  # the prepared tiny assets, linked instead of built again
-        (root / arm).mkdir(parents=True)
-        for part in ("base", "data"):
-            (root / arm / part).symlink_to(tiny_assets.root / part)
+        tiny_assets.link_into(root / arm)
     sweep = [PYTHON, "-m", "maven_dist.cli", "sweep", str(path), "--out", str(root)]
     out = subprocess.run(
         [*sweep, "--slurm", "--gpus-per-node", "0", "--nproc", "1", "--partition", "debug", "--timeout-min", "30"],

@@ -44,9 +44,7 @@ def sweep_file(tmp_path, tiny_assets):
     path.write_text(yaml.safe_dump(spec))
     root = tmp_path / "sweep"
     for arm in ["shared", *(f"keep_ratio={a}" for a in ALPHAS)]:
-        (root / arm).mkdir(parents=True)
-        for part in ("base", "data"):
-            (root / arm / part).symlink_to(tiny_assets.root / part)
+        tiny_assets.link_into(root / arm)
     return path, root
 
 
