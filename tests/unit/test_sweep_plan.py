@@ -50,3 +50,10 @@ def test_arms_with_other_demo_settings_build_their_own(tmp_path):
 def test_recipes_without_demo_assets_link_nothing(tmp_path):
     _, arms = plan(tmp_path, {"model.selector.keep_ratio": [0.1], "demo.enabled": [False]})
     assert arms[0].demo_assets_from is None
+
+
+def test_the_tiny_keep_ratio_sweep_shares_one_set_of_assets(tmp_path):
+    """make sweep-demo: every arm trains on the shared stages' shards (the same data, built once)."""
+    shared, arms = plan_jobs(load_sweep(REPO / "recipes/ablations/tiny-keep-ratio.yaml"), tmp_path, nproc=2)
+    assert [a.arm for a in arms] == ["keep_ratio=0.1", "keep_ratio=0.25", "keep_ratio=1.0"]
+    assert all(a.demo_assets_from == shared.run_dir for a in arms)
