@@ -30,8 +30,9 @@ Only rank 0 talks to MLflow (:func:`build_tracker` gives every other rank a :cla
 trainer's calls only queue ops; a daemon thread (:mod:`.sender`) sends them in order, metrics batched up
 to 1000 per ``log_batch`` every ``tracking.flush_interval_s``. MLflow's own HTTP retries are turned off
 (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0``, ``MLFLOW_HTTP_REQUEST_TIMEOUT=tracking.http_timeout_s``, unless
-already set) because the sender retries itself: when the store is unreachable it warns once, keeps up
-to ``tracking.max_buffered_metrics`` metric values in memory (the oldest are dropped beyond that, and
+already set) because the sender retries itself, and MLflow's usage telemetry is off (``maven_dist/__init__.py``
+says why). When the store is unreachable the sender warns once, keeps up to
+``tracking.max_buffered_metrics`` metric values in memory (the oldest are dropped beyond that, and
 counted), retries with backoff up to 30 s, and when the store answers again flushes everything and logs
 the outage length and how much it buffered. :meth:`~MLflowTracker.end_stage` and
 :meth:`~MLflowTracker.close` wait at most ``tracking.flush_timeout_s``; whatever is still undelivered at
