@@ -35,7 +35,7 @@ from torch import nn
 from transformers import CLIPVisionModel
 
 from maven_dist.contract.batch import Batch
-from maven_dist.contract.lengths import num_kept_patches
+from maven_dist.contract.lengths import image_tokens, num_kept_patches
 from maven_dist.contract.vocab import VocabLayout
 from maven_dist.model.assembly import assemble_segment_ids, assemble_sequences
 from maven_dist.model.packing import ignore_sample_starts
@@ -130,8 +130,7 @@ class MavenFrontEnd(nn.Module):
     def visual_tokens_per_image(self, views: Sequence[str]) -> int:
         """Codes plus kept patches of one image (the paper's count, 176 at alpha = 0.25: the sequence adds
         ``<img>`` and ``</img>``)."""
-        codes = self.spec.num_codes if "discrete" in views else 0
-        return codes + (self.num_kept if "continuous" in views else 0)
+        return image_tokens(self.spec.num_codes, self.vision_tower.num_patches, self.spec.keep_ratio, views)
 
     def selected_patches(self, features: torch.Tensor, h_eos: torch.Tensor) -> torch.Tensor:
         """[N, m] indices of the patches the selector keeps for these features and h_eos, ascending."""
