@@ -368,3 +368,38 @@ def test_demon_choice_match() -> None:
     assert rouge.demon_choice_match("no idea", choices, "boil the pasta") == 0.0
     with pytest.raises(ValueError, match="not among the choices"):
         rouge.demon_choice_match("x", choices, "steam the rice")
+
+
+IMAGE_CHOICES = ["Image A", "Image B", "Image C", "Image D"]
+
+
+@pytest.mark.parametrize(
+    ("prediction", "hit"),
+    [
+        ("Image B", 1.0),
+        ("image b.", 1.0),  # DEMON's normalisation: period dropped, lower-cased
+        ("Image B: {image#6}", 1.0),  # only the first 7 characters are compared
+        ("Image Bravo", 1.0),  # ... even where the letter runs on into a word
+        ("Image B or image b", 1.0),  # one image named twice
+        ("Image B, not Image C", 0.0),  # two images named: 0, whichever comes first
+        ("The answer is Image B", 0.0),  # not at the start
+        ("B", 0.0),
+        ("", 0.0),
+        ("Image C", 0.0),
+    ],
+)
+def test_demon_image_choice_match(prediction: str, hit: float) -> None:
+    # DEMON evaluate.py, Eval.evaluate_multi_choice_image, against the gold "Image B".
+    assert rouge.demon_image_choice_match(prediction, "Image B") == hit
+
+
+def test_demon_tfidf_cannot_tell_image_choices_apart() -> None:
+    # TF-IDF ignores one-letter words, so "Image A" ... "Image D" are one vector: every prediction
+    # goes to the first choice. That is why DEMON scores its image-choice tasks by the rule above.
+    assert not rouge.demon_choices_distinguishable(IMAGE_CHOICES)
+    assert rouge.demon_choice_match("Image C", IMAGE_CHOICES, "Image A") == 1.0
+    assert rouge.demon_choice_match("Image C", IMAGE_CHOICES, "Image C") == 0.0
+    assert rouge.demon_choices_distinguishable(["fry the eggs", "boil the pasta"])
+    # One pair alike is DEMON's own data (the later one can never win), not a broken task.
+    assert rouge.demon_choices_distinguishable(["Image A", "Image B", "the bowl"])
+    assert rouge.demon_choices_distinguishable(["A", "B"])  # no terms: DEMON compares exactly

@@ -619,6 +619,99 @@ def test_demon_several_tasks_rouge_l(tmp_path: Path) -> None:
     assert scores == {"cmp/accuracy": 100.0, "desc/rouge_l": pytest.approx(200 / 3)}
 
 
+IMAGE_CHOICES = ["Image A", "Image B", "Image C", "Image D"]
+
+
+def _image_choice_instances(answers: list[str], choices: list[str] | None) -> list[dict]:
+    extra = {"choices": choices} if choices else {}
+    return [
+        {"id": str(i), "prompt": "<image> <image> Which?", "images": PAIR, "answer": answer, **extra}
+        for i, answer in enumerate(answers)
+    ]
+
+
+def test_demon_image_choice_tasks_use_the_official_rule(tmp_path: Path) -> None:
+    # DEMON evaluate.py scores these three by evaluate_multi_choice_image (first 7 characters, 0 when
+    # several images are named), with or without a choice list; any case of the name selects it.
+    root = tmp_path / "demon"
+    answers = ["Image B", "Image C", "Image A", "Image D"]
+    for name, choices in (
+        ("RecipeQA_VisualCloze", IMAGE_CHOICES),
+        ("comics_panel", None),
+        ("RecipeQA_ImageCoherence", None),
+    ):
+        _demon_task(root / name, "accuracy", _image_choice_instances(answers, choices))
+    task = MultiImageTask(root)
+    assert {q.meta["rule"] for q in task.questions()} == {"image_choice"}
+    # 0: hit; 1: "image c" starts it: hit; 2: two images named: miss; 3: not at the start: miss.
+    guesses = ["Image B", "Image C: the last one", "Image A or Image C", "I choose Image D"]
+    predictions = _preds(
+        {
+            f"{name}/{i}": guess
+            for name in ("RecipeQA_VisualCloze", "comics_panel", "RecipeQA_ImageCoherence")
+            for i, guess in enumerate(guesses)
+        }
+    )
+    assert task.score(predictions) == {
+        "RecipeQA_VisualCloze/accuracy": 50.0,
+        "comics_panel/accuracy": 50.0,
+        "RecipeQA_ImageCoherence/accuracy": 50.0,
+    }
+
+
+def test_demon_rules_by_instance(tmp_path: Path) -> None:
+    root = tmp_path / "demon"
+    _demon_task(
+        root / "pick",
+        "accuracy",
+        [
+            {"id": "0", "prompt": "<image><image>", "images": PAIR, "answer": "b", "choices": ["a", "b"]},
+            {"id": "1", "prompt": "<image><image>", "images": PAIR, "answer": "two cats"},
+            {
+                "id": "2",
+                "prompt": "<image><image>",
+                "images": PAIR,
+                "answer": "blue cup",
+                "choices": ["red bowl", "blue cup"],
+            },
+        ],
+    )
+    _demon_task(
+        root / "COMICS_Panel",
+        "rouge_l",  # DEMON picks by question type first: an open-ended task is ROUGE-L whatever its name
+        [{"id": "0", "prompt": "<image><image>", "images": PAIR, "answer": "Image B"}],
+    )
+    rules = {q.id: q.meta["rule"] for q in MultiImageTask(root).questions()}
+    assert rules == {
+        "pick/0": "tfidf_choice",
+        "pick/1": "exact",
+        "pick/2": "tfidf_choice",
+        "COMICS_Panel/0": "rouge_l",
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "instances", "parts"),
+    [
+        (
+            "my_cloze",  # not one of DEMON's image-choice names: TF-IDF would read every answer as "Image A"
+            _image_choice_instances(["Image B"], IMAGE_CHOICES),
+            ("instances.jsonl:1", "record 0", "choices", "RecipeQA_VisualCloze"),
+        ),
+        (
+            "COMICS_Panel",
+            _image_choice_instances(["B"], None),
+            ("instances.jsonl:1", "record 0", "answer 'B'", "Image A"),
+        ),
+    ],
+)
+def test_demon_image_choice_bad_input(
+    tmp_path: Path, name: str, instances: list, parts: tuple[str, ...]
+) -> None:
+    with _raises(*parts):
+        MultiImageTask(_demon_task(tmp_path / "demon" / name, "accuracy", instances))
+
+
 @pytest.mark.parametrize(
     ("instances", "parts"),
     [

@@ -10,7 +10,13 @@ DEMONBench's official ``DEMON Benchmark/scripts/evaluate.py`` (DCDmllm/Cheetah) 
   normalised prediction scores 0. That F is the plain F1 (beta = 1), ``2PR / (P + R)``, not the
   COCO caption evaluator's beta = 1.2 -- so beta = 1 is the default here;
 - multiple-choice tasks: the normalised prediction is matched to the most TF-IDF-cosine-similar
-  normalised choice (scikit-learn ``TfidfVectorizer`` defaults), correct if that is the gold one.
+  normalised choice (scikit-learn ``TfidfVectorizer`` defaults), correct if that is the gold one;
+- the image-choice tasks (``image_choice_dataset_list``: RecipeQA_VisualCloze,
+  RecipeQA_ImageCoherence, COMICS_Panel, whose answers are "Image A" ... "Image D") are scored by
+  ``Eval.evaluate_multi_choice_image`` instead: the first 7 characters of the normalised prediction
+  and gold must be equal, and a prediction naming several of "image a" ... "image d" scores 0. TF-IDF
+  could not score them: it drops one-letter words, so the four choices are one vector and every
+  prediction would go to "Image A".
 
 ``rouge`` 1.0.1's ROUGE-L is not the textbook sentence-level one: it splits both texts into
 "sentences" at every remaining period, and with its default ``exclusive=True`` it counts *distinct*
@@ -31,6 +37,21 @@ from maven_dist.eval.scoring.vqa import process_punctuation
 
 # scikit-learn TfidfVectorizer's default token_pattern (words of two or more word characters).
 _TFIDF_TOKEN = re.compile(r"(?u)\b\w\w+\b")
+
+# DEMON evaluate.py, ``image_choice_dataset_list``: the datasets scored by evaluate_multi_choice_image.
+# The list spells the first "recipeqa-RecipeQA_VisualCloze" while its run script (i4_scripts.sh)
+# passes "RecipeQA_VisualCloze", which would then miss the rule it was listed for; both are accepted.
+DEMON_IMAGE_CHOICE_TASKS: tuple[str, ...] = (
+    "RecipeQA_VisualCloze",
+    "RecipeQA_ImageCoherence",
+    "COMICS_Panel",
+)
+_IMAGE_CHOICE_ALIASES: tuple[str, ...] = ("recipeqa-RecipeQA_VisualCloze",)
+# evaluate_multi_choice_image: the image names it counts in a prediction (always these four).
+DEMON_IMAGE_NAMES: tuple[str, ...] = ("image a", "image b", "image c", "image d")
+# ... and how many leading characters of prediction and gold it compares: len("image a").
+_IMAGE_PREFIX_CHARS = 7
+_IMAGE_ANSWER = re.compile(r"image [a-z]")
 
 
 def normalize_demon_text(text: str) -> str:
@@ -138,6 +159,50 @@ def demon_rouge_l(prediction: str, reference: str) -> float:
 def cloze_exact_match(prediction: str, answer: str) -> float:
     """1.0 if prediction and answer are equal after :func:`normalize_demon_text`, else 0.0."""
     return 1.0 if normalize_demon_text(prediction) == normalize_demon_text(answer) else 0.0
+
+
+def is_demon_image_choice_task(name: str) -> bool:
+    """Whether DEMON scores the task ``name`` (any case) with :func:`demon_image_choice_match`."""
+    return name.lower() in {task.lower() for task in DEMON_IMAGE_CHOICE_TASKS + _IMAGE_CHOICE_ALIASES}
+
+
+def is_demon_image_answer(answer: str) -> bool:
+    """Whether a gold answer starts, once normalised, with an image name ("Image B", "image c: ...")."""
+    return _IMAGE_ANSWER.fullmatch(normalize_demon_text(answer)[:_IMAGE_PREFIX_CHARS]) is not None
+
+
+def demon_image_choice_match(prediction: str, answer: str) -> float:
+    """DEMON's image-choice hit (``Eval.evaluate_multi_choice_image``): 1.0 or 0.0.
+
+    Both texts are normalised (:func:`normalize_demon_text`); the hit is their first 7 characters
+    being equal ("Image B: the bowl" and "image bravo" both match "Image B"), unless the prediction
+    names more than one of :data:`DEMON_IMAGE_NAMES` ("Image B, not Image C" scores 0). Choices are
+    not consulted, as in the official rule.
+    """
+    pred = normalize_demon_text(prediction)
+    gold = normalize_demon_text(answer)
+    if sum(name in pred for name in DEMON_IMAGE_NAMES) > 1:
+        return 0.0
+    return 1.0 if pred[:_IMAGE_PREFIX_CHARS] == gold[:_IMAGE_PREFIX_CHARS] else 0.0
+
+
+def _tfidf_direction(text: str) -> frozenset[tuple[str, float]]:
+    counts = Counter(_TFIDF_TOKEN.findall(normalize_demon_text(text)))
+    total = sum(counts.values())
+    return frozenset((term, count / total) for term, count in counts.items())
+
+
+def demon_choices_distinguishable(choices: Sequence[str]) -> bool:
+    """Whether :func:`demon_choice_match` can pick another choice than the first.
+
+    False when every choice has the same, non-empty TF-IDF direction (the same words of 2+
+    characters, in proportional counts): the cosines then tie for any prediction and the first
+    choice always wins. "Image A" ... "Image D" are such choices (one-letter words are not terms).
+    Choices without any term ("A", "B") count as distinguishable: a prediction without one is then
+    compared exactly (DEMON's fallback when scikit-learn finds no vocabulary).
+    """
+    directions = {_tfidf_direction(choice) for choice in choices}
+    return len(directions) > 1 or directions == {frozenset()}
 
 
 def _tfidf_vectors(texts: Sequence[str]) -> list[dict[str, float]] | None:
