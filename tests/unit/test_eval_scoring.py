@@ -247,6 +247,8 @@ def test_circular_bad_groups() -> None:
 # ------------------------------------------------------------------------------- answer extraction
 
 
+# Readings of VLMEvalKit's rule-based matching (vlmeval/utils/matching_util.py, ``can_infer``: lone
+# letters, then the "answer is" pattern, then option texts), worked out by hand from its code.
 @pytest.mark.parametrize(
     ("text", "letter"),
     [
@@ -257,13 +259,22 @@ def test_circular_bad_groups() -> None:
         ("The answer is B.", "B"),
         ("Answer: (C)", "C"),
         ("The correct option is D", "D"),
-        ("A or B? The answer is B.", "B"),  # an answer phrase outranks the other letters
+        ("The correct answer is **C**", "C"),  # "*" separates like "." and "("
+        ("I think it is B", "B"),  # B is the last of 5 tokens
         ("A", "A"),
         ("A.", "A"),
+        ("A dog.", "A"),  # a lone capital among the last four tokens is a letter, even an article
+        # Two lone letters: the "answer is" pattern decides, its first match wins (re.search).
+        ("A or B? The answer is B.", "B"),
+        ("The answer is A. No wait, the answer is B.", "A"),
+        # The pattern is case-insensitive (VLMEvalKit #1552): a lower-case letter after "answer is".
+        ("The answer is b", "B"),
+        ("the correct answer is d.", "D"),
+        # B is the first of 7 tokens, too early to be read as the answer; the pattern then reads c.
+        ("B is wrong; the answer is c.", "C"),
         ("dog", "B"),  # option text
         ("Dog.", "B"),
         ("It is a dog.", "B"),
-        ("A dog.", "B"),  # sentence-initial "A" + lower-case word: the article, not option A
     ],
 )
 def test_extract_choice(text: str, letter: str) -> None:
@@ -274,18 +285,48 @@ def test_extract_choice(text: str, letter: str) -> None:
     "text",
     [
         "",
-        "A or B",  # two letters, and no option text
-        "The answer is A. No wait, the answer is B.",  # contradicting answer phrases
+        "A or B",  # two letters, no "answer is", no option text
         "cat or dog",  # two option texts
         "E",  # not an option letter of a 4-option question
-        "category",  # "cat" only as part of a word
         "I don't know",
         # Longer than twice all options together (2 * 14 chars): an explanation, not an answer.
         "There is a small animal on the sofa and it looks like a dog",
+        # The one letter must be among the last four tokens (VLMEvalKit: index > len(tokens) - 5).
+        "B is the correct answer here",
+        "B. Because the animal in the picture barks",
+        # VLMEvalKit's refusals read as "Z", a letter no option has, before any other rule is tried.
+        "Cannot determine the answer, maybe B",
+        "Z, not the dog",
     ],
 )
-def test_extract_choice_ambiguous(text: str) -> None:
+def test_extract_choice_undecided(text: str) -> None:
     assert multiple_choice.extract_choice(text, ANIMALS) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "options", "ours", "vlmevalkit"),
+    [
+        # VLMEvalKit's "answer is" pattern takes a letter glued to a word or the article "a".
+        ("The answer is a dog", ANIMALS, "B", "A"),
+        ("The answer is clearly dog", ANIMALS, "B", "C"),
+        # Option texts are matched as whole words, and a whole answer equal to one option wins.
+        ("category", ANIMALS, None, "A"),
+        ("red car", ["red", "red car", "blue"], "B", None),
+    ],
+)
+def test_extract_choice_documented_differences(
+    text: str, options: list[str], ours: str | None, vlmevalkit: str | None
+) -> None:
+    # docs/evaluation.md, "MMBench": the two places where the reading deliberately differs.
+    assert ours != vlmevalkit
+    assert multiple_choice.extract_choice(text, options) == ours
+
+
+def test_llava_letter_match() -> None:
+    # LLaVA's convert_seed_for_submission.py: text == answer, on generations stripped by LLaVA.
+    assert multiple_choice.llava_letter_match(" B\n", "B")
+    for text in ("B.", "(B)", "b", "The answer is B", "B dog"):
+        assert not multiple_choice.llava_letter_match(text, "B")
 
 
 # -------------------------------------------------------------------------------------- likelihood

@@ -490,18 +490,19 @@ def test_seedbench_reader_and_accuracies(tmp_path: Path) -> None:
     )
     assert len(questions["v2#gen"].images) == 2 and questions["v2#gen"].meta["data_type"] == "video"
 
-    answers = {"101#gen": "A", "102#gen": "C", "v1#gen": "The answer is D", "v2#gen": "B", "v1#ll": "A"}
+    answers = {"101#gen": " A\n", "102#gen": "C", "v1#gen": "The answer is D", "v2#gen": "B", "v1#ll": "A"}
     scores = {
         "101#ll": (-1.0, -2.0, -3.0, -4.0),  # A: right
         "102#ll": (-2.0, -1.0, -1.0, -3.0),  # tie B/C goes to B: right
         "v2#ll": (-1.0, -1.0, -5.0, -5.0),  # tie A/B goes to A: wrong (B)
     }
-    # gen: 101 right, 102 wrong, v1 right, v2 right -> 3/4 = 75; image 1/2 = 50; video 2/2 = 100.
+    # gen, LLaVA's convert_seed_for_submission.py (the stripped text must be the letter): 101 right,
+    # 102 wrong, v1 wrong ("The answer is D" is not "D"), v2 right -> 2/4 = 50; image 50; video 50.
     # ll: 101 right, 102 right, v1 wrong (letter A), v2 wrong -> 2/4 = 50; image 100; video 0.
     assert task.score(_preds(answers, scores)) == {
-        "accuracy_gen": 75.0,
+        "accuracy_gen": 50.0,
         "accuracy_gen/image": 50.0,
-        "accuracy_gen/video": 100.0,
+        "accuracy_gen/video": 50.0,
         "accuracy_ll": 50.0,
         "accuracy_ll/image": 100.0,
         "accuracy_ll/video": 0.0,

@@ -7,9 +7,11 @@ Sources the rules follow (re-implemented, not copied):
   grouped, the group is a hit only if every copy is answered correctly) and LLaVA's
   ``llava/eval/model_vqa_mmbench.py`` (``--all-rounds``: after each round the options move one
   place left, ``options[1:] + options[:1]``, so a question with N options is asked N times).
-- Answer extraction: the rule-based "prefetch" of VLMEvalKit ``vlmeval/utils/matching_util.py``
-  (``can_infer_option`` then ``can_infer_text``), with the differences listed on
-  :func:`extract_choice`. VLMEvalKit asks an LLM judge when the rules fail; here that is ``None``.
+- Answer extraction: the rule-based matching of VLMEvalKit ``vlmeval/utils/matching_util.py``
+  (``can_infer``: ``can_infer_option``, its "answer is" pattern, ``can_infer_text``), with the two
+  differences listed on :func:`extract_choice`. VLMEvalKit asks an LLM judge when the rules fail;
+  here that is ``None``, a miss, as in VLMEvalKit's ``exact_matching`` mode.
+- SEED-Bench by generation: LLaVA's ``scripts/convert_seed_for_submission.py`` (exact letter).
 - Likelihood choice: SEED-Bench's official ``eval.py`` (AILab-CVC/SEED-Bench) ranks the options by
   the model's loss on each option text and takes the lowest, i.e. the highest log-likelihood.
 """
@@ -110,42 +112,41 @@ def score_circular(predictions: Iterable[RotationPrediction]) -> CircularResult:
 
 
 # --------------------------------------------------------------------------------------- extraction
+# The rules of VLMEvalKit's ``can_infer`` (vlmeval/utils/matching_util.py, as of e8e78f05, 2026-08).
 
-# VLMEvalKit's can_infer_option turns these characters into spaces before looking for a lone letter.
-_SEPARATORS = r"\s.()\[\],:;!*#{}"
-_LONE_CAPITAL = re.compile(rf"(?<![^{_SEPARATORS}])([A-Z])(?![^{_SEPARATORS}])")
-# "answer is B", "Answer: (C)", "the correct option is D", "choice B": keywords in any case, the
-# letter in upper case only (a lower-case "a" after "answer is" is nearly always the article).
-_ANSWER_PHRASE = re.compile(
-    r"(?i:\b(?:answer|option|choice)(?:\s+(?:is|would\s+be|should\s+be))?)\s*:?\s*"
-    r"(?i:(?:option|choice)\s+)?[(\[]?([A-Z])(?![A-Za-z0-9])"
+# can_infer_option turns these characters into spaces and splits the answer into tokens there.
+_SEPARATORS = re.compile(r"[.()\[\],:;!*#{}]")
+# It takes the one option letter among the tokens only if the letter first appears among the last
+# four (``splits.index(ch) > len(splits) - 5``): earlier, a capital is more often a word of an
+# explanation ("B is wrong because ...", "A dog is ...") than the answer, and its judge decides.
+_LAST_TOKENS = 4
+# Refusals it reads as "Z" (none of the options) before trying anything else.
+_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
 )
-_SENTENCE_END = ".!?\n"
+# Its _VERBOSE_ANSWER_RE (VLMEvalKit #1552), any case: "answer is B", "correct answer is **c**". Here
+# the letter must also end there (VLMEvalKit reads "answer is clearly ..." as C); see _verbose_answer
+# for the article "a".
+_VERBOSE_ANSWER = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**(?![A-Za-z0-9])")
+_WORD_FOLLOWS = re.compile(r"\s+[A-Za-z]")
 _NON_WORD = re.compile(r"[^\w\s]")
 
 
-def _is_article(text: str, match: re.Match[str]) -> bool:
-    """An "A" opening a sentence and followed by a lower-case word: "A dog sits on the mat"."""
-    before = text[: match.start()].rstrip(" \t")
-    at_sentence_start = not before or before[-1] in _SENTENCE_END
-    return at_sentence_start and re.match(r"[ \t]+[a-z]", text[match.end() :]) is not None
+def _verbose_answer(answer: str, letters: str) -> str | None:
+    """The letter of the first "answer is <letter>" in ``answer``, ``None`` when absent or not offered.
 
-
-def _lone_letter(text: str, letters: str) -> str | None:
-    """The one valid letter standing alone in ``text``; ``None`` for none, several, or an article "A".
-
-    An article-like "A" makes the pass undecided rather than being skipped, so that "A or B" stays
-    ambiguous instead of becoming "B"; the option-text pass then gets its chance ("A dog." -> dog).
+    A lower-case "a" followed by a word is the article ("the answer is a dog"), not option A, and is
+    passed over (VLMEvalKit takes it).
     """
-    found = set()
-    for match in _LONE_CAPITAL.finditer(text):
+    for match in _VERBOSE_ANSWER.finditer(answer):
         letter = match.group(1)
-        if letter not in letters:
+        if letter == "a" and _WORD_FOLLOWS.match(answer, match.end()):
             continue
-        if letter == "A" and _is_article(text, match):
-            return None
-        found.add(letter)
-    return found.pop() if len(found) == 1 else None
+        return letter.upper() if letter.upper() in letters else None
+    return None
 
 
 def _plain(text: str) -> str:
@@ -153,54 +154,65 @@ def _plain(text: str) -> str:
     return " ".join(_NON_WORD.sub(" ", text.lower()).split())
 
 
-def _match_option_text(text: str, options: Sequence[str], letters: str) -> str | None:
-    generated = _plain(text)
+def _match_option_text(answer: str, options: Sequence[str], letters: str) -> str | None:
+    # can_infer_text: an answer more than twice as long as all options together is an explanation
+    # that may mention several options in passing, not an answer.
+    if len(answer) > 2 * sum(len(option) for option in options):
+        return None
+    generated = _plain(answer)
     plain_options = [_plain(option) for option in options]
     exact = [letters[i] for i, option in enumerate(plain_options) if option and option == generated]
     if exact:
         return exact[0] if len(exact) == 1 else None
-    # VLMEvalKit's guard: a generation more than twice as long as all options together is an
-    # explanation that may mention several options in passing, not an answer.
-    if len(generated) > 2 * sum(len(option) for option in plain_options):
-        return None
     padded = f" {generated} "
     contained = [letters[i] for i, option in enumerate(plain_options) if option and f" {option} " in padded]
     return contained[0] if len(contained) == 1 else None
 
 
 def extract_choice(text: str, options: Sequence[str]) -> str | None:
-    """The option letter a free-text generation picks, or ``None`` when it is absent or ambiguous.
+    """The option letter a free-text generation picks, or ``None`` when it names none or several.
 
-    Tried in order, the first that decides wins:
+    VLMEvalKit's rule-based matching (``can_infer``) without its LLM judge, which is what its
+    ``exact_matching`` mode scores (``None`` here is its "Z", a miss). On the stripped text, in order:
 
-    1. answer phrases ("The answer is B", "Answer: (C)", "correct option is D"): one letter named
-       -> it; different letters named -> ``None``;
-    2. lone option letters: a capital valid letter standing alone between whitespace or
-       ``. ( ) [ ] , : ; ! * # { }`` ("B", "(B)", "B.", "B) red car"). Exactly one distinct letter
-       -> it. An "A" that opens a sentence and is followed by a lower-case word may be the article
-       ("A dog is ..."), so then this pass does not decide ("A is correct" is not recognised);
-    3. option text: the generation equal to exactly one option's text, or (if not more than twice
-       as long as all options together) containing exactly one option's text as whole words;
-       comparison is lower-cased with punctuation removed. Zero or several -> ``None``.
+    1. one of VLMEvalKit's refusals ("Cannot determine the answer", ...) -> ``None``;
+    2. option letters: ``. ( ) [ ] , : ; ! * # { }`` become spaces and the text is split into
+       tokens. Exactly one option letter (upper case) among them, first seen among the last four
+       tokens -> it: "B", "(B)", "Answer: (C)", "I think it is B", "A dog." (-> A), but not
+       "B is the correct answer here". No option letter but a token "Z" -> ``None``;
+    3. the first "answer is <letter>" / "correct answer is **<letter>**", in any case -> its letter
+       when offered: "A or B? The answer is B." -> B, "The answer is b" -> B;
+    4. option text, unless the text is more than twice as long as all options together: the text
+       equal to exactly one option's text, else containing exactly one as whole words (lower-cased,
+       punctuation removed) -> its letter.
 
-    Ambiguous therefore means: contradicting answer phrases, or no single lone letter and no single
-    option text. Differences from VLMEvalKit: answer phrases are looked for first (VLMEvalKit would
-    call "A or B? The answer is B" undecidable), the article rule replaces its verbose-only "A
-    might be a quantifier" check, option texts must match whole words ("cat" does not match
-    "category"), lower-case letters are never letters (as there), and its refusal strings -> "Z"
-    are not modelled.
+    Deliberate differences from VLMEvalKit (docs/evaluation.md, "MMBench"): in 3 the letter must not
+    run on into a word, and a lower-case "a" followed by a word is the article (VLMEvalKit reads "The
+    answer is clearly dog" as C and "The answer is a dog" as A); in 4 options match as whole words
+    and a text equal to one option picks it (VLMEvalKit finds "cat" in "category", and "red car"
+    names both "red" and "red car" there).
     """
     letters = option_letters(len(options))
-    stripped = text.strip()
-    if not stripped:
+    answer = text.strip()
+    if not answer or any(refusal in answer for refusal in _REFUSALS):
         return None
-    named = {m.group(1) for m in _ANSWER_PHRASE.finditer(stripped) if m.group(1) in letters}
-    if named:
-        return named.pop() if len(named) == 1 else None
-    lone = _lone_letter(stripped, letters)
-    if lone is not None:
-        return lone
-    return _match_option_text(stripped, options, letters)
+    tokens = _SEPARATORS.sub(" ", answer).split()
+    named = [letter for letter in letters if letter in tokens]
+    if len(named) == 1:
+        if tokens.index(named[0]) >= len(tokens) - _LAST_TOKENS:
+            return named[0]
+    elif not named and "Z" in tokens:
+        return None
+    return _verbose_answer(answer, letters) or _match_option_text(answer, options, letters)
+
+
+def llava_letter_match(text: str, answer: str) -> bool:
+    """SEED-Bench as LLaVA-1.5 scores it: the generation, stripped, is exactly the answer letter.
+
+    LLaVA's ``scripts/convert_seed_for_submission.py`` counts ``row['text'] == answer`` on the
+    outputs of ``model_vqa_loader.py``, which strips them: "B" is right, "B." and "(B)" are not.
+    """
+    return text.strip() == answer
 
 
 # --------------------------------------------------------------------------------------- likelihood

@@ -12,8 +12,9 @@ option likelihood (``#ll``, ``mode="choice"``).
       B. option
       Answer with the option's letter from the given choices directly.
 
-  The generated text's letter is read with ``scoring.multiple_choice.extract_choice`` (``None``, a
-  miss, when it names no single option).
+  MMBench reads the generated text's letter with ``scoring.multiple_choice.extract_choice``
+  (VLMEvalKit's rules; ``None``, a miss, when it names no single option); SEED-Bench counts the
+  generation right only when it is the letter itself (``llava_letter_match``, LLaVA's SEED script).
 * ``choice``: the prompt is ``<image>\\n[hint\\n]question`` without the options, and ``options`` are the
   option texts to score as continuations, as SEED-Bench's official ``eval.py`` ranks them. The
   chosen letter is ``Prediction.prediction`` when it is one of the option letters, else the
@@ -502,8 +503,12 @@ class SeedBenchTask:
         check_predictions(self.name, self._questions, predictions)
         hits: dict[str, list[bool]] = {}
         for q in self._questions:
-            hit = predicted_letter(q, predictions[q.id]) == q.reference
             way = q.meta["way"]
+            prediction = predictions[q.id]
+            if way == GEN:  # LLaVA-1.5's SEED rule: the generation is the letter, nothing else
+                hit = mc.llava_letter_match(prediction.prediction, q.reference)
+            else:
+                hit = predicted_letter(q, prediction) == q.reference
             hits.setdefault(f"accuracy_{way}", []).append(hit)
             hits.setdefault(f"accuracy_{way}/{q.meta['data_type']}", []).append(hit)
         return {name: mc.accuracy(values) for name, values in sorted(hits.items())}
