@@ -96,6 +96,19 @@ def test_vqa_accuracy_one_and_zero_matches() -> None:
     assert vqa.vqa_accuracy("cat", ["dog"] * 10) == 0.0
 
 
+def test_vqa_accuracy_unanimous_humans() -> None:
+    # vqaEval.py (a013f00) normalises the answers and the prediction only when the 10 human answers
+    # (newlines and tabs to spaces, stripped) are not all the same string; here always, by default.
+    assert vqa.vqa_accuracy("Two", ["2"] * 10) == 1.0
+    assert vqa.vqa_accuracy("Two", ["2"] * 10, normalize_unanimous=False) == 0.0
+    assert vqa.vqa_accuracy("Yes.", ["yes"] * 10, normalize_unanimous=False) == 0.0
+    assert vqa.vqa_accuracy(" yes\n", ["yes"] * 10, normalize_unanimous=False) == 1.0
+    # Nine "2" and one "3" are not unanimous: both rules normalise, "Two" -> "2" -> 1.0.
+    assert vqa.vqa_accuracy("Two", ["2"] * 9 + ["3"], normalize_unanimous=False) == 1.0
+    with pytest.raises(ValueError, match="m4c"):
+        vqa.vqa_accuracy("2", ["2"] * 10, variant="m4c", normalize_unanimous=False)
+
+
 def test_vqa_accuracy_answer_count() -> None:
     with pytest.raises(ValueError, match=r"question 'q7'.*expected 10 human answers, got 9"):
         vqa.vqa_accuracy("2", ["2"] * 9, question_id="q7")

@@ -38,11 +38,14 @@ n leave-one-out subsets of n - 1 humans take ``min(1, #humans in the subset who 
 k>=4 -> 1.0.
 
 Deliberate deviation: since a013f00 the official script normalises the answers *and the prediction*
-only when the 10 human answers are not all identical; with unanimous humans a raw ``"Yes"`` fails
-against ``"yes"``. Published pipelines never hit that case because they normalise predictions before
-scoring (LLaVA's submission converter runs the EvalAI processor), and normalisation is idempotent on
-the released, already-normalised answers. So here the prediction and every human answer are always
-normalised, which gives the same numbers as those pipelines.
+only when the 10 human answers (newlines and tabs to spaces, stripped) are not all the same string;
+with unanimous humans a raw ``"Yes"`` or ``"two"`` fails against ``"yes"`` / ``"2"``. Published
+pipelines never hit that case because they normalise predictions before scoring (LLaVA's submission
+converter runs the EvalAI processor), and normalisation is idempotent on the released, already-
+normalised answers. So by default the prediction and every human answer are always normalised,
+which gives the same numbers as those pipelines; ``normalize_unanimous=False`` gives vqaEval.py's.
+The two differ only on unanimous questions whose prediction equals the answer after normalisation
+but not before: 1.0 by default, 0.0 in vqaEval.py.
 """
 
 from __future__ import annotations
@@ -141,6 +144,11 @@ def process_digit_article(text: str) -> str:
     return " ".join(words)
 
 
+def _clean(text: str) -> str:
+    """Step 1 alone: what vqaEval.py does to every answer before it decides whether to normalise."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def _m4c_word_tokenize(text: str) -> str:
     # MMF's EvalAIAnswerProcessor.word_tokenize.
     return text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
@@ -151,8 +159,7 @@ def normalize_vqa_answer(text: str, variant: VqaVariant = "vqa_v2") -> str:
     _check_variant(variant)
     if variant == "m4c":
         text = _m4c_word_tokenize(text)
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(text, variant))
+    return process_digit_article(process_punctuation(_clean(text), variant))
 
 
 def _normalized_answers(
@@ -179,6 +186,7 @@ def vqa_accuracy(
     variant: VqaVariant = "vqa_v2",
     question_id: object = None,
     expected_count: int | None = VQA_NUM_ANSWERS,
+    normalize_unanimous: bool = True,
 ) -> float:
     """VQA accuracy of one prediction in [0, 1]: the mean over the leave-one-out subsets of humans.
 
@@ -186,8 +194,19 @@ def vqa_accuracy(
     ``question_id``. With ``expected_count=None`` any non-empty number n is accepted and the same
     leave-one-out mean over the n subsets of n - 1 is taken (a single answer therefore scores 0,
     since its only subset is empty). Use ``variant="vqa_v2"`` for VQA v2 / VizWiz and ``"m4c"`` for
-    TextVQA as LLaVA reports it.
+    TextVQA as LLaVA reports it. ``normalize_unanimous=False`` (``vqa_v2`` only) is vqaEval.py's rule
+    for humans who all gave the same string: compared as they are, not normalised (module docstring).
     """
+    if not normalize_unanimous:
+        if variant != "vqa_v2":
+            raise ValueError(
+                "normalize_unanimous=False is vqaEval.py's rule (variant 'vqa_v2'); "
+                "m4c (TextVQA) always normalises"
+            )
+        raw = [_clean(answer) for answer in human_answers]
+        if raw and len(set(raw)) == 1 and (expected_count is None or len(raw) == expected_count):
+            # vqaEval.py compares the cleaned strings as they are: all humans match or none does.
+            return 1.0 if _clean(prediction) == raw[0] else 0.0
     references = _normalized_answers(human_answers, variant, question_id, expected_count)
     predicted = normalize_vqa_answer(prediction, variant)
     subset_scores = []
