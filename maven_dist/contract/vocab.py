@@ -16,6 +16,7 @@ trains exactly those, and the model keeps them in parameters of their own (see
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass
 
@@ -93,7 +94,13 @@ def extend_tokenizer(tokenizer, codebook_size: int, pad_to_multiple_of: int) -> 
     else:
         text_size = len(tokenizer)
         new = [IMG_START, IMG_END] + [code_token(k) for k in range(codebook_size)]
-        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+        # Keep any special tokens the tokenizer already has; transformers 4 calls the flag
+        # replace_additional_special_tokens, 5 replace_extra_special_tokens.
+        params = inspect.signature(tokenizer.add_special_tokens).parameters
+        keep = next(
+            k for k in ("replace_extra_special_tokens", "replace_additional_special_tokens") if k in params
+        )
+        tokenizer.add_special_tokens({"additional_special_tokens": new}, **{keep: False})
     layout = VocabLayout.build(text_size, codebook_size, pad_to_multiple_of)
     expect = {
         IMG_START: layout.img_start_id,

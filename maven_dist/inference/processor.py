@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoTokenizer
 
 from maven_dist.contract.lengths import visual_tokens_per_image
 from maven_dist.contract.vocab import IMAGE_PLACEHOLDER, VocabLayout
 from maven_dist.data.image_transform import ImageTransform
 from maven_dist.data.prepare import RecordRejected, load_image
 from maven_dist.data.templates import ConversationError, render_prompt
+from maven_dist.data.tokenizer import load_text_tokenizer
 from maven_dist.model import hf_layout
 from maven_dist.offline.discrete import DiscreteTokenizer, load_discrete_tokenizer
 
@@ -103,7 +103,7 @@ class MavenProcessor:
         spec = saved["spec"]
         grid = transform.image_size // _patch_size(tower_dir)
         return cls(
-            AutoTokenizer.from_pretrained(model_dir),
+            load_text_tokenizer(model_dir),
             saved.get("template", "vicuna_v1"),
             transform,
             discrete,

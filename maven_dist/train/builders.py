@@ -7,12 +7,11 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
-from transformers import AutoTokenizer
-
 from maven_dist.config import STAGE_NAMES, Config, ConfigError
 from maven_dist.contract.vocab import VocabLayout, extend_tokenizer
 from maven_dist.data.image_transform import ImageTransform
 from maven_dist.data.templates import CHAT_TEMPLATES
+from maven_dist.data.tokenizer import load_text_tokenizer
 from maven_dist.model import hf_layout
 from maven_dist.model.maven import MavenModel
 from maven_dist.model.parts import apply_trainable
@@ -98,7 +97,7 @@ def discrete_tokenizer_files(cfg: Config) -> hf_layout.DiscreteTokenizerFiles | 
 def load_stage_tokenizer(cfg: Config, source: ModelSource):
     """The tokenizer extended with the visual vocabulary, with the stage's chat template, and its layout
     (checked against a saved model's)."""
-    tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir)
+    tokenizer = load_text_tokenizer(source.tokenizer_dir)
     tokenizer.chat_template = CHAT_TEMPLATES[stage_template(cfg)]
     layout = extend_tokenizer(tokenizer, cfg.model.discrete.codebook_size, cfg.model.vocab.pad_to_multiple_of)
     if source.kind == "maven":
