@@ -103,6 +103,7 @@ REASONS = (
     "non_alternating",
     "unknown_role",
     "non_string_value",
+    "empty_answer",
     "bad_image_field",
     "image_count_mismatch",
     "special_token",
@@ -627,9 +628,9 @@ def _init_pool_worker(options: PrepareOptions) -> None:
 
 
 def _init_worker(options: PrepareOptions) -> None:
-    from transformers import AutoTokenizer
+    from maven_dist.data.tokenizer import load_text_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(options.tokenizer_dir))
+    tokenizer = load_text_tokenizer(options.tokenizer_dir)
     _WORKER["tokenizer"] = tokenizer
     _WORKER["options"] = options
     _WORKER["special"] = special_token_pattern(tokenizer)

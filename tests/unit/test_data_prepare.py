@@ -86,6 +86,11 @@ def corpus(tmp_path_factory):
             "id": "bad-value",
             "conversations": [{"from": "human", "value": ["x"]}, {"from": "gpt", "value": "b"}],
         },
+        "empty_answer": {
+            "id": "bad-answer",
+            "image": "00000.png",
+            "conversations": _turns("<image>\nx", "  "),
+        },
         "bad_image_field": {
             "id": "bad-field",
             "image": {"path": "00000.png"},
