@@ -111,10 +111,14 @@ def test_two_images_become_two_placeholders(words):
 def test_bpe_tokenizer_masks_exactly_the_answers(tmp_path):
     """With the project's BPE tokenizer: the trained positions decode to the answers and their </s>."""
     tok = train_tokenizer([VICUNA_SYSTEM, LLAMA_2_SYSTEM] + [t["value"] for t in TURNS] * 4, tmp_path, 320)
-    for name in ("vicuna_v1", "llama_2"):
+    answers = {
+        "vicuna_v1": "A red circle.</s> It is striped.</s>",
+        "llama_2": "A red circle. </s> It is striped. </s>",  # LLaVA's and Meta's " {answer} </s>"
+    }
+    for name, want in answers.items():
         got = render(TURNS, name, tok)
         trained = [i for i, lab in zip(got.input_ids, got.labels, strict=True) if lab != IGNORE_INDEX]
-        assert tok.decode(trained) == "A red circle.</s> It is striped.</s>"
+        assert tok.decode(trained) == want
         assert [lab for lab in got.labels if lab != IGNORE_INDEX] == trained
         assert got.input_ids[0] == tok.bos_token_id and got.labels[0] == IGNORE_INDEX
         assert got.input_ids.count(IMAGE_PLACEHOLDER_ID) == 1

@@ -208,9 +208,9 @@ def test_chat_templates_render_what_training_saw(tokenizer, template):
     messages = [
         {"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns
     ]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, image_placeholders=True)
     assert tokenize_with_images(text, tokenizer) == render_prompt(turns, template, tokenizer)
     answered = [*turns, {"from": "gpt", "value": "it is blue ."}]
     messages.append({"role": "assistant", "content": "it is blue ."})
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, image_placeholders=True)
     assert tokenize_with_images(text, tokenizer) == render(answered, template, tokenizer).input_ids

@@ -1,0 +1,257 @@
+"""Base-model directories laid out as the Hugging Face hub ships them, at reduced depth and width.
+
+Every other test builds its models with ``save_pretrained``; a 7B run starts from files nobody here wrote:
+
+* ``lmsys/vicuna-7b-v1.5``: ``config.json``, ``generation_config.json``, ``special_tokens_map.json``,
+  ``tokenizer_config.json`` (the published contents; ``config.json`` with fewer layers and narrower
+  widths), a SentencePiece ``tokenizer.model`` and *no* ``tokenizer.json``, fp16 weights in
+  ``pytorch_model-0000N-of-0000M.bin`` shards with ``pytorch_model.bin.index.json`` (or, as newer
+  uploads are, ``model-0000N-of-0000M.safetensors`` with ``model.safetensors.index.json``);
+* ``openai/clip-vit-large-patch14-336``: its ``preprocessor_config.json`` as published, the vision
+  tower's ``config.json`` and ``model.safetensors``;
+* ``AILab-CVC/seed-tokenizer-2``: ``seed_quantizer.pt`` with the decoder-side keys the real file
+  carries, next to LAVIS's ``eva_vit_g.pth``.
+
+The SentencePiece model is trained here with LLaMA's settings (BPE, byte fallback, dummy prefix, split
+digits, identity normalisation, whitespace kept) on a small fixed corpus, so it segments like LLaMA's
+(``▁USER``, ``▁`` + ``<0x0A>`` for a newline after an image, bytes for what the corpus never saw).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from maven_dist.data.templates import LLAMA_2_SYSTEM, VICUNA_SYSTEM
+
+# lmsys/vicuna-7b-v1.5 as published (transformers 4.31.0); the model tests replace the layer count and widths.
+VICUNA_CONFIG = {
+    "_name_or_path": "vicuna-7b-v1.5",
+    "architectures": ["LlamaForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 4096,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 32,
+    "pad_token_id": 0,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.31.0",
+    "use_cache": True,
+    "vocab_size": 32000,
+}
+# Sampling settings without do_sample: transformers >= 4.38 warns about them, and refuses to *save* them
+# with strict validation (LLaVA's users hit it when saving a model built on Vicuna v1.5).
+VICUNA_GENERATION_CONFIG = {
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "max_length": 4096,
+    "pad_token_id": 0,
+    "temperature": 0.9,
+    "top_p": 0.6,
+    "transformers_version": "4.31.0",
+}
+
+
+def _added(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+VICUNA_SPECIAL_TOKENS_MAP = {
+    "bos_token": _added("<s>"),
+    "eos_token": _added("</s>"),
+    "pad_token": "<unk>",
+    "unk_token": _added("<unk>"),
+}
+VICUNA_TOKENIZER_CONFIG = {
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "bos_token": {"__type": "AddedToken", **_added("<s>")},
+    "clean_up_tokenization_spaces": False,
+    "eos_token": {"__type": "AddedToken", **_added("</s>")},
+    "legacy": False,
+    "model_max_length": 4096,
+    "pad_token": None,
+    "padding_side": "right",
+    "sp_model_kwargs": {},
+    "tokenizer_class": "LlamaTokenizer",
+    "unk_token": {"__type": "AddedToken", **_added("<unk>")},
+}
+# openai/clip-vit-large-patch14-336's preprocessor_config.json as published.
+CLIP_336_PREPROCESSOR_CONFIG = {
+    "crop_size": 336,
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor",
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "size": 336,
+}
+
+# LLaMA's trainer and normaliser settings (read from its tokenizer.model's ModelProto), less the corpus size.
+LLAMA_SPM_SETTINGS = {
+    "model_type": "bpe",
+    "byte_fallback": True,
+    "split_digits": True,
+    "add_dummy_prefix": True,
+    "remove_extra_whitespaces": False,
+    "normalization_rule_name": "identity",
+    "allow_whitespace_only_pieces": True,
+    "split_by_unicode_script": True,
+    "split_by_whitespace": True,
+    "split_by_number": True,
+    "max_sentencepiece_length": 16,
+    "character_coverage": 0.99995,
+    "unk_id": 0,
+    "bos_id": 1,
+    "eos_id": 2,
+    "pad_id": -1,
+}
+# Words of the templates and of the golden cases (tests/unit/test_golden_tokenization.py), each often enough
+# to become one piece. One sentence per line and no newline anywhere, as LLaMA's corpus was split: a newline
+# is then no piece and falls back to its byte <0x0A>, as in LLaMA's vocabulary.
+CORPUS_LINES = (
+    VICUNA_SYSTEM,
+    LLAMA_2_SYSTEM,
+    "USER: ASSISTANT: [INST] [/INST] <<SYS>> <</SYS>>",
+    'What is shown? What colour is the circle? "What" is in the image? (What) And the square? "And"',
+    "Describe the image. Describe the first image and the second image. Compare the images.",
+    "A red circle. The circle is red. It is blue. Yes. No. Two images. Which one has more circles?",
+    'He said "USER: hi" and "ASSISTANT: no". Say hello. hello world. 12 circles, 3 squares, 40 images.',
+    "café naïve über straße",
+)
+
+
+def train_llama_sentencepiece(
+    path: Path, lines: tuple[str, ...] = CORPUS_LINES, vocab_size: int = 700
+) -> Path:
+    """Train a SentencePiece BPE model with LLaMA's settings on `lines` (each 30 times) and write it to `path`."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([line for line in lines for _ in range(30)]),
+        model_writer=model,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,  # a small corpus runs out of merges before 700 pieces
+        num_threads=1,
+        minloglevel=2,
+        **LLAMA_SPM_SETTINGS,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.getvalue())
+    return path
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The reduced widths a hub-layout Vicuna directory is written with (everything else as published)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+
+
+def write_vicuna_tokenizer(out_dir: Path, tokenizer_model: Path, legacy: bool = False) -> Path:
+    """``tokenizer.model`` + the published ``tokenizer_config.json`` and ``special_tokens_map.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenizer.model").write_bytes(Path(tokenizer_model).read_bytes())
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(VICUNA_SPECIAL_TOKENS_MAP, indent=2))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(VICUNA_TOKENIZER_CONFIG | {"legacy": legacy}, indent=2)
+    )
+    return out_dir
+
+
+def vicuna_state_dict(shape: LlamaShape, vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """fp16 weights under LlamaForCausalLM's names (as the hub shards hold them), random but seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    h, inter = shape.hidden_size, shape.intermediate_size
+
+    def w(*size: int) -> torch.Tensor:
+        return (torch.randn(*size, generator=gen) * 0.05).to(torch.float16)
+
+    state = {"model.embed_tokens.weight": w(vocab_size, h)}
+    for i in range(shape.num_layers):
+        p = f"model.layers.{i}."
+        state |= {
+            p + "self_attn.q_proj.weight": w(h, h),
+            p + "self_attn.k_proj.weight": w(h, h),
+            p + "self_attn.v_proj.weight": w(h, h),
+            p + "self_attn.o_proj.weight": w(h, h),
+            p + "mlp.gate_proj.weight": w(inter, h),
+            p + "mlp.up_proj.weight": w(inter, h),
+            p + "mlp.down_proj.weight": w(h, inter),
+            p + "input_layernorm.weight": (1 + w(h)).to(torch.float16),
+            p + "post_attention_layernorm.weight": (1 + w(h)).to(torch.float16),
+        }
+    state["model.norm.weight"] = (1 + w(h)).to(torch.float16)
+    state["lm_head.weight"] = w(vocab_size, h)
+    return state
+
+
+def _shards(state: dict[str, torch.Tensor], num_shards: int) -> list[dict[str, torch.Tensor]]:
+    """Split in key order into `num_shards` runs (as save_pretrained's size-based split keeps order)."""
+    keys = list(state)
+    per = -(-len(keys) // num_shards)
+    return [{k: state[k] for k in keys[i * per : (i + 1) * per]} for i in range(num_shards)]
+
+
+def build_vicuna_dir(
+    out_dir: Path,
+    tokenizer_model: Path,
+    *,
+    weights: str = "bin",
+    shape: LlamaShape = LlamaShape(),
+    num_shards: int = 2,
+    legacy: bool = False,
+    seed: int = 0,
+) -> Path:
+    """A ``lmsys/vicuna-7b-v1.5``-shaped directory; `weights` is ``bin`` (the upload) or ``safetensors``."""
+    import sentencepiece as spm
+
+    out_dir = Path(out_dir)
+    write_vicuna_tokenizer(out_dir, tokenizer_model, legacy=legacy)
+    vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer_model)).get_piece_size()
+    config = VICUNA_CONFIG | {
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.num_layers,
+        "num_attention_heads": shape.num_heads,
+        "num_key_value_heads": shape.num_heads,
+        "vocab_size": vocab_size,
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (out_dir / "generation_config.json").write_text(json.dumps(VICUNA_GENERATION_CONFIG, indent=2))
+    state = vicuna_state_dict(shape, vocab_size, seed)
+    weight_map, total = {}, sum(t.numel() * t.element_size() for t in state.values())
+    for k, shard in enumerate(_shards(state, num_shards), start=1):
+        if weights == "bin":
+            name = f"pytorch_model-{k:05d}-of-{num_shards:05d}.bin"
+            torch.save(shard, out_dir / name)
+        else:
+            name = f"model-{k:05d}-of-{num_shards:05d}.safetensors"
+            save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, name)
+    index = "pytorch_model.bin.index.json" if weights == "bin" else "model.safetensors.index.json"
+    (out_dir / index).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    return out_dir
