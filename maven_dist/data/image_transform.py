@@ -1,8 +1,8 @@
 """Image -> tower input, with the geometry exposed so patch labels can follow it exactly.
 
 LLaVA-1.5 pads every image to a square with the processor's mean colour ("pad" aspect mode,
-``expand2square``) and then lets ``CLIPImageProcessor`` resize to 336 and centre-crop, which is a
-no-op on a square. We do the same in one place: centred pad to ``side = max(w, h)``, bicubic resize
+``expand2square``; the mean times 255, truncated) and then lets ``CLIPImageProcessor`` resize to 336 and
+centre-crop, which is a no-op on a square. We do the same in one place: centred pad to ``side = max(w, h)``, bicubic resize
 to ``image_size``, normalise. :class:`Letterbox` records where the original pixels land so that
 ``maven_dist/offline/pseudo_labels/patch_labels.py`` maps masks through the identical transform.
 """
@@ -63,6 +63,12 @@ class ImageTransform:
         )
         return cls(int(size), tuple(cfg["image_mean"]), tuple(cfg["image_std"]))
 
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        """LLaVA's ``expand2square`` fill, ``tuple(int(x * 255) for x in image_processor.image_mean)``: the mean
+        truncated, (122, 116, 104) for CLIP's, not rounded (123, 117, 104)."""
+        return tuple(int(m * 255) for m in self.mean)
+
     def letterbox(self, image: Image.Image) -> Letterbox:
         return Letterbox(*image.size)
 
@@ -70,7 +76,7 @@ class ImageTransform:
         box = self.letterbox(image)
         if box.width == box.height:
             return image
-        fill = tuple(int(round(m * 255)) for m in self.mean)
+        fill = self.pad_color
         canvas = Image.new("RGB", (box.side, box.side), fill)
         canvas.paste(image, (box.pad_left, box.pad_top))
         return canvas
