@@ -255,3 +255,142 @@ def build_vicuna_dir(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     )
     return out_dir
+
+
+# --------------------------------------------------------------------------- SEED-2
+
+
+@dataclass(frozen=True)
+class SeedShape:
+    """A reduced SEED-2 with the official layout: EVA and Q-Former one head wide (88 and 64, the official
+    head widths), the real 32 queries and 8192 x 32 codebook."""
+
+    eva_width: int = 88
+    eva_blocks: int = 2
+    """Blocks in eva_vit_g.pth; BLIP-2 uses all but the last (the official file has 40, 39 used)."""
+    image_size: int = 224
+    qformer_width: int = 64
+    qformer_layers: int = 2
+    decode_depth: int = 1
+    """SEED-2's decoder blocks (blocks.N, blocks_image.N); the official file has 4 of each."""
+    num_queries: int = 32
+    codebook_size: int = 8192
+    codebook_dim: int = 32
+
+
+def _block(prefix: str, width: int, mlp: int) -> dict[str, tuple[int, ...]]:
+    """A timm-style ViT block as SEED-2's decoder builds it (qkv with bias)."""
+    return {
+        prefix + "norm1.weight": (width,),
+        prefix + "norm1.bias": (width,),
+        prefix + "attn.qkv.weight": (3 * width, width),
+        prefix + "attn.qkv.bias": (3 * width,),
+        prefix + "attn.proj.weight": (width, width),
+        prefix + "attn.proj.bias": (width,),
+        prefix + "norm2.weight": (width,),
+        prefix + "norm2.bias": (width,),
+        prefix + "mlp.fc1.weight": (mlp, width),
+        prefix + "mlp.fc1.bias": (mlp,),
+        prefix + "mlp.fc2.weight": (width, mlp),
+        prefix + "mlp.fc2.bias": (width,),
+    }
+
+
+def seed2_quantizer_shapes(shape: SeedShape) -> dict[str, tuple[int, ...]]:
+    """``seed_quantizer.pt``'s keys and shapes, written out from SEED-2's ``Blip2QformerQuantizer``
+    (AILab-CVC/SEED, models/seed_qformer/qformer_quantizer.py) at `shape`: the encode path, the decoder
+    side, and the BLIP-2 text branch that class deletes before loading (a file may still carry it)."""
+    h, v, q, inter = shape.qformer_width, shape.eva_width, shape.num_queries, 2 * shape.qformer_width
+    out: dict[str, tuple[int, ...]] = {
+        "query_tokens": (1, q, h),
+        "ln_vision.weight": (v,),
+        "ln_vision.bias": (v,),
+        "Qformer.bert.embeddings.LayerNorm.weight": (h,),
+        "Qformer.bert.embeddings.LayerNorm.bias": (h,),
+        "encode_task_layer.0.weight": (h, h),
+        "encode_task_layer.0.bias": (h,),
+        "encode_task_layer.2.weight": (shape.codebook_dim, h),
+        "encode_task_layer.2.bias": (shape.codebook_dim,),
+        "quantize.embedding.weight": (shape.codebook_size, shape.codebook_dim),
+    }
+    for i in range(shape.qformer_layers):
+        p = f"Qformer.bert.encoder.layer.{i}."
+        for block in ["attention"] + (["crossattention"] if i % 2 == 0 else []):
+            kv = v if block == "crossattention" else h
+            for name, fan_in in (("query", h), ("key", kv), ("value", kv)):
+                out[f"{p}{block}.self.{name}.weight"] = (h, fan_in)
+                out[f"{p}{block}.self.{name}.bias"] = (h,)
+            out |= {
+                f"{p}{block}.output.dense.weight": (h, h),
+                f"{p}{block}.output.dense.bias": (h,),
+                f"{p}{block}.output.LayerNorm.weight": (h,),
+                f"{p}{block}.output.LayerNorm.bias": (h,),
+            }
+        for branch in ("_query", ""):  # "" is the text branch SEED deletes
+            out |= {
+                f"{p}intermediate{branch}.dense.weight": (inter, h),
+                f"{p}intermediate{branch}.dense.bias": (inter,),
+                f"{p}output{branch}.dense.weight": (h, inter),
+                f"{p}output{branch}.dense.bias": (h,),
+                f"{p}output{branch}.LayerNorm.weight": (h,),
+                f"{p}output{branch}.LayerNorm.bias": (h,),
+            }
+    out |= {  # the text branch's embeddings and MLM head
+        "Qformer.bert.embeddings.word_embeddings.weight": (30523, h),
+        "Qformer.bert.embeddings.position_embeddings.weight": (512, h),
+        "Qformer.cls.predictions.bias": (30523,),
+        "Qformer.cls.predictions.transform.dense.weight": (h, h),
+        "Qformer.cls.predictions.transform.dense.bias": (h,),
+        "Qformer.cls.predictions.transform.LayerNorm.weight": (h,),
+        "Qformer.cls.predictions.transform.LayerNorm.bias": (h,),
+        "Qformer.cls.predictions.decoder.weight": (30523, h),
+        "Qformer.cls.predictions.decoder.bias": (30523,),
+    }
+    out |= {  # the decoder side: codes -> the image embedding of SEED's unCLIP decoder
+        "decode_task_layer.0.weight": (shape.codebook_dim, shape.codebook_dim),
+        "decode_task_layer.0.bias": (shape.codebook_dim,),
+        "decode_task_layer.2.weight": (h, shape.codebook_dim),
+        "decode_task_layer.2.bias": (h,),
+        "pos_embed": (1, q, h),
+        "pos_embed_image": (1, q, h),
+        "image_down.0.weight": (256, h),
+        "image_down.2.weight": (128, 256),
+        "image_down.4.weight": (32, 128),
+        "distill_image_proj.weight": (1024, q * 32),
+        "distill_image_proj.bias": (1024,),
+    }
+    for i in range(shape.decode_depth):
+        out |= _block(f"blocks.{i}.", h, 4 * h) | _block(f"blocks_image.{i}.", h, 4 * h)
+    return out
+
+
+def eva_vit_g_shapes(shape: SeedShape) -> dict[str, tuple[int, ...]]:
+    """LAVIS's ``eva_vit_g.pth`` layout at `shape` (MLP width int(width * 4.3637), q/v biases, no k bias)."""
+    w, mlp, patch = shape.eva_width, int(shape.eva_width * 4.3637), 14
+    out = {
+        "cls_token": (1, 1, w),
+        "pos_embed": (1, (shape.image_size // patch) ** 2 + 1, w),
+        "patch_embed.proj.weight": (w, 3, patch, patch),
+        "patch_embed.proj.bias": (w,),
+    }
+    for i in range(shape.eva_blocks):
+        b = f"blocks.{i}."
+        out |= {k: s for k, s in _block(b, w, mlp).items() if "qkv.bias" not in k}
+        out |= {b + "attn.q_bias": (w,), b + "attn.v_bias": (w,)}
+    return out
+
+
+def build_seed2_files(out_dir: Path, shape: SeedShape = SeedShape(), seed: int = 0) -> Path:
+    """``seed_quantizer.pt`` (fp32, as the hub file) and ``eva_vit_g.pth`` side by side in `out_dir`."""
+    gen = torch.Generator().manual_seed(seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, shapes in (
+        ("seed_quantizer.pt", seed2_quantizer_shapes(shape)),
+        ("eva_vit_g.pth", eva_vit_g_shapes(shape)),
+    ):
+        state = {k: torch.randn(s, generator=gen) * 0.1 for k, s in shapes.items()}
+        if name == "seed_quantizer.pt":
+            state["Qformer.bert.embeddings.position_ids"] = torch.arange(512).unsqueeze(0)
+        torch.save(state, out_dir / name)
+    return out_dir

@@ -192,11 +192,12 @@ def test_strict_loading_names_the_offending_key(seed_dir, tmp_path):
     torch.save(broken, tmp_path / "missing.pt")
     with pytest.raises(KeyError, match="layer.1.output_query.dense.bias"):
         load_seed_tokenizer(tmp_path / "missing.pt", eva_path=eva, cfg=TINY)
+    # cross-attention in layer 1: another architecture than the config's (every 2nd layer)
     extra = official_state_dict(TINY) | {
-        "Qformer.bert.encoder.layer.0.intermediate.dense.weight": torch.zeros(1)
+        "Qformer.bert.encoder.layer.1.crossattention.self.query.weight": torch.zeros(16, 16)
     }
     torch.save(extra, tmp_path / "extra.pt")
-    with pytest.raises(KeyError, match="unexpected key.*intermediate.dense"):
+    with pytest.raises(KeyError, match="unexpected key.*layer.1.crossattention.*encode-path module"):
         load_seed_tokenizer(tmp_path / "extra.pt", eva_path=eva, cfg=TINY)
     wrong = official_state_dict(TINY) | {"quantize.embedding.weight": torch.zeros(50, 5)}
     torch.save(wrong, tmp_path / "wrong.pt")
@@ -313,3 +314,91 @@ def test_qformer_matches_the_official_causal_qformer_computation(seed_dir):
             encoder_hidden_states=embeds,
         ).last_hidden_state
     torch.testing.assert_close(ours, _reference_qformer(official, TINY, embeds), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- SEED-2's real file (issue 24, item 8)
+
+
+def test_the_module_is_about_seed_2():
+    import maven_dist.offline.discrete.seed as seed
+
+    assert "AILab-CVC/seed-tokenizer-2" in seed.__doc__ and "tokenizer v1" not in seed.__doc__
+
+
+def test_seed2_files_with_the_decoder_side_load_and_land_exactly(tmp_path):
+    """seed_quantizer.pt as SEED-2's Blip2QformerQuantizer holds it (decoder side: decode_task_layer, blocks,
+    blocks_image, pos_embed(_image), image_down, distill_image_proj; plus the BLIP-2 text branch it deletes
+    before loading) next to a 2-block eva_vit_g.pth: the shapes are read from the files, nothing is refused."""
+    from maven_dist.offline.discrete.seed import DECODER_SIDE_KEYS, load_seed_tokenizer
+    from tests.helpers.hub_models import SeedShape, build_seed2_files
+
+    shape = SeedShape()
+    directory = build_seed2_files(tmp_path, shape)
+    official = torch.load(directory / "seed_quantizer.pt", weights_only=True)
+    eva = torch.load(directory / "eva_vit_g.pth", weights_only=True)
+    decoder_side = [k for k in official if DECODER_SIDE_KEYS.fullmatch(k)]
+    # 35 decoder-side + 22 text-branch keys at this depth (at the official one, 4 decoder blocks and 12
+    # Q-Former layers: 107 + 82)
+    assert len(decoder_side) == 57
+    model = load_seed_tokenizer(directory)  # finds eva_vit_g.pth next to it
+    cfg = model.cfg
+    assert (cfg.vision.width, cfg.vision.depth, cfg.vision.num_heads, cfg.vision.mlp_width) == (88, 1, 1, 384)
+    assert (
+        cfg.qformer_hidden_size,
+        cfg.qformer_layers,
+        cfg.qformer_heads,
+        cfg.cross_attention_frequency,
+    ) == (
+        64,
+        2,
+        1,
+        2,
+    )
+    assert (cfg.num_query_tokens, cfg.codebook_size, cfg.codebook_dim, cfg.vision.image_size) == (
+        32,
+        8192,
+        32,
+        224,
+    )
+    assert torch.equal(model.quantize.embedding.weight, official["quantize.embedding.weight"])
+    assert torch.equal(model.query_tokens, official["query_tokens"])
+    assert torch.equal(
+        model.qformer.encoder.layer[0].crossattention.attention.key.weight,
+        official["Qformer.bert.encoder.layer.0.crossattention.self.key.weight"],
+    )
+    assert torch.equal(model.visual_encoder.blocks[0].attn.q_bias, eva["blocks.0.attn.q_bias"])
+    codes = model.encode(_images(2))
+    assert codes.shape == (2, 32) and codes.min() >= 0 and codes.max() < 8192
+
+
+def test_the_official_shapes_are_read_back_from_the_files():
+    """SeedConfig.from_checkpoints on tensors of the official shapes (40-block EVA file) is SeedConfig()."""
+    from maven_dist.offline.discrete.seed import SeedConfig
+
+    default = SeedConfig()
+    quantizer = {
+        internal_to_official(k): torch.empty(s, device="meta")
+        for k, s in expected_shapes(default).items()
+        if not k.startswith("visual_encoder.")
+    }
+    eva = {k: torch.empty(s, device="meta") for k, s in eva_shapes(default.vision, 40).items()}
+    got = SeedConfig.from_checkpoints(quantizer, eva)
+    assert got.vision.mlp_width == default.vision.mlp_width == 6144
+    assert (got.vision.depth, got.vision.num_heads, got.vision.width, got.vision.image_size) == (
+        39,
+        16,
+        1408,
+        224,
+    )
+    assert {k: v for k, v in vars(got).items() if k != "vision"} == {
+        k: v for k, v in vars(default).items() if k != "vision"
+    }
+
+
+def test_keys_nobody_names_are_ignored_with_a_warning(seed_dir, tmp_path, capsys):
+    from maven_dist.offline.discrete.seed import load_seed_tokenizer
+
+    odd = official_state_dict(TINY) | {"distill_text_proj.weight": torch.zeros(3, 3)}
+    torch.save(odd, tmp_path / "odd.pt")
+    load_seed_tokenizer(tmp_path / "odd.pt", eva_path=seed_dir / "eva_vit_g.pth", cfg=TINY)
+    assert "ignoring 1 keys outside the encode path" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The SEED tokenizer (AILab-CVC/SEED, "SEED tokenizer v1" as SEED-LLaMA uses it), encode path only.
+"""The SEED-2 tokenizer (AILab-CVC/seed-tokenizer-2, the one SEED-LLaMA uses), encode path only.
 
 image (224 x 224, squashed, CLIP mean/std)
   -> EVA ViT-g/14 (1408 wide, 39 blocks, no final norm; all 257 tokens) -> ``ln_vision``
@@ -7,22 +7,32 @@ image (224 x 224, squashed, CLIP mean/std)
   -> ``encode_task_layer``: Linear(768, 768) -> tanh -> Linear(768, 32)
   -> VQ: index of the L2-nearest row of the 8192 x 32 codebook ``quantize.embedding.weight``.
 
-Weights come from the official files, read without unpickling code: ``seed_quantizer.pt`` (keys
-``query_tokens``, ``Qformer.bert.*``, ``ln_vision.*``, ``encode_task_layer.*``,
-``quantize.embedding.weight``, plus decoder-side keys we do not need) and ``eva_vit_g.pth`` (LAVIS's
-EVA ViT-g: ``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.N.*``; 40 blocks of
-which BLIP-2 uses the first 39) unless the quantizer file carries ``visual_encoder.*`` itself.
+Weights come from the official files, read without unpickling code: ``seed_quantizer.pt`` of
+``AILab-CVC/seed-tokenizer-2`` (keys ``query_tokens``, ``Qformer.bert.*``, ``ln_vision.*``,
+``encode_task_layer.*``, ``quantize.embedding.weight``, plus the decoder side below) and ``eva_vit_g.pth``
+(LAVIS's EVA ViT-g: ``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.N.*``; 40 blocks of
+which BLIP-2 uses the first 39) unless the quantizer file carries ``visual_encoder.*`` itself. The
+shapes are read from the files (:meth:`SeedConfig.from_checkpoints`), so a reduced copy with the same
+layout loads too; the head counts follow EVA ViT-g's and BERT's head widths (88 and 64).
 
 The Q-Former is transformers' :class:`Blip2QFormerModel` (same layers as LAVIS's, query branch
 only, as in SEED, which deletes the text branch) given a causal 4-D mask; LAVIS and HF name two
-things differently, which :func:`official_to_internal` maps. Loading is strict: every encode-path
-key must be present with its official shape, and any other key must be one SEED's decoder side is
-known to carry (``KNOWN_UNUSED_PREFIXES``).
+things differently, which :func:`official_to_internal` maps. Loading is strict where it matters: every
+encode-path key must be present with its official shape, and a key in an encode-path module that the
+config does not have (e.g. cross-attention in an odd layer) stops the load. The keys SEED-2's own class
+(``Blip2QformerQuantizer`` in AILab-CVC/SEED ``models/seed_qformer/qformer_quantizer.py``) holds beyond
+the encode path are accepted by name (:data:`DECODER_SIDE_KEYS`), and so is the BLIP-2 text branch that
+class deletes before it loads the file with ``strict=False``. SEED's real file is known to carry 146 keys
+that class does not have (the unexpected-key count its loader prints, OpenMOSS/AnyGPT issue 14) and the
+list is not published: any other key outside the encode path is accepted with a warning that names it.
 """
 
 from __future__ import annotations
 
+import math
 import pickle
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,21 +48,37 @@ from maven_dist.data.image_transform import CLIP_MEAN, CLIP_STD
 WEIGHTS_NAME = "seed_quantizer.pt"
 EVA_WEIGHTS_NAME = "eva_vit_g.pth"
 
-# Keys of the official checkpoint that belong to SEED's decoding side (codes -> unCLIP embedding)
-# or are not weights; encoding never reads them.
-KNOWN_UNUSED_PREFIXES = (
-    "decode_task_layer.",
-    "blocks.",
-    "blocks_image.",
-    "pos_embed",
-    "pos_embed_image",
-    "image_down.",
-    "distill_image_proj.",
-    "Reverse_Qformer.",
-    "reverse_tokens",
-    "Qformer.bert.embeddings.position_ids",
-    "Qformer.cls.",
+_WB = r"\.(weight|bias)"
+DECODER_SIDE_KEYS = re.compile(
+    "|".join(
+        [
+            # SEED-2's decoder side, codes -> the unCLIP image embedding (Blip2QformerQuantizer.__init__)
+            rf"decode_task_layer\.[02]{_WB}",
+            r"pos_embed(_image)?",
+            rf"blocks(_image)?\.\d+\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2){_WB}",
+            r"image_down\.[024]\.weight",
+            rf"distill_image_proj{_WB}",
+            # its use_qformer_image=True variant: a one-query reverse Q-Former
+            r"Reverse_Qformer\..+",
+            r"reverse_tokens",
+            # BLIP-2's Q-Former text branch, which SEED deletes before loading (word and position
+            # embeddings, each layer's text feed-forward, the MLM head)
+            r"Qformer\.bert\.embeddings\.(word_embeddings\.weight|position_embeddings\.weight|position_ids)",
+            rf"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate\.dense|output\.dense|output\.LayerNorm){_WB}",
+            r"Qformer\.cls\.predictions\..+",
+        ]
+    )
 )
+"""Keys of SEED-2's ``seed_quantizer.pt`` that encoding never reads, by name (see the module docstring)."""
+_ENCODE_MODULES = (
+    "query_tokens",
+    "ln_vision.",
+    "Qformer.",
+    "encode_task_layer.",
+    "quantize.",
+    "visual_encoder.",
+)
+"""Where the encode path's weights live: an unknown key here means another architecture, not a spare part."""
 # EVA ViT-g checkpoint keys the 39-block encoder does not use (BLIP-2 drops the last block).
 _EVA_UNUSED = ("norm.", "fc_norm.", "head.", "lm_head.", "rel_pos_bias.")
 
@@ -103,6 +129,86 @@ class SeedConfig:
     """VQ codebook entries."""
     codebook_dim: int = 32
     """VQ code width."""
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        quantizer: dict[str, torch.Tensor],
+        eva: dict[str, torch.Tensor] | None,
+        source: str = "seed_quantizer.pt",
+    ) -> SeedConfig:
+        """The shapes of SEED's files: widths, depths, queries and codebook read from the tensors; heads from
+        EVA ViT-g's and BERT's head widths; an EVA file's last block left out as BLIP-2 leaves it out."""
+        vit = {
+            k.removeprefix("visual_encoder."): v
+            for k, v in quantizer.items()
+            if k.startswith("visual_encoder.")
+        }
+        in_quantizer = bool(vit)
+        if not vit:
+            if eva is None:
+                raise FileNotFoundError(
+                    f"{source} has no visual_encoder.* weights: pass the EVA ViT-g file (eva_vit_g.pth) as eva_path"
+                )
+            vit = eva
+        first_ffn = "Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"
+        for where, keys, name in (
+            (quantizer, ("query_tokens", "ln_vision.weight", "quantize.embedding.weight", first_ffn), source),
+            (
+                vit,
+                ("pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight"),
+                "the EVA ViT-g weights",
+            ),
+        ):
+            missing = [k for k in keys if k not in where]
+            if missing:
+                raise KeyError(f"cannot read SEED's shapes: {name} lacks {missing[0]!r}")
+        width = quantizer["ln_vision.weight"].shape[0]
+        patch = vit["patch_embed.proj.weight"].shape[-1]
+        grid = math.isqrt(vit["pos_embed"].shape[1] - 1)
+        blocks = 1 + max(int(k.split(".")[1]) for k in vit if k.startswith("blocks."))
+        mlp = vit["blocks.0.mlp.fc1.weight"].shape[0]
+        hidden = quantizer["query_tokens"].shape[-1]
+        layers = [
+            int(k.split(".")[4])
+            for k in quantizer
+            if re.fullmatch(r"Qformer\.bert\.encoder\.layer\.\d+\.attention\..+", k)
+        ]
+        cross = sorted(
+            {
+                int(k.split(".")[4])
+                for k in quantizer
+                if ".crossattention." in k and k.startswith("Qformer.bert.")
+            }
+        )
+        num_layers = 1 + max(layers, default=-1)
+        for name, w, head in (("EVA ViT-g", width, 88), ("Q-Former", hidden, 64)):
+            if w % head:
+                raise ValueError(
+                    f"{source}: the {name} is {w} wide, not a multiple of its head width {head}; pass a SeedConfig"
+                )
+        vision = EvaVitConfig(
+            image_size=grid * patch,
+            patch_size=patch,
+            width=width,
+            # LAVIS builds 39 blocks and loads the 40 of eva_vit_g.pth with strict=False
+            depth=blocks if in_quantizer else blocks - 1,
+            num_heads=width // 88,
+            # int(width * mlp_ratio) must give the file's MLP width (1408 * 4.3637 -> 6144)
+            mlp_ratio=(mlp + 0.5) / width,
+        )
+        codebook = quantizer["quantize.embedding.weight"]
+        return cls(
+            vision=vision,
+            qformer_hidden_size=hidden,
+            qformer_layers=num_layers,
+            qformer_heads=hidden // 64,
+            qformer_intermediate_size=quantizer[first_ffn].shape[0],
+            cross_attention_frequency=cross[1] - cross[0] if len(cross) > 1 else max(num_layers, 2),
+            num_query_tokens=quantizer["query_tokens"].shape[1],
+            codebook_size=codebook.shape[0],
+            codebook_dim=codebook.shape[1],
+        )
 
     def qformer_config(self) -> Blip2QFormerConfig:
         return Blip2QFormerConfig(
@@ -279,8 +385,8 @@ class SeedTokenizer(nn.Module):
 
 
 def official_to_internal(key: str) -> str | None:
-    """Official (LAVIS/SEED) key -> this module's key; None for keys encoding does not use."""
-    if key.startswith(KNOWN_UNUSED_PREFIXES):
+    """Official (LAVIS/SEED) key -> this module's key; None for the known keys encoding does not use."""
+    if DECODER_SIDE_KEYS.fullmatch(key):
         return None
     if key.startswith("Qformer.bert."):
         rest = key[len("Qformer.bert.") :]
@@ -345,15 +451,26 @@ def seed_state_dict_from_official(
     """Map official key names to this module's; check every key and shape (strict)."""
     expected = expected_shapes(cfg)
     state: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
     for key, value in quantizer.items():
         internal = official_to_internal(key)
         if internal is None:
             continue
         if internal not in expected:
-            raise KeyError(
-                f"{source}: unexpected key {key!r}; it is neither an encode-path weight nor a known decoder key"
-            )
+            if key.startswith(_ENCODE_MODULES):
+                raise KeyError(
+                    f"{source}: unexpected key {key!r} in an encode-path module; the file's architecture "
+                    "differs from the config (EVA depth, Q-Former layers or cross-attention frequency)"
+                )
+            ignored.append(key)
+            continue
         state[internal] = value
+    if ignored:
+        print(
+            f"[seed] {source}: ignoring {len(ignored)} keys outside the encode path that SEED-2's decoder side "
+            f"does not name either, e.g. {ignored[:3]}",
+            file=sys.stderr,
+        )
     if not any(k.startswith("visual_encoder.") for k in state):
         if eva is None:
             raise FileNotFoundError(
@@ -408,8 +525,8 @@ def load_seed_tokenizer(
     if path.is_dir():
         eva_path = eva_path or (path / EVA_WEIGHTS_NAME if (path / EVA_WEIGHTS_NAME).is_file() else None)
         path = path / WEIGHTS_NAME
-    cfg = cfg or SeedConfig()
     quantizer = load_weights_file(path)
     eva = load_weights_file(eva_path) if eva_path is not None else None
+    cfg = cfg or SeedConfig.from_checkpoints(quantizer, eva, source=str(path))
     state = seed_state_dict_from_official(quantizer, eva, cfg, source=str(path))
     return build_seed_tokenizer(cfg, state, device=device, dtype=dtype)
