@@ -417,13 +417,9 @@ class TrackingConfig:
     experiment: str = "maven"
     """MLflow experiment (one per recipe family)."""
     enabled: bool = True
-    """Log to MLflow at all."""
+    """Send the run to MLflow (rank 0 records it in the stage directory either way)."""
     flush_interval_s: float = 5.0
-    """Seconds between background sends of buffered metrics (one log_batch of up to 1000 values each)."""
-    flush_timeout_s: float = 30.0
-    """Longest end_stage/close wait for the store; what is still unsent then goes to {run_dir}/mlflow_spool."""
-    max_buffered_metrics: int = 200_000
-    """Metric values kept in memory while the store is unreachable (~40 MB); the oldest are dropped beyond."""
+    """Seconds between syncs of rank 0's record (metrics.jsonl, params, tags, artifacts) to the store."""
     system_metrics_interval_s: float = 30.0
     """Seconds between psutil CPU/memory (and CUDA memory) samples logged as system/*; 0 disables."""
     http_timeout_s: float = 10.0
@@ -433,13 +429,9 @@ class TrackingConfig:
         for name in ("flush_interval_s", "http_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"tracking.{name}={getattr(self, name)} must be > 0")
-        for name in ("flush_timeout_s", "system_metrics_interval_s"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"tracking.{name}={getattr(self, name)} must be >= 0 (0 disables)")
-        if self.max_buffered_metrics < 1000:
+        if self.system_metrics_interval_s < 0:
             raise ConfigError(
-                f"tracking.max_buffered_metrics={self.max_buffered_metrics} must be >= 1000 "
-                "(one full log_batch)"
+                f"tracking.system_metrics_interval_s={self.system_metrics_interval_s} must be >= 0 (0 disables)"
             )
         if not self.experiment.strip():
             raise ConfigError("tracking.experiment is empty; name the recipe family, e.g. maven-7b")

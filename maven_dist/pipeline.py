@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         code = _evaluate(last, args.nproc, env)
         if code != 0:
             return code
-    _deliver_spooled_metrics(last.run_dir)
     if last.tracking.enabled:
+        _sync_records(last.run_dir)
         _summarise(last, env[LAUNCH_ID_ENV], env[RUN_NAME_ENV], str(recipe_dir), order)
     print(f"[pipeline] all stages done; MLflow store: {resolve_tracking_uri(last)}")
     return 0
@@ -198,9 +198,9 @@ def _evaluate(cfg, nproc: int, env: dict) -> int:
 
 
 def _summarise(cfg, launch_id: str, name: str, recipe: str, order: list[str]) -> None:
-    """The parent run's name, params and results (train/tracking/launch_summary.py); never fails the run."""
+    """The parent run's name, params and results (train/tracking/report.py); never fails the run."""
     from maven_dist.train.tracking import resolve_tracking_uri
-    from maven_dist.train.tracking.launch_summary import recipe_params, summarise_launch
+    from maven_dist.train.tracking.report import recipe_params, summarise_launch
 
     try:
         params = recipe_params(cfg.to_dict(), recipe, order)
@@ -209,25 +209,18 @@ def _summarise(cfg, launch_id: str, name: str, recipe: str, order: list[str]) ->
         print(f"[pipeline] warning: parent run not summarised ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
-def _deliver_spooled_metrics(run_dir: str) -> None:
-    """The last stage may have ended while the tracking server was down: its metrics wait in the spool
-    (every earlier stage's are replayed by the next one). Try once more; never fail the pipeline for it."""
-    spool = Path(run_dir) / "mlflow_spool"
-    if not any(spool.glob("*.jsonl")):
-        return
-    from maven_dist.train.tracking.sync import sync_spool
+def _sync_records(run_dir: str) -> None:
+    """The last stage (or the evaluation) may have ended while the tracking server was down: its record waits
+    in the run directory (each earlier one was sent by the next stage). Try once more; never fail for it."""
+    from maven_dist.train.tracking.sync import sync_run_dir
 
-    try:
-        result = sync_spool(run_dir)
-    except Exception as exc:  # noqa: BLE001 - tracking must never fail training
-        print(f"[pipeline] tracking store still unreachable ({exc}); later run: maven sync {run_dir}")
-        return
-    if result.failed:
+    done, values, failed = sync_run_dir(run_dir)
+    if failed:
         print(
-            f"[pipeline] {len(result.failed)} spool file(s) not delivered yet; later run: maven sync {run_dir}"
+            f"[pipeline] {len(failed)} tracking record(s) not sent yet ({failed[0]}); later run: maven sync {run_dir}"
         )
-    else:
-        print(f"[pipeline] delivered {result.metrics} spooled metric values to the tracking store")
+    elif values:
+        print(f"[pipeline] sent {values} more metric values of {done} run records to the tracking store")
 
 
 if __name__ == "__main__":

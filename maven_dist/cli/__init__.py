@@ -54,7 +54,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "maven_dist.inference.chat", "talk to a trained MaVEn: text and images in, answers out"
     ),
     "sync": Subcommand(
-        "maven_dist.train.tracking.__main__", "deliver a run directory's spooled tracking data to its store"
+        "maven_dist.train.tracking.__main__", "send a run directory's tracking records to their MLflow store"
     ),
 }
 

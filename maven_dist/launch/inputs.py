@@ -105,8 +105,8 @@ def _tracking_problems(cfg: Config) -> list[str]:
             return [f"tracking.uri={uri}: {folder} cannot be created"]
     if scheme in ("http", "https") and not _reachable(parsed.hostname or "", parsed.port or 80):
         print(
-            f"[launch] warning: tracking server {uri} does not answer now; jobs will spool their metrics "
-            "and deliver them when it is back (start it: slurm/mlflow_server.sh)",
+            f"[launch] warning: tracking server {uri} does not answer now; jobs keep their metrics in "
+            "their run directories and send them when it is back (start it: slurm/mlflow_server.sh)",
             flush=True,
         )
     return []

@@ -31,10 +31,9 @@ from maven_dist.train.builders import (
     stage_template,
 )
 from maven_dist.train.checkpoint import CheckpointManager
-from maven_dist.train.metrics_file import MetricsFile
 from maven_dist.train.progress import Progress
+from maven_dist.train.provenance import git_sha, package_versions
 from maven_dist.train.tracking import Tracker, build_tracker
-from maven_dist.train.tracking.run_info import git_sha, package_versions
 
 __all__ = ["NonFiniteLossError", "Preempted", "StageResult", "TrainerState", "run_stage"]
 
@@ -149,7 +148,6 @@ def _train_loop(
 ) -> float:
     stage = cfg.stage
     meter = perf.StepMeter(engine.module, dp=dims.dp, world_size=env.world_size)
-    metrics_file = MetricsFile(cfg.stage_dir / "metrics.jsonl", enabled=env.is_main)
     progress = Progress(stage.name, total_steps, state.step, enabled=env.is_main)
     last_loss = math.nan
     batches = iter(loader)
@@ -170,8 +168,7 @@ def _train_loop(
                 logged |= engine.evaluate(val_loader.one_pass())
                 meter.exclude(time.perf_counter() - started)  # throughput is of training steps only
             if logged:
-                tracker.log_metrics(logged, step=state.step)
-                metrics_file.write(state.step, logged)
+                tracker.log_metrics(logged, step=state.step)  # rank 0: metrics.jsonl, then MLflow
             preempted = all_reduce_max(float(preemption_requested())) > 0
             checkpoints.maybe_save(state.step, force=state.step == total_steps or preempted)
             if preempted:

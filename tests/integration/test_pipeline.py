@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from maven_dist.train.metrics_file import read_metrics
-from maven_dist.train.tracking.sender import PARENT_KIND
+from maven_dist.train.tracking.sync import PARENT_KIND
 from tests.helpers.mlflow_server import MlflowServer, wait_until
 from tests.helpers.torchrun import REPO, cpu_env, free_port
 
@@ -62,7 +62,7 @@ def test_main_job_two_ranks_survives_a_tracking_outage(server, tmp_path):
         )
         server.kill()  # mid-stage 3
         wait_until(lambda: (run_dir / "stage4").is_dir() or proc.poll() is not None, timeout=600)
-        server.start()  # back during stage 4 (or, on a slow machine, by the end: the pipeline syncs the spool)
+        server.start()  # back during stage 4 (or, on a slow machine, by the end: the pipeline syncs the records)
         code = proc.wait(timeout=600)
     finally:
         if proc.poll() is None:

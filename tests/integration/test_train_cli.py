@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from maven_dist.train.metrics_file import read_metrics
-from tests.helpers.torchrun import REPO, cpu_env, run_train
+from tests.distributed.test_resume import kill_after_checkpoint
+from tests.helpers.torchrun import REPO, cpu_env, run_train, train_command
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -47,14 +48,37 @@ def test_tiny_stage4_runs_from_scratch_and_its_loss_falls(tmp_path):
     assert (tmp_path / "mlflow.db").is_file()
 
 
-def test_stage1_logs_selector_quality(tiny_assets, tmp_path):
-    run_train(
-        1,
-        "recipes/tiny/stage1.yaml",
-        tiny_assets.overrides(tmp_path) + ["stage.max_steps=3", "tracking.enabled=false"],
-    )
-    row = read_metrics(tmp_path / "stage1" / "metrics.jsonl")[-1]
-    assert {"loss/selector_bce", "selector/precision", "selector/recall", "selector/f1"} <= row.keys()
+def test_a_stage_sigkilled_mid_run_then_maven_sync_gives_mlflow_every_metric_of_metrics_jsonl(
+    tiny_assets, tmp_path
+):
+    """Rank 0 writes metrics.jsonl before MLflow hears of it. The stage syncs only when it starts here (a
+    long tracking.flush_interval_s), so when it is SIGKILLed the store lacks nearly everything; `maven sync`
+    afterwards sends it all, and a second run of it sends nothing twice. Stage 1 logs the selector's quality."""
+    from mlflow import MlflowClient
+
+    from maven_dist.cli import main as maven
+
+    overrides = tiny_assets.overrides(tmp_path) + [
+        "checkpoint.every_steps=5",
+        "tracking.flush_interval_s=3600",
+    ]
+    command = train_command(1, "recipes/tiny/stage1.yaml", overrides)
+    kill_after_checkpoint(command, tmp_path / "stage1" / "checkpoints" / "latest", "step_00000005")
+    local = read_metrics(tmp_path / "stage1" / "metrics.jsonl")
+    assert len(local) >= 5
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("maven-tiny").experiment_id],
+                                "tags.`maven.stage` = 'stage1'")  # fmt: skip
+    assert run.info.status == "RUNNING" and not run.data.metrics, "made at the start, then killed"
+
+    assert maven(["sync", str(tmp_path)]) == 0
+    assert maven(["sync", str(tmp_path)]) == 0
+    keys = {k for row in local for k in row} - {"step", "time_ms"}
+    assert {"loss/selector_bce", "selector/precision", "selector/recall", "selector/f1"} <= keys
+    assert "system/cpu_percent" in keys
+    for key in keys:
+        stored = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        assert stored == [(row["step"], row[key]) for row in local if key in row], key
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_assets, tmp_path):

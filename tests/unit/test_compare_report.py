@@ -124,14 +124,14 @@ def sweep_report(stores):
 
 
 def rows_by_arm(table) -> dict[str, dict[str, object]]:
-    return {row[0]: dict(zip(table.header, row, strict=True)) for row in table.rows}
+    return {row["arm"]: row for row in table.to_dict("records")}
 
 
 def test_one_row_per_arm_with_the_params_that_differ_and_hand_computed_numbers(stores):
     arms = sweep_report(stores)
     assert [a.label for a in arms] == ["alpha-0.1", "alpha-0.25"]  # the unrelated launch is not in the sweep
     report = build_report(arms)
-    header = report.main.header
+    header = list(report.main.columns)
     # keep_ratio: one value per arm over both stages, one column; the warm-up differs between arms in
     # stage 4 only and changes between stages, so a stage-4 column; lr changes between stages the same
     # way in both arms, and run_dir is per launch: neither is an arm difference.

@@ -1,31 +1,31 @@
-"""The MLflow tracker against real stores: a SQLite file, and a TCP port with nothing listening.
+"""The tracker against real stores: a SQLite file, and a TCP port with nothing listening.
 
 No mocks: "unreachable" is a real closed port on 127.0.0.1, so the HTTP client really fails; the
-server-kill-and-return scenario is tests/integration/test_mlflow_server.py.
+server-kill-and-return scenario is tests/integration/test_mlflow_server.py, a SIGKILLed stage is
+tests/integration/test_train_cli.py.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from maven_dist.config import Config
+from maven_dist.train.metrics_file import read_metrics
 from maven_dist.train.tracking import MLflowTracker, NullTracker, build_tracker, resolve_tracking_uri
-from maven_dist.train.tracking.compare import find_runs, format_table
-from maven_dist.train.tracking.ops import read_spool, write_spool
-from maven_dist.train.tracking.run_info import (
-    MAX_KEY_LENGTH,
-    MAX_PARAM_VALUE_LENGTH,
-    clip_params,
-    flatten_params,
-    resolve_launch_id,
-)
-from maven_dist.train.tracking.sync import sync_spool
+from maven_dist.train.tracking.__main__ import main as sync_cli
+from maven_dist.train.tracking.compare import find_runs_in_stores, format_table
+from maven_dist.train.tracking.record import RunRecord
+from maven_dist.train.tracking.run_info import clip, flatten_params, resolve_launch_id
+from maven_dist.train.tracking.sync import is_synced, sync_record
+from maven_dist.train.tracking.tracker import sample_system_metrics
 
 LOGGER = "maven_dist.train.tracking"
 
@@ -55,17 +55,16 @@ def make_cfg(run_dir: Path, empty_store: Path, **tracking) -> Config:
     cfg = Config(run_dir=str(run_dir))
     cfg.tracking.experiment = "maven-test"
     cfg.tracking.flush_interval_s = 0.2
-    cfg.tracking.flush_timeout_s = 20.0
     cfg.tracking.system_metrics_interval_s = 0.0
     for key, value in tracking.items():
         setattr(cfg.tracking, key, value)
     return cfg
 
 
-def client_for(cfg: Config):
+def client_for(uri: str):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+    return MlflowClient(tracking_uri=uri)
 
 
 def stage_runs(client, experiment: str) -> dict[str, object]:
@@ -80,20 +79,27 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-# --------------------------------------------------------------------------- no MLflow at all
-
-
-def test_other_ranks_and_disabled_tracking_get_a_null_tracker_and_write_nothing(tmp_path):
-    cfg = Config(run_dir=str(tmp_path / "run"))
-    assert isinstance(build_tracker(cfg, rank=1), NullTracker)
-    cfg.tracking.enabled = False
-    tracker = build_tracker(cfg, rank=0)
-    assert isinstance(tracker, NullTracker)
-    tracker.start_stage("stage1", params={"a": 1})
-    tracker.log_metrics({"loss/lm": 1.0}, step=0)
-    tracker.end_stage("FINISHED")
+def run_stage(cfg: Config, stage: str, steps, params=None, status="FINISHED", world_size=1) -> MLflowTracker:
+    """One stage process's tracking, as the trainer does it."""
+    tracker = build_tracker(cfg, rank=0, world_size=world_size)
+    tracker.start_stage(stage, params=params)
+    for step in steps:
+        tracker.log_metrics({"loss/lm": 5.0 - step * 0.01, "perf/tokens_per_s": 1000.0 + step}, step=step)
+    tracker.end_stage(status)
     tracker.close()
-    assert not (tmp_path / "run").exists()
+    return tracker
+
+
+# --------------------------------------------------------------------------- no store
+
+
+def test_other_ranks_get_a_null_tracker_and_disabled_tracking_only_records(tmp_path):
+    cfg = Config(run_dir=str(tmp_path / "run"))
+    assert type(build_tracker(cfg, rank=1)) is NullTracker
+    cfg.tracking.enabled = False
+    run_stage(cfg, "stage1", range(3))
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "stage1" / "metrics.jsonl")] == [0, 1, 2]
+    assert not (tmp_path / "run" / "mlflow.db").exists()  # no store was made
 
 
 def test_launch_id_comes_from_env_else_one_file_per_run_dir(tmp_path, monkeypatch):
@@ -115,10 +121,9 @@ def test_params_are_flattened_and_fit_mlflow_limits():
     assert flat["stage.optimizer.betas"] == "[0.9, 0.999]"
     assert flat["stage.optimizer.part_lr"] == "{}"
     assert flat["model.llm.num_layers"] == "32"
-    long = clip_params({"k" * 300: "v", "k" * 299 + "x": "v", "big": "x" * 10_000})
-    keys = sorted(long)
-    assert all(len(k) <= MAX_KEY_LENGTH for k in keys) and len(set(keys)) == 3
-    assert len(long["big"]) == MAX_PARAM_VALUE_LENGTH and long["big"].endswith("[truncated]")
+    long = clip({"k" * 300: "v", "k" * 299 + "x": "v", "big": "x" * 10_000}, 6000)
+    assert all(len(k) <= 250 for k in long) and len(long) == 3
+    assert len(long["big"]) == 6000 and long["big"].endswith("[truncated]")
 
 
 # --------------------------------------------------------------------------- a real SQLite store
@@ -126,34 +131,17 @@ def test_params_are_flattened_and_fit_mlflow_limits():
 
 def test_stages_nest_under_one_parent_and_a_resumed_stage_reopens_its_run(tmp_path, empty_store, monkeypatch):
     monkeypatch.delenv("MAVEN_LAUNCH_ID", raising=False)
-    cfg = make_cfg(tmp_path / "run", empty_store, system_metrics_interval_s=0.1)
+    cfg = make_cfg(tmp_path / "run", empty_store, system_metrics_interval_s=0.01)
     extra = {f"trainer.extra_{i:03d}": i for i in range(60)}  # with the config: > 100 params (chunked)
-
-    # Each tracker stands in for one stage process of the pipeline.
-    t1 = build_tracker(cfg, rank=0, world_size=4)
-    t1.start_stage("stage1", params=extra, tags={"slurm.job_id": "111"})
-    for step in range(30):
-        t1.log_metrics({"loss/selector_bce": 1.0 / (step + 1), "perf/samples_per_s": 10.0 + step}, step=step)
-    time.sleep(0.3)  # a few system-metric samples
-    t1.end_stage("FINISHED")
-    t1.close()
-
-    t2 = build_tracker(cfg, rank=0, world_size=4)
-    t2.start_stage("stage2", params=extra)
-    for step in range(10):
-        t2.log_metrics({"loss/lm": 5.0 - step * 0.1}, step=step)
-    t2.end_stage("KILLED")  # preempted at step 9
-    t2.close()
-
+    monkeypatch.setenv("SLURM_JOB_ID", "111")
+    run_stage(cfg, "stage1", range(30), params=extra, world_size=4)
+    monkeypatch.delenv("SLURM_JOB_ID")
+    run_stage(cfg, "stage2", range(10), params=extra, status="KILLED", world_size=4)  # preempted at step 9
     cfg.stage.log_every = 3  # the resumed job changed a param: kept, change recorded as a tag
-    t3 = build_tracker(cfg, rank=0, world_size=4)
-    t3.start_stage("stage2", params=extra)
-    for step in range(10, 20):
-        t3.log_metrics({"loss/lm": 5.0 - step * 0.1}, step=step)
-    t3.end_stage("FINISHED")
-    t3.close()
+    run_stage(cfg, "stage2", range(10, 20), params=extra, world_size=4)
 
-    client = client_for(cfg)
+    uri = resolve_tracking_uri(cfg)
+    client = client_for(uri)
     runs = stage_runs(client, "maven-test")
     assert sorted(runs) == ["<parent>", "stage1", "stage2"]
     parent = runs["<parent>"]
@@ -164,8 +152,7 @@ def test_stages_nest_under_one_parent_and_a_resumed_stage_reopens_its_run(tmp_pa
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == "FINISHED"
         params = run.data.params
-        assert len(params) > 100
-        assert params["trainer.extra_059"] == "59"
+        assert len(params) > 100 and params["trainer.extra_059"] == "59"
         assert params["parallel.world_size"] == "4" and params["parallel.dp"] == "4"
         assert params["stage.optimizer.lr"] == "2e-05"
         assert params["env.git_sha"] and params["env.version.mlflow"] not in ("", "absent")
@@ -176,7 +163,7 @@ def test_stages_nest_under_one_parent_and_a_resumed_stage_reopens_its_run(tmp_pa
     assert stage1.data.tags["slurm.job_id"] == "111"
     assert stage1.data.tags["maven.resume_count"] == "0"
     assert any(k.startswith("system/") for k in stage1.data.metrics)
-    assert len(client.get_metric_history(stage1.info.run_id, "loss/selector_bce")) == 30
+    assert len(client.get_metric_history(stage1.info.run_id, "loss/lm")) == 30
 
     stage2 = runs["stage2"]
     assert stage2.data.tags["maven.resume_count"] == "1"
@@ -188,7 +175,10 @@ def test_stages_nest_under_one_parent_and_a_resumed_stage_reopens_its_run(tmp_pa
     # Artifacts live beside the SQLite file, not in whatever the current directory was.
     exp = client.get_experiment_by_name("maven-test")
     assert exp.artifact_location == (tmp_path / "run" / "mlartifacts").resolve().as_uri()
-    assert not any((tmp_path / "run" / "mlflow_spool").glob("*.jsonl"))
+    # Syncing again sends nothing twice.
+    assert all(is_synced(RunRecord(tmp_path / "run" / s), uri) for s in ("stage1", "stage2"))
+    assert sync_cli([str(tmp_path / "run")]) == 0
+    assert len(client.get_metric_history(stage2.info.run_id, "loss/lm")) == 20
 
 
 def test_bad_metric_values_and_calls_out_of_order_never_raise(tmp_path, empty_store, caplog):
@@ -206,7 +196,7 @@ def test_bad_metric_values_and_calls_out_of_order_never_raise(tmp_path, empty_st
         tracker.close()
     text = caplog.text
     assert "before start_stage" in text and "'bad'" in text and "does-not-exist.json" in text
-    run = stage_runs(client_for(cfg), "maven-test")["stage3"]
+    run = stage_runs(client_for(resolve_tracking_uri(cfg)), "maven-test")["stage3"]
     assert run.data.metrics["loss/lm"] == 2.0
     assert run.data.metrics["weird key__"] == 3.0
     assert "bad" not in run.data.metrics
@@ -227,12 +217,10 @@ def test_compare_runs_shows_final_metrics_and_only_params_that_differ(
         tracker.log_metrics({"loss/lm": 9.0}, step=0)
         tracker.log_metrics({"loss/lm": loss}, step=1)
         tracker.end_stage("FINISHED")
-        tracker.close()
 
-    runs = find_runs(f"sqlite:///{store}", experiments=["maven-test"], stages=["stage3"])
+    runs = find_runs_in_stores([f"sqlite:///{store}"], experiments=["maven-test"], stages=["stage3"])
     assert [r.label for r in runs] == ["ablation-a/stage3", "ablation-b/stage3"]
-    table = format_table(runs)
-    lines = {line.split()[0]: line.split()[1:] for line in table.splitlines() if line.strip()}
+    lines = {line.split()[0]: line.split()[1:] for line in format_table(runs).splitlines()}
     assert lines["loss/lm"] == ["1.5", "1.25"]
     assert lines["stage.optimizer.lr"] == ["0.001", "0.0002"]
     assert "run_dir" in lines  # differs too (each launch has its own run directory)
@@ -245,151 +233,109 @@ def test_compare_runs_shows_final_metrics_and_only_params_that_differ(
     assert main(["--uri", f"sqlite:///{store}", "--experiment", "nope"]) == 2
 
 
-def test_a_store_that_refuses_ops_drops_them_with_a_warning_and_never_stalls(tmp_path, empty_store, caplog):
+def test_a_run_deleted_mid_stage_is_made_again_from_the_record(tmp_path, empty_store, caplog):
     cfg = make_cfg(tmp_path / "run", empty_store)
     tracker = build_tracker(cfg, rank=0)
     tracker.start_stage("stage2")
     tracker.log_metrics({"loss/lm": 1.0}, step=0)
-    assert tracker.flush(timeout=20)
-    client = client_for(cfg)
-    run = stage_runs(client, "maven-test")["stage2"]
-    client.delete_run(run.info.run_id)  # someone deletes the run from the UI mid-stage
+    assert tracker.flush()
+    client = client_for(resolve_tracking_uri(cfg))
+    client.delete_run(stage_runs(client, "maven-test")["stage2"].info.run_id)  # from the UI, mid-stage
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        for step in range(1, 200):
+        for step in range(1, 50):
             tracker.log_metrics({"loss/lm": 1.0}, step=step)
-            assert tracker.flush(timeout=20)  # refused, dropped: the queue drains, nothing waits
+        assert not tracker.flush()  # refused: warned once, training goes on
+        assert tracker.flush()  # the record makes the run again
         tracker.end_stage("FINISHED")
-        tracker.close()
-    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
-    assert 5 <= len(refusals) <= 7  # the first five in full, then one per hundred
-    assert tracker.sender.dropped_ops >= 200
-    assert not any((tmp_path / "run" / "mlflow_spool").glob("*.jsonl"))  # nothing retriable was left
+    assert sum("refused" in r.getMessage() for r in caplog.records) == 1
+    run = stage_runs(client, "maven-test")["stage2"]
+    assert len(client.get_metric_history(run.info.run_id, "loss/lm")) == 50
 
 
 # --------------------------------------------------------------------------- an unreachable store
 
 
-def test_unreachable_store_buffers_without_blocking_then_spools_and_syncs(
+def test_unreachable_store_never_blocks_and_maven_sync_sends_the_record_later(
     tmp_path, empty_store, monkeypatch, caplog, capsys
 ):
     monkeypatch.setenv("MAVEN_LAUNCH_ID", "offline-launch")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    cfg = make_cfg(
-        tmp_path / "run", empty_store, uri=f"http://127.0.0.1:{closed_port()}", flush_timeout_s=5.0
-    )
+    cfg = make_cfg(tmp_path / "run", empty_store, uri=f"http://127.0.0.1:{closed_port()}")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         tracker = build_tracker(cfg, rank=0)
-        assert isinstance(tracker, MLflowTracker)
         tracker.start_stage("stage4", params={"p": 1})
         tracker.log_dict({"zero_optimization": {"stage": 3}}, "deepspeed_config.json")
         start = time.monotonic()
         for step in range(2000):
             tracker.log_metrics({"loss/lm": 10.0 - step * 1e-3, "perf/tokens_per_s": 1e4}, step=step)
         logging_time = time.monotonic() - start
+        assert threading.active_count() == 1, "the tracker runs no thread (forks must not inherit one)"
         start = time.monotonic()
         tracker.end_stage("FINISHED")
-        tracker.close()
         closing_time = time.monotonic() - start
-    # Logging is queueing only; end_stage + close give up after one failed attempt, not after retries.
-    assert logging_time < 2.0, logging_time
-    assert closing_time < 10.0, closing_time
+    assert logging_time < 5.0, logging_time  # retried after a doubling pause, not at every step
+    assert closing_time < 5.0, closing_time  # one failed attempt
     assert sum("is unreachable" in r.getMessage() for r in caplog.records) == 1  # warned once
 
-    (spool,) = (tmp_path / "run" / "mlflow_spool").glob("*.jsonl")
-    uri, ops = read_spool(spool)
-    assert uri == cfg.tracking.uri
-    assert sum(op.num_metrics for op in ops) == 4000
-    assert [op.kind for op in ops][0] == "open_stage" and ops[-1].kind == "end_stage"
-
-    # The server never comes back: replay into a local SQLite store instead.
-    target = tmp_path / "recovered.db"
-    shutil.copyfile(empty_store, target)
-    still_down = sync_spool(tmp_path / "run")  # to the store it was written for: still unreachable
-    assert still_down.files == 0 and len(still_down.failed) == 1 and spool.exists()
-    from maven_dist.train.tracking.__main__ import main as tracking_cli
-
-    assert tracking_cli(["sync", str(tmp_path / "run"), "--uri", f"sqlite:///{target}"]) == 0
-    assert "delivered 1 spool files" in capsys.readouterr().out
-    assert not spool.exists()
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{target}")
+    # The server never comes back: send the record to a local SQLite store instead.
+    target = f"sqlite:///{tmp_path / 'recovered.db'}"
+    shutil.copyfile(empty_store, tmp_path / "recovered.db")
+    assert sync_cli([str(tmp_path / "run")]) == 1  # to the store it names: still unreachable
+    assert sync_cli([str(tmp_path / "run"), "--uri", target]) == 0
+    assert "synced 1 run records (4000 metric values" in capsys.readouterr().out
+    assert sync_cli([str(tmp_path / "run"), "--uri", target]) == 0  # again: nothing new, nothing twice
+    assert "(0 metric values" in capsys.readouterr().out
+    client = client_for(target)
     run = stage_runs(client, "maven-test")["stage4"]
     assert run.info.status == "FINISHED"
     assert len(client.get_metric_history(run.info.run_id, "loss/lm")) == 2000
     assert run.data.params["p"] == "1"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
-        "deepspeed_config.json",
-        "loss_curve.png",
-    }
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"deepspeed_config.json", "loss_curve.png", "resolved_recipe.yaml"} <= artifacts
 
 
-def test_next_tracker_replays_spool_for_its_store_first(tmp_path, empty_store, monkeypatch):
+def test_the_next_stage_sends_the_records_an_earlier_one_could_not(
+    tmp_path, empty_store, monkeypatch, caplog
+):
     monkeypatch.setenv("MAVEN_LAUNCH_ID", "replayed")
     cfg = make_cfg(tmp_path / "run", empty_store)
     uri = resolve_tracking_uri(cfg)
-    # A spool as an earlier stage process would have left it for this store (written offline).
-    offline = make_cfg(
-        tmp_path / "offline", empty_store, uri=f"http://127.0.0.1:{closed_port()}", flush_timeout_s=2.0
-    )
-    tracker = build_tracker(offline, rank=0)
-    tracker.start_stage("stage1")
-    for step in range(5):
-        tracker.log_metrics({"loss/selector_bce": 1.0 - step / 10}, step=step)
-    tracker.end_stage("FINISHED")
-    tracker.close()
-    (spilled,) = (tmp_path / "offline" / "mlflow_spool").glob("*.jsonl")
-    _, ops = read_spool(spilled)
-    spool = tmp_path / "run" / "mlflow_spool" / "earlier.jsonl"
-    write_spool(spool, uri, ops)
-    write_spool(tmp_path / "run" / "mlflow_spool" / "other-store.jsonl", "http://elsewhere:5000", ops)
-
-    tracker = build_tracker(cfg, rank=0)  # the next stage's process
-    tracker.start_stage("stage2")
-    tracker.log_metrics({"loss/lm": 4.0}, step=0)
-    tracker.end_stage("FINISHED")
-    tracker.close()
-
-    client = client_for(cfg)
+    down = make_cfg(tmp_path / "run", empty_store, uri=uri.replace("mlflow.db", "missing/dir/\0.db"))
+    run_stage(down, "stage1", range(5))  # the store failed: the record waits
+    # Each record names its store: rewrite stage1's to the real one, as if that store had been down.
+    record = RunRecord(tmp_path / "run" / "stage1")
+    record.data["uri"] = uri
+    record.save()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        run_stage(cfg, "stage2", range(3))  # the next stage's process
+    assert "sending 1 earlier runs' records" in caplog.text
+    client = client_for(uri)
     runs = stage_runs(client, "maven-test")
     assert sorted(runs) == ["<parent>", "stage1", "stage2"]
-    assert len(client.get_metric_history(runs["stage1"].info.run_id, "loss/selector_bce")) == 5
-    assert runs["stage1"].info.start_time < runs["stage2"].info.start_time  # replayed first
-    assert not spool.exists()
-    assert (tmp_path / "run" / "mlflow_spool" / "other-store.jsonl").exists()  # not ours: left alone
+    assert len(client.get_metric_history(runs["stage1"].info.run_id, "loss/lm")) == 5
+    assert runs["stage1"].info.start_time < runs["stage2"].info.start_time
+    assert runs["<parent>"].info.status == "FINISHED"
 
 
-def test_buffer_is_bounded_and_keeps_the_newest_values(tmp_path, empty_store, monkeypatch, caplog):
-    monkeypatch.setenv("MAVEN_LAUNCH_ID", "bounded")
-    cfg = make_cfg(
-        tmp_path / "run",
-        empty_store,
-        uri=f"http://127.0.0.1:{closed_port()}",
-        max_buffered_metrics=1000,
-        flush_timeout_s=2.0,
-    )
-    tracker = build_tracker(cfg, rank=0)
-    tracker.start_stage("stage4")
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        for step in range(5000):
-            tracker.log_metrics({"loss/lm": float(step)}, step=step)
-    assert tracker.sender.buffered_metrics <= 1000
-    assert "buffer is full" in caplog.text
-    tracker.end_stage("FINISHED")
-    tracker.close()
-    (spool,) = (tmp_path / "run" / "mlflow_spool").glob("*.jsonl")
-    _, ops = read_spool(spool)
-    steps = [row[3] for op in ops if op.kind == "metrics" for row in op.payload["metrics"]]
-    assert 900 <= len(steps) <= 1000
-    assert steps == list(range(5000 - len(steps), 5000))
+def test_a_record_sent_twice_after_a_crash_mid_sync_has_each_value_once(tmp_path, empty_store):
+    cfg = make_cfg(tmp_path / "run", empty_store, enabled=False)
+    run_stage(cfg, "stage3", range(1500))  # two batches of metric values
+    uri = f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    record = RunRecord(tmp_path / "run" / "stage3")
+    assert sync_record(record, uri) == 3000
+    # A crash after the store took the batches but before synced.json said so: offsets back to the start.
+    synced = json.loads(record.synced_file.read_text())
+    synced[uri]["offset"] = record.data["metrics_from"]
+    record.synced_file.write_text(json.dumps(synced))
+    assert sync_record(record, uri) == 3000
+    client = client_for(uri)
+    run = stage_runs(client, "maven-test")["stage3"]
+    assert len(client.get_metric_history(run.info.run_id, "loss/lm")) == 1500
 
 
 # --------------------------------------------------------------------------- system metrics
 
 
 def test_system_metrics_sample_node_cpu_and_memory():
-    from maven_dist.train.tracking.system_metrics import sample_system_metrics
-
     sample = sample_system_metrics()
     assert 0.0 <= sample["system/memory_percent"] <= 100.0
     assert 0.0 < sample["system/process_rss_gb"] < sample["system/memory_used_gb"] + 1.0
@@ -401,8 +347,6 @@ def test_system_metrics_report_this_process_cuda_memory():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from maven_dist.train.tracking.system_metrics import sample_system_metrics
-
     block = torch.empty(256 * 1024**2, dtype=torch.uint8, device="cuda")  # 0.25 GiB
     sample = sample_system_metrics()
     assert sample["memory/gpu_allocated_gb"] >= 0.25
@@ -411,8 +355,6 @@ def test_system_metrics_report_this_process_cuda_memory():
 
 
 def test_the_cluster_tracking_server_applies_where_a_recipe_names_none(tmp_path, monkeypatch):
-    from maven_dist.config import Config
-
     cfg = Config(run_dir=str(tmp_path))
     assert resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     monkeypatch.setenv("MAVEN_TRACKING_URI", "http://mlflow.cluster:5000")

@@ -3,30 +3,28 @@
 from __future__ import annotations
 
 import fcntl
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-SQLITE_PREFIX = "sqlite:///"
-
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (``sqlite:////abs/path`` or ``sqlite:///relative``)."""
-    return Path(uri[len(SQLITE_PREFIX) :]) if uri.startswith(SQLITE_PREFIX) else None
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def mlflow_client(uri: str) -> MlflowClient:
-    """An MlflowClient of the store at ``uri``, with the store created.
+    """An MlflowClient of the store at ``uri``, the store created.
 
-    MLflow creates a SQLite store's tables (alembic migrations) when a process first opens it. Two
-    processes opening a new store at once both migrate it and break its schema: the arms of a sweep's
-    job array did, and the second arm's runs were refused ("Online migration", "No such index") and
-    lost. A SQLite store is therefore first opened under an exclusive lock on ``DB.lock`` beside it;
-    the process that waited finds the tables made. A server store (``http://``) migrates once, in the
-    server.
+    MLflow's usage telemetry is off unless ``MLFLOW_DISABLE_TELEMETRY`` says otherwise (set before its first
+    import): it runs a thread (a training process must not fork while one runs), and compute nodes are often
+    offline. Two processes opening a new SQLite store at once both migrate its tables and break its schema (a
+    sweep's job array lost runs to "Online migration"), so it is first opened under a lock on ``DB.lock``.
     """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
 
     path = sqlite_path(uri)

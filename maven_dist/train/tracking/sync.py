@@ -1,56 +1,153 @@
-"""Replay spooled tracking ops (written when the store was unreachable at the end of a process)."""
+"""Send a run's record (:mod:`.record`) to an MLflow store; idempotent, so it runs as often as it must.
+
+The tracker runs it while training (every ``tracking.flush_interval_s``, best effort), the next stage runs it
+for records an earlier one could not send, ``maven sync RUN_DIR`` afterwards. Nothing arrives twice: runs
+are found by their tags before one is created (parent: ``maven.launch_id`` + ``maven.run_kind=launch``;
+stage: + ``maven.stage``); metric lines are sent from the byte offset the last acknowledged batch stored in
+``synced.json`` (a batch sent again after a crash between the store's answer and that write is dropped by
+the store, which keeps one row per key, step, timestamp and value); params already in the run are left out;
+tags, status and artifacts overwrite themselves.
+"""
 
 from __future__ import annotations
 
-import logging
-import os
-from dataclasses import dataclass
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
-from .ops import read_spool
-from .sender import Sender
+from maven_dist.contract.atomic_write import write_json_atomic
+from maven_dist.train.metrics_file import iter_lines
 
-logger = logging.getLogger("maven_dist.train.tracking")
+from .client import mlflow_client, sqlite_path
+from .record import RunRecord, find_records
 
-
-@dataclass
-class SyncResult:
-    files: int
-    """Spool files delivered completely (and deleted)."""
-    ops: int
-    """Ops delivered."""
-    metrics: int
-    """Metric values delivered."""
-    failed: list[str]
-    """Spool files left in place, each with the reason."""
+PARENT_KIND, STAGE_KIND = "launch", "stage"
+REFUSED = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "INVALID_STATE")
 
 
-def sync_spool(run_dir: str | Path, uri: str | None = None) -> SyncResult:
-    """Deliver every ``{run_dir}/mlflow_spool/*.jsonl`` to the store it was written for (or to ``uri``),
-    in file order, deleting each file once all its ops are acknowledged. A file whose store is still
-    unreachable stays for the next try."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    spool_dir = Path(run_dir) / "mlflow_spool"
-    result = SyncResult(files=0, ops=0, metrics=0, failed=[])
-    senders: dict[str, Sender] = {}
-    for path in sorted(spool_dir.glob("*.jsonl")) if spool_dir.is_dir() else []:
+def sync_record(record: RunRecord, uri: str | None = None) -> int:
+    """Bring the store at ``uri`` (default: the record's) up to date with ``record``; the number of metric
+    values sent. Raises what the store raises (unreachable, refused); the record stays as it is."""
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    uri = uri or record.data.get("uri")
+    if not uri:
+        raise ValueError(f"the record in {record.dir} names no tracking store; give one (--uri)")
+    client = mlflow_client(uri)
+    synced = json.loads(record.synced_file.read_text()) if record.synced_file.is_file() else {}
+    state, batch, sent = synced.setdefault(uri, {}), [], 0
+
+    def send(offset: int) -> int:  # a batch the store acknowledged is never sent again
+        for i in range(0, len(batch), 1000):  # MLflow's most metric values per call
+            client.log_batch(state["run_id"], metrics=batch[i : i + 1000], synchronous=True)
+        state["offset"] = offset
+        write_json_atomic(record.synced_file, synced)
+        return len(batch)
+
+    try:
+        if "run_id" not in state:
+            state |= _open_runs(client, record.data, uri)
+        offset = state["offset"]
+        for row, offset in iter_lines(record.metrics, state["offset"]):
+            step, time_ms = row.pop("step"), row.pop("time_ms")
+            batch += [Metric(k, float(v), time_ms, step) for k, v in row.items()]
+            if len(batch) >= 1000:
+                sent += send(offset)
+                batch.clear()
+        if batch:
+            sent += send(offset)
+        if state.get("digest") != (digest := _digest(record)):
+            _send_run_state(client, record, state)
+            state["digest"] = digest
+            write_json_atomic(record.synced_file, synced)
+    except MlflowException as exc:
+        if exc.error_code in REFUSED:  # the run is gone (deleted in the UI?): find or make it anew next time
+            synced.pop(uri)
+            write_json_atomic(record.synced_file, synced)
+        raise
+    return sent
+
+
+def is_synced(record: RunRecord, uri: str) -> bool:
+    """Whether the store at ``uri`` has all of ``record`` (from ``synced.json``: no call to the store)."""
+    state = json.loads(record.synced_file.read_text()).get(uri, {}) if record.synced_file.is_file() else {}
+    size = record.metrics.stat().st_size if record.metrics.is_file() else 0
+    return state.get("digest") == _digest(record) and state.get("offset", -1) >= size
+
+
+def sync_run_dir(root: str | Path, uri: str | None = None) -> tuple[int, int, list[str]]:
+    """:func:`sync_record` for every record under ``root``: (records synced, metric values, failures)."""
+    done, values, failed = 0, 0, []
+    for record in find_records(root):
         try:
-            spool_uri, ops = read_spool(path)
-        except (OSError, ValueError) as exc:
-            result.failed.append(f"{path}: {exc}")
-            continue
-        target = uri or spool_uri
-        sender = senders.setdefault(target, Sender(target))
-        for op in ops:
-            sender.put(op)
-        before = sender.delivered_metrics
-        if sender.deliver_pending():
-            path.unlink()
-            result.files += 1
-            result.ops += len(ops)
-            result.metrics += sender.delivered_metrics - before
+            values, done = values + sync_record(record, uri), done + 1
+        except Exception as exc:  # noqa: BLE001 - one record the store refuses must not keep back the others
+            failed.append(f"{record.dir}: {type(exc).__name__}: {str(exc)[:300]}")
+    return done, values, failed
+
+
+def _open_runs(client: Any, data: dict, uri: str) -> dict:
+    """Find (or create) the launch's parent run and the stage's run; metrics go from ``metrics_from`` on."""
+    name, launch, stage = data["experiment"], data["launch_id"], data["stage"]
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:  # beside a SQLite store, not in MLflow's ./mlruns of whatever the cwd is
+        path = sqlite_path(uri)
+        exp_id = client.create_experiment(
+            name, (path.parent.resolve() / "mlartifacts").as_uri() if path else None
+        )
+    elif experiment.lifecycle_stage == "deleted":
+        raise ValueError(f"experiment {name!r} is deleted in {uri}; restore it or set tracking.experiment")
+    else:
+        exp_id = experiment.experiment_id
+    start, launch_tag = data["attempts"][0]["start_ms"], {"maven.launch_id": launch}
+    parent_tags = {"mlflow.runName": launch} | data["parent_tags"]
+    parent = _find_or_create(client, exp_id, start, launch_tag | {"maven.run_kind": PARENT_KIND}, parent_tags)
+    stage_tag = launch_tag | {"maven.run_kind": STAGE_KIND, "maven.stage": stage}
+    run = _find_or_create(
+        client, exp_id, start, stage_tag, {"mlflow.parentRunId": parent, "mlflow.runName": stage}
+    )
+    return {"parent_id": parent, "run_id": run, "offset": data["metrics_from"]}
+
+
+def _find_or_create(
+    client: Any, exp_id: str, start_ms: int, keys: dict[str, str], more: dict[str, str]
+) -> str:
+    """The first run that carries the tags ``keys``, else a new one with ``keys`` and ``more``."""
+    query = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in keys.items())
+    found = client.search_runs([exp_id], query, max_results=1, order_by=["start_time ASC"])
+    if found:
+        return found[0].info.run_id
+    tags = keys | more
+    return client.create_run(exp_id, start_ms, tags, run_name=tags["mlflow.runName"]).info.run_id
+
+
+def _send_run_state(client: Any, record: RunRecord, state: dict) -> None:
+    """Params not in the run yet, tags, artifacts, and the status of the run and its parent."""
+    from mlflow.entities import Param, RunTag
+
+    data, run_id = record.data, state["run_id"]
+    logged = client.get_run(run_id).data.params
+    params = [Param(k, v) for k, v in data["params"].items() if k not in logged]
+    tags = data["tags"] | {"maven.resume_count": str(len(data["attempts"]) - 1)}
+    tags = [RunTag(k, v) for k, v in tags.items()]
+    for i in range(
+        0, max(len(params), len(tags)), 100
+    ):  # MLflow takes at most 100 params and 100 tags a call
+        client.log_batch(run_id, params=params[i : i + 100], tags=tags[i : i + 100], synchronous=True)
+    if record.artifacts.is_dir():
+        client.log_artifacts(run_id, str(record.artifacts))
+    last = data["attempts"][-1]
+    for run in (run_id, state["parent_id"]):  # the parent follows its latest stage
+        if last["end_ms"] is None:
+            client.update_run(run, status="RUNNING")
         else:
-            result.failed.append(f"{path}: store {target} unreachable")
-            sender.stop(timeout=0)
-            senders.pop(target)
-    return result
+            client.set_terminated(run, status=last["status"], end_time=last["end_ms"])
+
+
+def _digest(record: RunRecord) -> str:
+    """What :func:`_send_run_state` sends, in short: ``run.json`` and the artifacts' names, sizes, times."""
+    files = sorted(record.artifacts.rglob("*")) if record.artifacts.is_dir() else []
+    listing = [(str(p.relative_to(record.artifacts)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps([record.data, listing], sort_keys=True).encode()).hexdigest()
