@@ -174,10 +174,12 @@ def _log_to_mlflow(args, model_dir: Path, data: Path, out: Path, results: list) 
         )
         return
     experiment = args.experiment or (_run_experiment(run_dir) if run_dir else None) or "maven-eval"
-    spool = Path(run_dir or out) / "mlflow_spool"
+    # The evaluation's record (metrics.jsonl, tracking/) lies in its output folder, under the run directory
+    # where there is one: `maven sync RUN_DIR` and the next stage find it there.
     tracker = MLflowTracker(
-        uri=uri, experiment=experiment, launch_id=resolve_launch_id(run_dir or out), spool_dir=spool
-    )
+        record_dir=out, uri=uri, experiment=experiment, launch_id=resolve_launch_id(run_dir or out),
+        run_dir=run_dir or out,
+    )  # fmt: skip
     label = model_dir.parent.name if model_dir.name == "export" else model_dir.name
     tags = {
         "maven.eval.model_dir": str(model_dir.resolve()),
