@@ -44,6 +44,11 @@ _HEAD = "lm_head.weight"
 _NEW_EMBED = "vocab_new_rows.embed.weight"
 _NEW_HEAD = "vocab_new_rows.head.weight"
 _SPLIT_ROWS = {_EMBED: _NEW_EMBED, _HEAD: _NEW_HEAD}
+CLIP_MODEL_EXTRAS = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
+"""What a whole ``CLIPModel`` checkpoint holds besides its vision tower: ``openai/clip-vit-large-patch14-336``
+is published that way (one ``config.json`` with ``text_config`` and ``vision_config``), and LLaVA loads
+its vision half with ``CLIPVisionModel.from_pretrained``. A base tower directory may be either, with the
+tower's keys under ``vision_model.`` (CLIPModel, transformers 4) or bare (transformers 5)."""
 
 
 def component_of(name: str) -> str:
@@ -90,7 +95,10 @@ def from_hf_layout(
             return out
         return {f"llm.{key}": tensor}
     if component == TOWER_DIR:
-        return {_TOWER_PREFIX + key: tensor}
+        if key.startswith(CLIP_MODEL_EXTRAS):
+            return {}
+        # CLIPModel files and transformers 4's CLIPVisionModel name the tower vision_model.*; 5 saves it bare
+        return {_TOWER_PREFIX + key.removeprefix("vision_model."): tensor}
     return {key: tensor}
 
 

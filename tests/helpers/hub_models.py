@@ -257,6 +257,56 @@ def build_vicuna_dir(
     return out_dir
 
 
+@dataclass(frozen=True)
+class ClipShape:
+    """A reduced CLIP ViT-L/14-336: the real 336 px and 14 px patches (24 x 24), narrower and shallower."""
+
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    image_size: int = 336
+    patch_size: int = 14
+
+
+def build_clip_336_dir(out_dir: Path, shape: ClipShape = ClipShape(), seed: int = 0) -> Path:
+    """An ``openai/clip-vit-large-patch14-336``-shaped directory: the whole ``CLIPModel`` (text tower, both
+    projections and ``logit_scale`` included, as the hub has it) in ``model.safetensors``, its
+    ``config.json`` (``CLIPConfig`` with ``text_config`` and ``vision_config``) and the published
+    ``preprocessor_config.json``."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    vision = {
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.num_layers,
+        "num_attention_heads": shape.num_heads,
+        "image_size": shape.image_size,
+        "patch_size": shape.patch_size,
+        "projection_dim": 16,
+        "hidden_act": "quick_gelu",
+    }
+    text = {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "projection_dim": 16,
+        "hidden_act": "quick_gelu",
+    }
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in CLIPModel(config).state_dict().items()}
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(
+        json.dumps(config.to_dict() | {"architectures": ["CLIPModel"], "torch_dtype": "float32"}, indent=2)
+    )
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(CLIP_336_PREPROCESSOR_CONFIG, indent=2))
+    return out_dir
+
+
 # --------------------------------------------------------------------------- SEED-2
 
 
