@@ -22,6 +22,7 @@ from pathlib import Path
 
 from maven_dist.config import STAGE_NAMES
 from maven_dist.contract.command_line import HelpFormatter, add_overrides_option
+from maven_dist.entry_point import prepare_process
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +89,7 @@ def stage_order(configs: dict[str, object]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prepare_process()
     args = build_parser().parse_args(argv)
 
     from maven_dist.config import ConfigError, load_config
@@ -180,10 +182,10 @@ def _evaluate(cfg, nproc: int, env: dict) -> int:
         args += ["--data", str(cfg.resolve_path(e.data))]
     if not cfg.tracking.enabled:
         args.append("--no-tracking")
-    cmd = [sys.executable, "-m", "maven_dist.eval", *args]
+    cmd = [sys.executable, "-m", "maven_dist.cli", "eval", *args]
     if nproc > 1:
         torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        cmd = [sys.executable, *torchrun, "-m", "maven_dist.eval", *args]
+        cmd = [sys.executable, *torchrun, "-m", "maven_dist.cli", "eval", *args]
     print(f"[pipeline] eval: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     code = subprocess.call(cmd, env=env)

@@ -13,6 +13,8 @@ import importlib
 import sys
 from dataclasses import dataclass
 
+from maven_dist.entry_point import prepare_process
+
 
 @dataclass(frozen=True)
 class Subcommand:
@@ -70,6 +72,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prepare_process()
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

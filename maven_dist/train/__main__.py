@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from maven_dist.contract.command_line import HelpFormatter, add_overrides_option
+from maven_dist.entry_point import prepare_process
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prepare_process()
     args = build_parser().parse_args(argv)
 
     from maven_dist.config import ConfigError, load_config

@@ -80,3 +80,17 @@ def test_megatron_core_is_imported_by_the_3d_backend_only():
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_importing_the_package_changes_nothing_in_the_process():
+    """Warning filters, the exit-time heap freeze and the Auto-class registration are the entry points' and
+    maven_dist.model's to do (maven_dist/entry_point.py), not an import side effect."""
+    script = (
+        "import atexit, os, sys, warnings\n"
+        "before = (list(sys.meta_path), list(warnings.filters), dict(os.environ), atexit._ncallbacks())\n"
+        "import maven_dist\n"
+        "after = (list(sys.meta_path), list(warnings.filters), dict(os.environ), atexit._ncallbacks())\n"
+        "print([name for name, a, b in zip(('meta_path', 'filters', 'environ', 'atexit'), before, after) if a != b])"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

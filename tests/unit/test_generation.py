@@ -180,9 +180,9 @@ def test_auto_classes_load_a_maven_directory(generator, tokenizer, tmp_path):
             batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_codes, max_new_tokens=5
         )
     assert torch.equal(generated, again)
-    # A fresh process: `import maven_dist` (before transformers is even imported) is all it takes.
+    # A fresh process: `import maven_dist.model` is all it takes.
     script = (
-        "import maven_dist\nfrom transformers import AutoConfig, AutoModel\n"
+        "import maven_dist.model\nfrom transformers import AutoConfig, AutoModel\n"
         f"print(AutoConfig.from_pretrained({str(directory)!r}).model_type, "
         f"type(AutoModel.from_pretrained({str(directory)!r})).__name__)"
     )
