@@ -573,22 +573,12 @@ class Config:
         d["data"].pop("val_path")
         d["data"].pop("allow_too_long")  # a gate before training: the samples it lets through are skipped
         d["data"].pop("num_workers")  # the loader resumes exactly with any worker count
-        # The attention kernel changes the numerics in the last bits, so it is part of the recipe (a run
-        # resumed on another kernel would not reproduce its losses). Left out at its default, sdpa, which
-        # is what the LLM ran with before the key existed: those checkpoints still resume.
-        if d["model"]["llm"].get("attn_implementation") == "sdpa":
-            del d["model"]["llm"]["attn_implementation"]
-        # Packing changes the micro-batches, so it is part of the recipe; off (and its image bound, which
-        # then means nothing) is what ran before the keys existed: those checkpoints still resume.
-        if not d["data"]["packing"]:
-            del d["data"]["packing"], d["data"]["pack_max_images"]
+        # The attention kernel (numerics in the last bits) and packing (the micro-batches) stay in: a run
+        # resumed with either changed would not reproduce its losses.
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- loading
-
-RENAMED_KEYS = {"embedded": "demo", "data.view": "data.format"}
-"""Keys of older recipes, and what they are called now."""
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -666,8 +656,6 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         key = f"{prefix}{unknown[0]}"
-        if key in RENAMED_KEYS:
-            raise ConfigError(f"'{key}' was renamed to '{RENAMED_KEYS[key]}'; update the recipe")
         where = prefix.rstrip(".") or "the top level"
         raise ConfigError(f"unknown key '{key}' in {where}; allowed: {sorted(fields)}")
     kwargs = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in fields if name in raw}

@@ -67,8 +67,8 @@ class Manifest:
 
     @property
     def layout(self) -> dict[str, int]:
-        """{dp, tp, pp} of the run that saved it (older manifests: pure data parallel)."""
-        return {"dp": self.world_size, "tp": 1, "pp": 1} | self.extra.get("layout", {})
+        """{dp, tp, pp} of the run that saved it."""
+        return self.extra["layout"]
 
     def to_json(self) -> str:
         core = {"step": self.step, "world_size": self.world_size, "fingerprint": self.fingerprint}

@@ -85,11 +85,6 @@ def previous_handler(sig: signal.Signals | int) -> object | None:
     return _previous.get(int(sig))
 
 
-def request_preemption() -> None:
-    """Set the flag without a signal (a launcher that learns of preemption another way)."""
-    _requested.set()
-
-
 def reset_preemption() -> None:
     """Clear the flag; for tests and for a launcher that reruns the trainer in one process."""
     _requested.clear()

@@ -111,10 +111,10 @@ class SampleFormat:
         if self.needs_codes and "image_codes" not in column_names:
             why = "; the selector computes h_eos from them" if self.selector_runs else ""
             missing.append(
-                f"'image_codes' (format {self.name!r}, views {list(self.views)}{why}): run tools/tokenize_images.py"
+                f"'image_codes' (format {self.name!r}, views {list(self.views)}{why}): run maven tokenize"
             )
         if self.needs_patch_labels and "patch_labels" not in column_names:
-            missing.append("'patch_labels' (stage 1 targets): run tools/make_pseudo_labels.py")
+            missing.append("'patch_labels' (stage 1 targets): run maven labels")
         if missing:
             raise DataError(
                 f"{where} lacks columns this stage needs: {'; '.join(missing)} on the shards first"
@@ -185,7 +185,7 @@ def make_example(
     sample_id, images = row["id"], row["images"]
     codes = row.get("image_codes") if spec.needs_codes else None
     if spec.needs_codes and (codes is None or any(c is None for c in codes)):
-        raise BadSample("image_codes is null for this sample: re-run tools/tokenize_images.py")
+        raise BadSample("image_codes is null for this sample: re-run maven tokenize")
     if codes is not None:
         for c in codes:
             if len(c) != spec.num_codes:
@@ -197,7 +197,7 @@ def make_example(
     if spec.name == "patch_labels":
         labels = row.get("patch_labels")
         if labels is None or any(lab is None for lab in labels):
-            raise BadSample("patch_labels is null for this sample: re-run tools/make_pseudo_labels.py")
+            raise BadSample("patch_labels is null for this sample: re-run maven labels")
         for lab in labels:
             if len(lab) != spec.num_patches:
                 raise BadSample(

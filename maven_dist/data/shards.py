@@ -1,4 +1,4 @@
-"""Arrow shards: the on-disk format between ``tools/prepare_data.py`` and the loader.
+"""Arrow shards: the on-disk format between ``maven prepare`` and the loader.
 
 A shards directory holds ``shard-00000.arrow``, ``shard-00001.arrow``, ... (Arrow IPC *file* format,
 i.e. Feather v2, uncompressed so that ``pyarrow.memory_map`` reads them without copying), plus
@@ -22,7 +22,7 @@ image_sizes         list<list<int32>>                     [width, height] of eac
 num_tokens          int32                                 text tokens of the longest view, images
                                                           expanded (the length the loader groups by)
 original_images     list<binary>   (optional)             original bytes, when prepared with --keep-original
-image_codes         list<list<int32>> (optional)          per image: its discrete codes (tools/tokenize_images.py)
+image_codes         list<list<int32>> (optional)          per image: its discrete codes (maven tokenize)
 patch_labels        list<list<uint8>> (optional)          per image: grid*grid labels, raster order
 ==================  ====================================  ==============================================
 
@@ -71,7 +71,7 @@ def list_shards(shards_dir: str | Path) -> list[Path]:
     shards_dir = Path(shards_dir)
     if not shards_dir.is_dir():
         raise FileNotFoundError(
-            f"shards directory {shards_dir} does not exist: run tools/prepare_data.py first"
+            f"shards directory {shards_dir} does not exist: run maven prepare first"
         )
     return sorted(shards_dir.glob(SHARD_GLOB))
 

@@ -1,4 +1,4 @@
-"""Merge sharded training checkpoints into one HF-layout MaVEn model (``tools/merge_ckpt.py``).
+"""Merge sharded training checkpoints into one HF-layout MaVEn model (``maven merge``, also ``python tools/merge_ckpt.py``).
 
 Pieces, one job each: ``source`` finds the checkpoint and defines what a reader answers;
 ``torch_files`` locates tensors inside ``torch.save`` files without loading them; ``local_source``,

@@ -336,7 +336,7 @@ class MavenModel(MavenFrontEnd):
     def selector_forward(self, batch: Batch) -> ModelOutput:
         if batch.patch_labels is None:
             raise ValueError(
-                f"stage-1 batch without patch labels (samples {batch.sample_ids[:4]}): run tools/make_pseudo_labels.py"
+                f"stage-1 batch without patch labels (samples {batch.sample_ids[:4]}): run maven labels"
             )
         features = self.vision_tower(batch.pixel_values)
         h_eos = self.eos_states(batch.image_codes)
@@ -367,12 +367,6 @@ class MavenModel(MavenFrontEnd):
             inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask, use_cache=False
         ).last_hidden_state
         return hidden, inputs
-
-    def lm_logits(self, batch: Batch, views: Sequence[str]) -> tuple[torch.Tensor, SequenceInputs]:
-        """The unified-vocabulary logits [B, T, V] (fp32) at every position, and the assembled inputs
-        they were computed from (tests and scoring; the training loss never builds them)."""
-        hidden, inputs = self.lm_hidden(batch, views)
-        return self.logits(hidden).float(), inputs
 
     def lm_forward(self, batch: Batch, views: Sequence[str]) -> ModelOutput:
         hidden, inputs = self.lm_hidden(batch, views)

@@ -93,18 +93,6 @@ def shard_tensor(tensor: torch.Tensor, split_dim: int | None, tp_rank: int, tp: 
     return tensor.chunk(tp, dim=split_dim)[tp_rank].contiguous()
 
 
-def shard_state_dict(
-    full: dict[str, torch.Tensor], num_layers: int, tp_rank: int, tp: int, layers: range | None = None
-) -> dict[str, torch.Tensor]:
-    """Full MavenModel state -> this tp rank's shards of `layers` (all by default), keys ``"{layer}.{local}"``."""
-    out = {}
-    for name, tensor in full.items():
-        place = placement(name, num_layers)
-        if layers is None or place.layer in layers:
-            out[f"{place.layer}.{place.local}"] = shard_tensor(tensor, place.split_dim, tp_rank, tp)
-    return out
-
-
 def unshard_state_dict(shards: list[dict[str, torch.Tensor]], num_layers: int) -> dict[str, torch.Tensor]:
     """Every tp rank's shards (list index = tp rank, all layers present) -> full MavenModel state."""
     out = {}

@@ -25,18 +25,6 @@ class ParallelDims:
             )
         return cls(dp=world_size // model_parallel, tp=cfg.tp, pp=cfg.pp, world_size=world_size)
 
-    @property
-    def dp_enabled(self) -> bool:
-        return self.dp > 1
-
-    @property
-    def tp_enabled(self) -> bool:
-        return self.tp > 1
-
-    @property
-    def pp_enabled(self) -> bool:
-        return self.pp > 1
-
     def data_parallel_rank(self, rank: int) -> int:
         """The data-parallel coordinate of a global rank (what the loader's dp_rank must be): every tp and
         pp rank of one replica reads the same micro-batches. Ranks are placed tp fastest, then dp, then pp

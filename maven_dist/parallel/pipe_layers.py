@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core import ModelParallelConfig, parallel_state
+from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
@@ -127,17 +127,6 @@ class OutputStage(nn.Module):
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[*, d] -> this rank's vocabulary shard [*, padded/tp]: [text shard, new-row shard]."""
         return torch.cat([self.head_text(hidden)[0], self.head_new(hidden)[0]], dim=-1)
-
-    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """All tp shards gathered and put back in vocabulary order (tests, evaluation)."""
-        local = self.local_logits(self.norm(hidden)).contiguous()
-        # megatron's gather helper allocates on CUDA; a plain all_gather is the same on any device.
-        parts = [torch.empty_like(local) for _ in range(self.tp)]
-        dist.all_gather(parts, local, group=parallel_state.get_tensor_model_parallel_group())
-        gathered = torch.cat(parts, dim=-1)
-        t, n = self.layout.text_size // self.tp, self.layout.num_new_rows // self.tp
-        shards = gathered.split(t + n, dim=-1)
-        return torch.cat([s[..., :t] for s in shards] + [s[..., t:] for s in shards], dim=-1)
 
     def sharded_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """Vocabulary ids -> positions in the tp ranks' concatenated [text shard, new shard] order."""

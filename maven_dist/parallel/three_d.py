@@ -377,7 +377,7 @@ class ThreeDEngine(DeepSpeedEngineState):
             raise LayoutMismatch(
                 f"{directory} was written by the layout {saved.layout}, this run is {mine}; resuming a 3D "
                 "checkpoint on another layout is not supported: resume with the original one, or start a new "
-                "stage from its export (tools/merge_ckpt.py, then stage.init_from)"
+                "stage from its export (maven merge, then stage.init_from)"
             )
         self._load_tag(directory, CHECKPOINT_TAG)
 

@@ -9,13 +9,7 @@ from transformers import AutoTokenizer
 from maven_dist.contract.vocab import extend_tokenizer
 from maven_dist.model import hf_layout
 from maven_dist.model.maven import MavenModel
-from maven_dist.parallel.convert import (
-    load_shards,
-    placement,
-    save_shards,
-    shard_state_dict,
-    unshard_state_dict,
-)
+from maven_dist.parallel.convert import load_shards, placement, save_shards, shard_tensor, unshard_state_dict
 from maven_dist.train.builders import model_spec
 from tests.distributed.three_d_worker import stage_config
 
@@ -54,6 +48,15 @@ def test_hf_to_shards_to_hf_is_bitwise_identical(maven_model_dir, tmp_path, tp):
     assert set(original) == set(rebuilt)
     for key, tensor in original.items():
         assert rebuilt[key].dtype == tensor.dtype and torch.equal(rebuilt[key], tensor), key
+
+
+def shard_state_dict(full: dict[str, torch.Tensor], num_layers: int, tp_rank: int, tp: int) -> dict:
+    """Full MavenModel state -> one tp rank's shards, keys ``"{layer}.{local}"`` (as save_shards writes)."""
+    out = {}
+    for name, tensor in full.items():
+        place = placement(name, num_layers)
+        out[f"{place.layer}.{place.local}"] = shard_tensor(tensor, place.split_dim, tp_rank, tp)
+    return out
 
 
 def test_shards_are_megatron_slices(maven_model_dir):

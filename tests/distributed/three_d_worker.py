@@ -23,6 +23,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron.core import parallel_state  # noqa: E402
+
 from maven_dist.config import Config, load_config  # noqa: E402
 from maven_dist.parallel.convert import full_name, placement  # noqa: E402
 from maven_dist.parallel.dims import ParallelDims  # noqa: E402
@@ -104,11 +106,22 @@ def manual_forward_backward(engine: ThreeDEngine, batch) -> dict:
     else:
         head = layers[num_layers + 1]
         loss = head(x)
-        result = {"loss": loss.detach(), "logits": head.full_logits(x[0]).detach()}
+        result = {"loss": loss.detach(), "logits": full_logits(head, x[0]).detach()}
         loss.backward()
     if received is not None:
         dist.send(received.grad.contiguous(), dst=ranks[stage - 1])
     return result
+
+
+def full_logits(head, hidden: torch.Tensor) -> torch.Tensor:
+    """The output stage's logits, every tp shard gathered and put back in vocabulary order."""
+    local = head.local_logits(head.norm(hidden)).contiguous()
+    # megatron's gather helper allocates on CUDA; a plain all_gather is the same on any device.
+    parts = [torch.empty_like(local) for _ in range(head.tp)]
+    dist.all_gather(parts, local, group=parallel_state.get_tensor_model_parallel_group())
+    t, n = head.layout.text_size // head.tp, head.layout.num_new_rows // head.tp
+    shards = torch.cat(parts, dim=-1).split(t + n, dim=-1)
+    return torch.cat([s[..., :t] for s in shards] + [s[..., t:] for s in shards], dim=-1)
 
 
 class SavedBytes:

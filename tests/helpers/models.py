@@ -26,3 +26,10 @@ def tiny_maven(tiny_base, attn: str = "sdpa") -> MavenModel:
     return MavenModel.from_base(
         tiny_base.llm_dir, tiny_base.tower_dir, layout, spec, seed=0, attn_implementation=attn
     )
+
+
+def lm_logits(maven: MavenModel, batch, views) -> tuple[torch.Tensor, object]:
+    """The unified-vocabulary logits [B, T, V] (fp32) at every position, and the assembled inputs they came
+    from: the reference the tests hold generation and scoring to (the training loss never builds them)."""
+    hidden, inputs = maven.lm_hidden(batch, views)
+    return maven.logits(hidden).float(), inputs

@@ -106,8 +106,6 @@ BAD = [
         "scores the continuous view's patches against the discrete view's h_eos",
     ),
     (["data.format=discrete_alignment"], "feeds images as their codes only; set stage.views=[discrete]"),
-    (["data.view=captions"], "'data.view' was renamed to 'data.format'"),
-    (["embedded.enabled=true"], "'embedded' was renamed to 'demo'"),
     (["model.vocab.embed_init=zeros"], "choose one of ['text_distribution', 'mean']"),
     (["stage.micro_batch_size=0"], "micro_batch_size=0 must be >= 1"),
     (["stage.global_batch_size=10", "stage.micro_batch_size=4"], "not a multiple of"),

@@ -67,5 +67,5 @@ def test_bad_columns_leave_the_shard_untouched(shard):
 
 
 def test_list_shards_needs_a_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tools/prepare_data.py"):
+    with pytest.raises(FileNotFoundError, match="maven prepare"):
         list_shards(tmp_path / "missing")

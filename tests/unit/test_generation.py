@@ -18,6 +18,7 @@ from maven_dist.model.generation import MavenForConditionalGeneration
 from maven_dist.model.maven import MavenModel
 from maven_dist.model.spec import MavenSpec
 from tests.helpers.batches import make_batch
+from tests.helpers.models import lm_logits
 
 NUM_CODES, CODEBOOK = 8, 64
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +68,7 @@ def test_prefill_logits_equal_the_training_forward(generator):
         batch.pixel_values, batch.image_codes, batch.input_ids, batch.input_ids, batch.attention_mask
     )
     with torch.no_grad():
-        reference, right = generator.maven.lm_logits(train_batch, VIEWS)  # right-padded, as in training
+        reference, right = lm_logits(generator.maven, train_batch, VIEWS)  # right-padded, as in training
         embeds, mask = generator.prompt_embeds(
             batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_codes
         )

@@ -18,6 +18,7 @@ from maven_dist.inference.chat import main as chat
 from maven_dist.model import hf_layout
 from maven_dist.model.maven import MavenModel
 from maven_dist.train.builders import model_spec
+from tests.helpers.models import lm_logits
 
 
 def export_like(tiny_assets, out, discrete: bool = True):
@@ -153,7 +154,7 @@ def test_option_loglikelihood_equals_the_training_forward(exported, tiny_assets)
     ids = torch.tensor([prompt.input_ids[0].tolist() + target])
     batch = Batch(prompt.pixel_values, prompt.image_codes, ids, ids, torch.ones_like(ids))
     with torch.no_grad():
-        logits, inputs = maven.lm_logits(batch, ("discrete", "continuous"))
+        logits, inputs = lm_logits(maven, batch, ("discrete", "continuous"))
     logits[..., processor.layout.text_size :] = float("-inf")
     logprobs = torch.log_softmax(logits[0], dim=-1)
     n = inputs.embeds.shape[1]

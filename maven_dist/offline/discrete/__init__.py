@@ -2,7 +2,7 @@
 
 MaVEn's discrete view is SEED (``discrete_seed.py``); the tiny recipe, and users without SEED
 weights, use a k-means tokenizer over CLIP patch features (``discrete_kmeans.py``). Codes are
-computed once, offline, by ``tools/tokenize_images.py`` into the shards' ``image_codes`` column;
+computed once, offline, by ``maven tokenize`` into the shards' ``image_codes`` column;
 training never runs a tokenizer.
 """
 

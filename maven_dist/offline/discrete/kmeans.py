@@ -166,7 +166,7 @@ class KMeansTokenizer:
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(
                 f"{path} is not a k-means tokenizer directory ({CONFIG_NAME} + {WEIGHTS_NAME}); "
-                "train one with tools/tokenize_images.py --train-kmeans"
+                "train one with maven tokenize --train-kmeans"
             )
         cfg = json.loads((path / CONFIG_NAME).read_text())
         codebook = load_file(str(path / WEIGHTS_NAME))["codebook"]

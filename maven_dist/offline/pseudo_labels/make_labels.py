@@ -1,7 +1,7 @@
 """Patch pseudo-labels for stage 1, written into the shards' ``patch_labels`` column.
 
 ``make_patch_labels(shards_dir, source="coco", annotations=[...], grid=24)`` is what
-``tools/make_pseudo_labels.py`` and the pipeline call. A source (COCO masks, Visual Genome boxes
+``maven labels`` and the pipeline call. A source (COCO masks, Visual Genome boxes
 or Grounding SAM) gives one mask per image in original pixels; :func:`mask_to_patch_labels` maps it
 through the tower's letterbox to ``grid x grid`` labels (raster order, uint8).
 """
