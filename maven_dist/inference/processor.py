@@ -20,7 +20,7 @@ from PIL import Image
 from maven_dist.contract.lengths import visual_tokens_per_image
 from maven_dist.contract.vocab import IMAGE_PLACEHOLDER, VocabLayout
 from maven_dist.data.image_transform import ImageTransform
-from maven_dist.data.prepare import RecordRejected, load_image
+from maven_dist.data.images import RecordRejected, load_image
 from maven_dist.data.templates import ConversationError, render_prompt
 from maven_dist.data.tokenizer import load_text_tokenizer
 from maven_dist.model import hf_layout

@@ -17,14 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maven_dist.data.prepare import (
-    REASONS,
-    PrepareError,
-    PrepareOptions,
-    RecordRejected,
-    load_image,
-    prepare,
-)
+from maven_dist.data.images import RecordRejected, load_image
+from maven_dist.data.prepare import PrepareOptions, prepare
+from maven_dist.data.records import REASONS, PrepareError
 from maven_dist.data.shards import list_shards, read_shard
 from maven_dist.offline.synthetic import generate_synthetic
 from maven_dist.offline.tokenizer_training import train_tokenizer
