@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from maven_dist.contract.atomic_write import write_text_atomic
+
 LATEST = "latest"
 MANIFEST = "manifest.json"
 SKELETON = "model"
@@ -32,9 +34,9 @@ FINISHED = "finished.json"
 
 def write_finished(stage_dir: Path, fingerprint: str, step: int) -> None:
     """Mark the stage finished (atomically: a reader sees the whole file or none)."""
-    tmp = Path(stage_dir) / (FINISHED + TMP_SUFFIX)
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "step": step}) + "\n")
-    tmp.replace(Path(stage_dir) / FINISHED)
+    write_text_atomic(
+        Path(stage_dir) / FINISHED, json.dumps({"fingerprint": fingerprint, "step": step}) + "\n"
+    )
 
 
 def finished_fingerprint(stage_dir: Path) -> str | None:

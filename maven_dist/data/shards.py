@@ -32,12 +32,13 @@ shard atomically (temp file, fsync, rename), so a crash never leaves a half-writ
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from maven_dist.contract.atomic_write import atomic_path
 
 SCHEMA_VERSION = 1
 SHARD_GLOB = "shard-*.arrow"
@@ -70,9 +71,7 @@ def list_shards(shards_dir: str | Path) -> list[Path]:
     """The shard files of a shards directory, in shard order."""
     shards_dir = Path(shards_dir)
     if not shards_dir.is_dir():
-        raise FileNotFoundError(
-            f"shards directory {shards_dir} does not exist: run maven prepare first"
-        )
+        raise FileNotFoundError(f"shards directory {shards_dir} does not exist: run maven prepare first")
     return sorted(shards_dir.glob(SHARD_GLOB))
 
 
@@ -87,27 +86,14 @@ def read_shard_schema(path: str | Path) -> pa.Schema:
     return pa.ipc.open_file(pa.memory_map(str(path), "r")).schema
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_shard_atomic(table: pa.Table, path: str | Path) -> None:
-    """Write `table` to `path` through a temp file in the same directory, fsync, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table, max_chunksize=256)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write `table` to `path` atomically (contract/atomic_write.py)."""
+    with (
+        atomic_path(path) as tmp,
+        pa.OSFile(str(tmp), "wb") as sink,
+        pa.ipc.new_file(sink, table.schema) as w,
+    ):
+        w.write_table(table, max_chunksize=256)
 
 
 def check_column(name: str, array: pa.Array | pa.ChunkedArray, table: pa.Table) -> pa.Array | pa.ChunkedArray:

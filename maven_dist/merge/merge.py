@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -11,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from maven_dist.contract.atomic_write import atomic_directory
 from maven_dist.merge.errors import MergeError
 from maven_dist.merge.local_source import read_safetensors_header
 from maven_dist.merge.output_files import (
@@ -84,11 +84,7 @@ def merge_checkpoint(
     names = select_names(expected, tensors, str(ref.path), list(options.only), options.exclude_frozen)
     layout = build_output_files(names, tensors, DTYPES[options.dtype], parse_size(options.max_shard_size))
 
-    tmp = out_dir.with_name(out_dir.name + ".merging")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # our own leftover from a killed merge
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_directory(out_dir) as tmp:  # a failed or killed merge leaves nothing behind
         shutil.copytree(ref.skeleton, tmp)
         hashes = _write_weights(tmp, layout, options)
         for relpath, index in layout.indexes.items():
@@ -100,12 +96,6 @@ def merge_checkpoint(
             if p.is_file()
         }
         _write_provenance(tmp, ref, source.kind, source.world_size, options, layout, files, expected)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed merge leaves nothing behind
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
     return MergeResult(
         out_dir,
         ref.path,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
 from maven_dist.config import ConfigError
+from maven_dist.contract.atomic_write import atomic_directory
 from maven_dist.contract.batch import Batch
 from maven_dist.contract.vocab import VocabLayout
 from maven_dist.model import hf_layout
@@ -244,17 +244,13 @@ class MavenModel(MavenFrontEnd):
         from huggingface_hub import save_torch_state_dict
 
         out_dir = Path(out_dir)
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.save_skeleton(tmp, tokenizer, template, discrete, views)
-        parts = hf_layout.to_hf_layout(state_dict if state_dict is not None else self.state_dict())
-        for component in (hf_layout.LLM_DIR, hf_layout.TOWER_DIR):
-            save_torch_state_dict(parts[component], tmp / component, max_shard_size=max_shard_size)
-        modules = {k: v.contiguous() for k, v in parts[hf_layout.MAVEN_MODULES_FILE].items()}
-        save_file(modules, tmp / hf_layout.MAVEN_MODULES_FILE)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        with atomic_directory(out_dir) as tmp:
+            self.save_skeleton(tmp, tokenizer, template, discrete, views)
+            parts = hf_layout.to_hf_layout(state_dict if state_dict is not None else self.state_dict())
+            for component in (hf_layout.LLM_DIR, hf_layout.TOWER_DIR):
+                save_torch_state_dict(parts[component], tmp / component, max_shard_size=max_shard_size)
+            modules = {k: v.contiguous() for k, v in parts[hf_layout.MAVEN_MODULES_FILE].items()}
+            save_file(modules, tmp / hf_layout.MAVEN_MODULES_FILE)
         return out_dir
 
     def save_skeleton(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +33,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from maven_dist.contract.atomic_write import write_json_atomic
 from maven_dist.data.shards import list_shards, read_shard, read_shard_schema, update_shard_columns
 from maven_dist.offline.discrete import DiscreteTokenizer, TokenizerKind, load_discrete_tokenizer
 
@@ -284,10 +284,7 @@ def _write_rejects(directory: Path, shard_name: str, rejects: list[dict]) -> Non
     if not rejects:
         path.unlink(missing_ok=True)
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rejects))
-    tmp.replace(path)
+    write_json_atomic(path, rejects, lines=True)
 
 
 class _Progress:

@@ -13,7 +13,6 @@ Adam step counts and group hyperparameters DeepSpeed 0.19's ZeRO-3 universal loa
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from maven_dist.config import Config
+from maven_dist.contract.atomic_write import atomic_directory
 from maven_dist.contract.batch import Batch
 from maven_dist.contract.checkpoint_layout import Manifest
 from maven_dist.model.maven import MavenModel, ModelOutput, copy_param
@@ -183,29 +183,27 @@ def maybe_convert_to_universal(engine_dir: Path) -> None:
 
     target = engine_dir / UNIVERSAL_TAG
     if (not dist.is_initialized() or dist.get_rank() == 0) and not target.is_dir():
-        tmp = engine_dir / (UNIVERSAL_TAG + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        args = Namespace(
-            input_folder=str(engine_dir / CHECKPOINT_TAG),
-            output_folder=str(tmp),
-            num_extract_workers=1,
-            num_merge_workers=1,
-            keep_temp_folder=False,
-            strict=True,
-            inject_missing_state=True,
-        )
-        # The converter calls torch.load(weights_only=False); torch's documented switch forces
-        # weights_only=True for it, with DeepSpeed's own types allowlisted.
-        forced = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-        try:
-            with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
-                ds_to_universal.main(args)
-        finally:
-            if forced is None:
-                os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-            else:
-                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = forced
-        os.replace(tmp, target)
+        with atomic_directory(target) as tmp:
+            args = Namespace(
+                input_folder=str(engine_dir / CHECKPOINT_TAG),
+                output_folder=str(tmp),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=True,
+            )
+            # The converter calls torch.load(weights_only=False); torch's documented switch forces
+            # weights_only=True for it, with DeepSpeed's own types allowlisted.
+            forced = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+            try:
+                with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
+                    ds_to_universal.main(args)
+            finally:
+                if forced is None:
+                    os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+                else:
+                    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = forced
     if dist.is_initialized():
         dist.barrier()

@@ -25,6 +25,7 @@ import torch
 
 from maven_dist.config import Config
 from maven_dist.contract import checkpoint_layout as layout
+from maven_dist.contract.atomic_write import write_text_atomic
 from maven_dist.contract.checkpoint_layout import Manifest
 from maven_dist.parallel.distributed import DistEnv, barrier, print0
 from maven_dist.parallel.engine import Engine
@@ -94,11 +95,11 @@ class CheckpointManager:
             shutil.copytree(self.skeleton, tmp / layout.SKELETON)
             extra = self.manifest_extra | {"loader": loader_state}
             manifest = Manifest(step, self.env.world_size, self.fingerprint, self.stage, extra)
-            _write_atomic(tmp / layout.MANIFEST, manifest.to_json())
+            write_text_atomic(tmp / layout.MANIFEST, manifest.to_json())
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_atomic(self.root / layout.LATEST, final.name)
+            write_text_atomic(self.root / layout.LATEST, final.name)
             self._prune()
         barrier()
         return final
@@ -190,12 +191,3 @@ def _rng_from_plain(state: dict) -> dict:
         "python": (python[0], tuple(python[1]), python[2]),
         "numpy": (numpy[0], numpy[1].numpy(), numpy[2], numpy[3], numpy[4]),
     }
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".writing")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
