@@ -6,7 +6,7 @@ matters here. SentencePiece adds its dummy prefix ``▁`` to *every* text it enc
 ``▁ ▁Yes``, ``encode("USER")`` is ``▁USER``). transformers 5 (and 4 with ``legacy=False``) builds a
 ``Metaspace`` pre-tokenizer instead, which adds ``▁`` only where the text does not already start with a
 space (``" Yes"`` loses its space) and, in a whole string, only before the first text run, not after a
-``<s>`` or ``</s>`` (``<s>A``, ``</s>US ER``).
+``<s>`` or ``</s>`` (``<s>A``, ``</s>U SE R`` with LLaMA's vocabulary).
 
 Training tokenizes every segment of a conversation on its own (``maven_dist/data/templates.py``), as
 LLaVA's ``tokenizer_image_token`` does with the slow SentencePiece tokenizer: each segment starts with
