@@ -33,9 +33,9 @@ from maven_dist.offline.synthetic import generate_synthetic
 from maven_dist.offline.tokenizer_training import train_tokenizer
 
 try:  # run as a script, bench/ is on sys.path; imported from the repository root (tests), it is not
-    from _hardware import hardware
+    import harness
 except ModuleNotFoundError:
-    from bench._hardware import hardware
+    from bench import harness
 
 
 class LlavaStyleDataset(torch.utils.data.Dataset):
@@ -68,6 +68,7 @@ def _rate(batches, total_samples: int) -> tuple[float, int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the bench; returns its figures (also printed as JSON)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-images", type=int, default=384)
     p.add_argument("--image-size", type=int, default=640, help="source images (larger side), like COCO's 640")
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
         prepare([source], options)
         prepare_s = time.perf_counter() - start
 
-        spec = SampleFormat("conversations", views=("continuous",))
+        # LLaVA's own setting, which the other loader reproduces: every patch (alpha 1), no discrete codes.
+        spec = SampleFormat("conversations", views=("continuous",), keep_ratio=1.0)
         ours = ShardLoader(work / "shards", spec, tokenizer, None, transform, args.batch_size,
                            num_workers=args.workers)  # fmt: skip
         usable = ours.batches_per_epoch * args.batch_size
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = paired[len(paired) // 2]
 
     result = {
-        "hardware": hardware(),
+        "hardware": harness.hardware(),
         "samples": num_samples,
         "timed_samples": {"ours": ours_n, "llava_style": llava_n},
         "workers": args.workers,

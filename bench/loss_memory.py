@@ -1,25 +1,22 @@
-"""Peak memory of the LM loss at 7B shapes: every position's logits (the former loss) vs labelled rows only.
+"""Peak memory of the LM loss at 7B shapes, as the two backends compute it from the labelled rows only.
 
 One loss forward + backward on the 7B head (hidden 4096; text vocabulary 32000 + 8192 codes + 2
 specials, padded to 40320 rows, as Vicuna-7B with the SEED codebook), from hidden states [B, T, 4096]
-with a fraction of positions labelled, in four ways, in this process:
+with a fraction of positions labelled, in two ways, in this process:
 
-    all positions       the former loss: fp32 logits [B, T, V], ignore_index cross-entropy
-    labelled, chunked   labelled rows gathered, head + CE per chunk, no checkpoint (backward keeps
-                        every chunk's softmax)
-    labelled, ckpt      chunks under torch.utils.checkpoint (``chunked_token_losses``: the 3D output
-                        stage's way, with its megatron head)
-    labelled, fused     what MavenModel trains with (``UnifiedHeadLoss``): one autograd function that
-                        recomputes each chunk in backward and adds into one weight-gradient buffer
+    checkpointed  chunks under torch.utils.checkpoint (``chunked_token_losses``: the 3D output stage's way,
+                  with its megatron head)
+    fused         what MavenModel trains with (``UnifiedHeadLoss``): one autograd function that
+                  recomputes each chunk in backward and adds into one weight-gradient buffer
 
 Peak bytes are the CPU allocator's high-water mark above the start of each run (torch.profiler's
 allocation events carry the allocator's running total), so they count the logits, the softmax, their
-gradients and the head's weight gradients, not the weights or hidden states that exist before. A
-16 x 2048 micro-batch takes too long on a CPU in the former way (and ~15 GiB), so two batch sizes
-are measured and each way's peak extrapolated linearly to ``--extrapolate`` rows: the former peak is
-linear in B * T; the chunked ones are a constant (one chunk's working set) plus the linear terms of
-the hidden-state gradient and the gathered rows, once both sizes run more than one chunk (the
-default sizes do: ~2048 and ~3072 labelled rows, chunks of 1024).
+gradients and the head's weight gradients, not the weights or hidden states that exist before. Two
+batch sizes are measured and each way's peak extrapolated linearly to ``--extrapolate`` rows: a chunked
+peak is a constant (one chunk's working set) plus the linear terms of the hidden-state gradient and the
+gathered rows, once both sizes run more than one chunk (the default sizes do: ~2048 and ~3072 labelled
+rows, chunks of 1024). The former loss (every position's logits) and its numbers are in
+docs/performance.md.
 
     python bench/loss_memory.py [--batch-sizes 2,3] [--seq 2048] [--labelled 0.5] [--chunk-rows 1024] [--dtype fp32]
 """
@@ -41,11 +38,9 @@ from maven_dist.contract.vocab import IGNORE_INDEX
 from maven_dist.model.lm_loss import LOSS_CHUNK_ROWS, UnifiedHeadLoss, chunked_token_losses, labelled_rows
 
 try:  # run as a script, bench/ is on sys.path; imported from the repository root (tests), it is not
-    from _hardware import hardware
+    import harness
 except ModuleNotFoundError:
-    from bench._hardware import hardware
-
-TEXT_VOCAB, NEW_ROWS, HIDDEN = 32000, 8320, 4096  # 32000 + 8192 + 2 padded to a multiple of 128: 40320
+    from bench import harness
 
 GiB = 2**30
 
@@ -69,24 +64,6 @@ def peak_bytes(fn: Callable[[], None]) -> tuple[int, float]:
     return max(total for _, _, total in allocations) - before, seconds
 
 
-def former_loss(hidden, labels, heads) -> torch.Tensor:
-    """The loss before issue 16, as MavenModel.lm_forward computed it."""
-    logits = torch.cat([head(hidden) for head in heads], dim=-1).float()[:, :-1]
-    targets = labels[:, 1:]
-    token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return token_loss.sum() / max(int((targets != IGNORE_INDEX).sum()), 1)
-
-
-def chunked_without_checkpoint(hidden, labels, heads, chunk_rows: int) -> torch.Tensor:
-    rows, targets = labelled_rows(hidden, labels)
-    losses = []
-    for start in range(0, max(rows.shape[0], 1), chunk_rows):
-        r, t = rows[start : start + chunk_rows], targets[start : start + chunk_rows]
-        logits = torch.cat([head(r) for head in heads], dim=-1).float()
-        losses.append(F.cross_entropy(logits, t, reduction="none"))
-    return torch.cat(losses).sum() / max(rows.shape[0], 1)
-
-
 def checkpointed(hidden, labels, heads, chunk_rows: int) -> torch.Tensor:
     rows, targets = labelled_rows(hidden, labels)
 
@@ -102,14 +79,19 @@ def fused(hidden, labels, heads, chunk_rows: int) -> torch.Tensor:
     return loss.sum() / max(rows.shape[0], 1)
 
 
-def run_way(way, name: str, hidden, labels, heads, losses: dict[str, float]) -> None:
-    """One loss forward and backward; the loss value into `losses[name]`."""
-    loss = way(hidden, labels, heads)
+WAYS = {"checkpointed": checkpointed, "fused": fused}
+
+
+def run_way(way, hidden, labels, heads, chunk_rows: int, losses: dict[str, float]) -> None:
+    """One loss forward and backward; the loss value into ``losses[way's name]``."""
+    loss = way(hidden, labels, heads, chunk_rows)
     loss.backward()
-    losses[name] = float(loss.detach())
+    losses[way.__name__] = float(loss.detach())
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the bench; returns its figures: per way, the peak GiB at each batch size, extrapolated, and the
+    seconds at the last size; how closely the ways' losses agree."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-sizes", default="2,3", help="rows per micro-batch, measured (two or more)")
     p.add_argument("--seq", type=int, default=2048)
@@ -117,54 +99,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-rows", type=int, default=LOSS_CHUNK_ROWS)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--extrapolate", type=int, default=16, help="rows to extrapolate the peaks to")
+    p.add_argument("--hidden", type=int, default=4096, help="the LLM's width (Vicuna-7B's)")
+    p.add_argument("--vocab", default="32000,8320", help="head rows: text, new (8192 codes + 2, padded)")
     args = p.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
-    heads = [nn.Linear(HIDDEN, n, bias=False, dtype=dtype) for n in (TEXT_VOCAB, NEW_ROWS)]
-    vocab = TEXT_VOCAB + NEW_ROWS
-    ways = {
-        "all positions": former_loss,
-        "labelled, chunked": lambda h, lab, hd: chunked_without_checkpoint(h, lab, hd, args.chunk_rows),
-        "labelled, ckpt": lambda h, lab, hd: checkpointed(h, lab, hd, args.chunk_rows),
-        "labelled, fused": lambda h, lab, hd: fused(h, lab, hd, args.chunk_rows),
-    }
-    print(f"hardware: {hardware()}")
-    print(
-        f"head {HIDDEN} x {vocab} ({args.dtype} weights, fp32 logits), T={args.seq}, "
-        f"{args.labelled:.0%} of positions labelled, chunk {args.chunk_rows} rows"
-    )
+    rows = [int(n) for n in args.vocab.split(",")]
+    heads = [nn.Linear(args.hidden, n, bias=False, dtype=dtype) for n in rows]
+    print(f"hardware: {harness.hardware()}")
+    print(f"head {args.hidden} x {sum(rows)} ({args.dtype} weights, fp32 logits), T={args.seq}, "
+          f"{args.labelled:.0%} of positions labelled, chunk {args.chunk_rows} rows")  # fmt: skip
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    peaks: dict[str, list[int]] = {w: [] for w in ways}
+    peaks: dict[str, list[float]] = {w: [] for w in WAYS}
+    seconds: dict[str, float] = {}
+    spread = 0.0
     for b in sizes:
-        hidden = torch.randn(b, args.seq, HIDDEN, dtype=dtype, requires_grad=True)
-        labels = torch.randint(0, vocab, (b, args.seq))
+        hidden = torch.randn(b, args.seq, args.hidden, dtype=dtype, requires_grad=True)
+        labels = torch.randint(0, sum(rows), (b, args.seq))
         labels[torch.rand(b, args.seq) >= args.labelled] = IGNORE_INDEX
         losses = {}
-        for name, way in ways.items():
-            for module in heads:
-                module.weight.grad = None
-            hidden.grad = None
+        for name, way in WAYS.items():
+            for tensor in [hidden, *(h.weight for h in heads)]:
+                tensor.grad = None
 
-            peak, seconds = peak_bytes(partial(run_way, way, name, hidden, labels, heads, losses))
-            peaks[name].append(peak)
-            print(
-                f"B={b:3d}  {name:18s} peak {peak / GiB:7.2f} GiB  {seconds:6.1f} s  loss {losses[name]:.6f}"
+            peak, seconds[name] = peak_bytes(
+                partial(run_way, way, hidden, labels, heads, args.chunk_rows, losses)
             )
-        spread = max(losses.values()) - min(losses.values())
-        print(f"       losses agree within {spread:.1e}")
-    if len(sizes) >= 2:
-        (b0, b1), n = sizes[:2], args.extrapolate
-        print(f"linear extrapolation to B={n} (from B={b0} and B={b1}):")
-        extrapolated = {k: v[0] + (v[1] - v[0]) * (n - b0) / (b1 - b0) for k, v in peaks.items()}
-        for name, at_n in extrapolated.items():
-            ratio = extrapolated["all positions"] / at_n
-            print(f"       {name:18s} {at_n / GiB:7.2f} GiB  (all positions / this = {ratio:4.1f})")
-    print(f"measured at B={sizes[-1]}:")
-    for name in ways:
-        ratio = peaks["all positions"][-1] / peaks[name][-1]
-        print(f"       {name:18s} all positions / this = {ratio:4.1f}")
-    return 0
+            peaks[name].append(peak / GiB)
+            print(
+                f"B={b:3d}  {name:12s} peak {peak / GiB:7.2f} GiB  {seconds[name]:6.1f} s  loss {losses[name]:.6f}"
+            )
+        spread = max(spread, max(losses.values()) - min(losses.values()))
+    print(f"losses agree within {spread:.1e}")
+    (b0, b1), n = sizes[:2], args.extrapolate
+    extrapolated = {k: v[0] + (v[1] - v[0]) * (n - b0) / (b1 - b0) for k, v in peaks.items()}
+    print(f"linear extrapolation to B={n} (from B={b0} and B={b1}): "
+          + "  ".join(f"{k} {v:.2f} GiB" for k, v in extrapolated.items()))  # fmt: skip
+    return {
+        "peak_gib": peaks,
+        "extrapolated_gib": extrapolated,
+        "seconds": seconds,
+        "losses_agree_within": spread,
+    }
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

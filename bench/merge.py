@@ -28,11 +28,11 @@ import sys
 from pathlib import Path
 
 try:  # run as a script, bench/ is on sys.path; imported from the repository root (tests), it is not
-    from _hardware import hardware
+    import harness
 except ModuleNotFoundError:
-    from bench._hardware import hardware
+    from bench import harness
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = harness.REPO
 
 # Runs one command and reports its wall time and peak RSS (the kernel's high-water mark of the child).
 _MEASURE = """
@@ -212,6 +212,7 @@ def compare(ours: Path, theirs: Path) -> tuple[int, bool]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the bench; returns its figures (also written to WORK_DIR/results.json)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "bench_merge")
     p.add_argument("--checkpoint", type=Path, help="an existing 2-rank ZeRO-3 checkpoint (skips the build)")
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, runs in results.items()
     }
     summary = {
-        "hardware": hardware(),
+        "hardware": harness.hardware(),
         "checkpoint": str(checkpoint),
         "parameters": num_params,
         "fp32_bytes": num_params * 4,

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig
 
 from maven_dist.contract.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, VocabLayout
 from maven_dist.data.formats import Example, collate
@@ -38,13 +37,11 @@ from maven_dist.data.image_transform import ImageTransform
 from maven_dist.data.loader import epoch_packed_steps, epoch_steps
 from maven_dist.data.packing import PackingBudget, collate_packed, pack_micro_batches
 from maven_dist.model.maven import MavenModel
-from maven_dist.model.parts import apply_trainable
-from maven_dist.model.spec import MavenSpec
 
 try:  # run as a script, bench/ is on sys.path; imported from the repository root (tests), it is not
-    from _hardware import hardware
+    import harness
 except ModuleNotFoundError:
-    from bench._hardware import hardware
+    from bench import harness
 
 SOURCES = [
     # (source, samples, images per sample, median text tokens, sigma of log length)
@@ -119,7 +116,7 @@ def padding_share(mix: Mix, batches: Plan) -> float:
     return 1 - used / held
 
 
-def plan_report(args) -> None:
+def plan_report(args) -> dict[str, dict[str, float]]:
     """The epoch's plan three ways at 16 rows x 2048 and a global batch of 256 rows (LLaVA-1.5's stage-4
     batch, unpacked); packed also at 4 rows and 64 rows a step, which keeps about 256 samples a step."""
     mix = mix_665k(per_image=178, max_length=2048, size=args.mix_size)
@@ -142,22 +139,22 @@ def plan_report(args) -> None:
               f"({global_batch} rows)  planned in {seconds:.1f} s")  # fmt: skip
     grouped, packed = arms["unpacked, length grouping"], arms["packed"]
     print(f"  micro-batches per epoch packed/grouped: {packed[0] / grouped[0]:.3f}")
+    return {name: {"micro_batches": n, "padding_share": share} for name, (n, share) in arms.items()}
 
 
 def build_model(args) -> tuple[MavenModel, VocabLayout]:
-    torch.manual_seed(0)
-    # A small text vocabulary and codebook keep the LLM body the larger share of a token's work, as at 7B
-    # (the head is ~2.5% of Vicuna-7B's per-token FLOPs); the codebook size plays no part in packing.
-    llm = LlamaConfig(vocab_size=1000, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                      num_key_value_heads=args.hidden // 64, max_position_embeddings=4096)  # fmt: skip
-    tower = CLIPVisionConfig(image_size=112, patch_size=14, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=2, num_attention_heads=2)  # fmt: skip
-    layout = VocabLayout.build(llm.vocab_size, 1024, 1024)
-    spec = MavenSpec(selector_hidden_size=64, num_codes=32, eos_token_id=2, bos_token_id=1, keep_ratio=0.25)
-    model = MavenModel.from_configs(llm, tower, layout, spec)
-    apply_trainable(model, ["llm", "vocab_new_rows", "projector"])  # stage 4
-    return model, layout
+    """The tiny preset's stage 4 (112 px tower, 2 layers; alpha 0.25) with an LLM of ``--hidden`` x
+    ``--layers``. A small text vocabulary and codebook keep the LLM body the larger share of a token's
+    work, as at 7B (the head is ~2.5% of Vicuna-7B's per-token FLOPs); the codebook plays no part here."""
+    heads, width = args.hidden // 64, args.hidden
+    overrides = [f"model.llm.hidden_size={width}", f"model.llm.num_layers={args.layers}",
+                 f"model.llm.num_heads={heads}", f"model.llm.num_kv_heads={heads}",
+                 f"model.llm.intermediate_size={width * 8 // 3}", "model.llm.max_position_embeddings=4096",
+                 "model.vision.num_layers=2", "model.discrete.codebook_size=1024", "model.vocab.pad_to_multiple_of=1024",
+                 "stage.gradient_checkpointing=false"]  # fmt: skip
+    cfg, _ = harness.load_preset("tiny", overrides)
+    model = harness.build_model(cfg, text_vocab=1000)
+    return model, model.layout
 
 
 def example(i: int, mix: Mix, layout: VocabLayout, per_image: int, rng: np.random.Generator) -> Example:
@@ -176,7 +173,7 @@ def example(i: int, mix: Mix, layout: VocabLayout, per_image: int, rng: np.rando
     return Example(str(i), pixels, codes, ids, labels, length=int(mix.lengths[i]))
 
 
-def step_report(args) -> float:
+def step_report(args) -> dict[str, float]:
     """Both arms train on the same samples: micro-batches drawn at random from the loader's grouped,
     unpacked plan of an epoch (so the unpacked arm pads as the loader does), and their samples packed
     into micro-batches of ``--micro`` rows. Returns the ratio of samples/s, packed over unpacked."""
@@ -233,7 +230,7 @@ def step_report(args) -> float:
         print(f"  {name:19s} {rates[name]:6.2f} samples/s  {used / median:8.0f} tokens/s  padding "
               f"{100 * (1 - used / held):4.1f}%  ({len(bs)} micro-batches; passes "
               f"{', '.join(f'{t:.1f}' for t in seconds[name])} s)")  # fmt: skip
-    return rates["packed"] / rates["unpacked (grouped)"]
+    return rates
 
 
 def _longest_row(batch, per_image: int) -> int:
@@ -243,7 +240,9 @@ def _longest_row(batch, per_image: int) -> int:
     return int((real + placeholders * (per_image - 1)).max())
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the bench; returns its figures: ``plan`` {arm: micro-batches and padding share} at 7B shapes,
+    ``samples_per_s`` {arm: rate} of the step bench and ``ratio`` (packed over unpacked samples/s)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=96, help="samples each arm of the step bench trains on")
     p.add_argument(
@@ -256,12 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2, help="LLM layers in the step bench")
     p.add_argument("--mix-size", type=float, default=1.0, help="samples of the mix, as a fraction of 665K's")
     args = p.parse_args(argv)
-    print(f"hardware: {hardware()}")
-    plan_report(args)
-    ratio = step_report(args)
+    print(f"hardware: {harness.hardware()}")
+    plan = plan_report(args)
+    rates = step_report(args)
+    ratio = rates["packed"] / rates["unpacked (grouped)"]
     print(f"ratio samples/s packed/unpacked {ratio:.2f}")
-    return 0
+    return {"plan": plan, "samples_per_s": rates, "ratio": ratio}
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -40,9 +40,9 @@ from maven_dist.parallel.local import LocalEngine
 from maven_dist.train.builders import ModelSource, load_stage_tokenizer, model_builder, model_spec
 
 try:  # run as a script, bench/ is on sys.path; imported from the repository root (tests), it is not
-    from _hardware import hardware
+    import harness
 except ModuleNotFoundError:
-    from bench._hardware import hardware
+    from bench import harness
 
 INITS = ("mean", "text_distribution")
 ORDERS = ("1 first", "2 first")
@@ -159,7 +159,9 @@ def run_condition(work: Path, init: str, order: str, seed: int, args) -> dict[st
     return row | evaluate(model, heldout, tokenizer, layout)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the bench; returns its figures: per condition ("<init>, <order>"), the mean and std over the
+    seeds of every column of the printed table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("runs/bench_selector_guidance"))
     parser.add_argument("--stage1-steps", type=int, default=400, help="selector steps (the tiny recipe: 20)")
@@ -170,46 +172,40 @@ def main() -> None:
     parser.add_argument(
         "--seeds", default="0,1,2", help="training seeds (new rows, selector init, data order)"
     )
-    args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    args = parser.parse_args(argv)
     base = stage_config(args.work, "stage1", args.stage1_steps, "text_distribution")
     prepare_demo(base)
     args.heldout = build_eval_set(args.work, base, args.heldout_images)
     print(
-        f"# {hardware()}; tiny recipe shapes; "
+        f"# {harness.hardware()}; tiny recipe shapes; "
         f"stage 1: {args.stage1_steps} steps, stage 2: {args.stage2_steps} steps; "
         f"held out: {args.heldout_images} images (seed {base.seed + 1})"
     )
-    header = (
-        "init",
-        "order",
-        "start spread",
-        "chance",
-        "p@k",
-        "p@k shuffled",
-        "gain",
-        "stage1 s",
-        "stage2 s",
+    header = ("start spread", "chance", "p@k", "p@k shuffled", "gain", "stage1 s", "stage2 s")
+    print(
+        "  ".join(f"{h:>17}" for h in ("init", "order", *header)) + f"   (mean ± std over seeds {args.seeds})"
     )
-    print("  ".join(f"{h:>17}" for h in header) + "   (mean ± std over seeds " + args.seeds + ")")
     seeds = [int(s) for s in args.seeds.split(",")]
+    figures = {}
     for init in INITS:
         for order in ORDERS:
             rows = [run_condition(args.work, init, order, seed, args) for seed in seeds]
             for row in rows:
                 row["gain"] = row["p@k"] - row["p@k shuffled"]
-            cells = [f"{init:>17}", f"{order:>17}"] + [_mean_std([r[h] for r in rows]) for h in header[2:]]
+            figures[f"{init}, {order}"] = {h: _mean_std([r[h] for r in rows]) for h in header}
+            cells = [f"{init:>17}", f"{order:>17}"]
+            cells += [f"{m:>8.4f} ± {s:.4f}".rjust(17) for m, s in figures[f"{init}, {order}"].values()]
             print("  ".join(cells), flush=True)
     print(
         "chance = share of labelled patches (the precision@k of a random selection); gain = precision@k with the "
         "true h_eos minus with h_eos shuffled across images (what the discrete view contributes)"
     )
+    return figures
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
-    return f"{mean:>8.4f} ± {std:.4f}".rjust(17)
+    return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
 
 
 if __name__ == "__main__":

@@ -57,68 +57,19 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig
 
-from maven_dist.config import Config, load_config
+from maven_dist.config import Config
 from maven_dist.contract.batch import Batch
 from maven_dist.contract.lengths import num_kept_patches
-from maven_dist.contract.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, VocabLayout
 from maven_dist.model.maven import MavenModel
-from maven_dist.model.parts import apply_trainable
-from maven_dist.model.spec import MavenSpec
 from maven_dist.train.perf import device_peak_flops
 
 try:  # run as a script, bench/ is on sys.path; imported from the repository root (tests), it is not
-    from _hardware import hardware
+    import harness
 except ModuleNotFoundError:
-    from bench._hardware import hardware
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-BOS, EOS = 1, 2  # LLaMA / Vicuna's <s> and </s>
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A stage-4 recipe and what this bench changes in it."""
-
-    recipe: Path
-    overrides: tuple[str, ...]
-    """``key=value`` overrides of the recipe (the trainer's merge order)."""
-    text_vocab: int
-    """Rows of the base LLM's vocabulary (its tokenizer's size; not part of the recipe)."""
-
-
-PRESETS = {
-    # The LLM body dominates the step, as at 7B: a 4-layer 768-wide LLM, a small text vocabulary next to
-    # the 8192 SEED codes, a small CLIP tower at LLaVA-1.5's 336 px (576 patches).
-    "cpu": Preset(
-        RECIPES / "tiny" / "stage4.yaml",
-        (
-            "model.llm.hidden_size=768",
-            "model.llm.num_layers=4",
-            "model.llm.num_heads=12",
-            "model.llm.num_kv_heads=12",
-            "model.llm.intermediate_size=2048",
-            "model.llm.max_position_embeddings=4096",
-            "model.vision.image_size=336",
-            "model.vision.hidden_size=256",
-            "model.vision.num_layers=2",
-            "model.vision.num_heads=4",
-            "model.vision.intermediate_size=1024",
-            "model.discrete.codebook_size=8192",
-            "model.selector.hidden_size=256",
-            "stage.micro_batch_size=2",
-        ),
-        text_vocab=4000,
-    ),
-    # Vicuna-7B v1.5 + CLIP ViT-L/14-336 + SEED codes, as recipes/maven-7b says (micro-batch 16, bf16).
-    "7b": Preset(RECIPES / "maven-7b" / "stage4.yaml", (), text_vocab=32000),
-    # The tiny recipe's shapes (112 px: 64 patches, so here the llava arm's sequences are the shorter).
-    "tiny": Preset(RECIPES / "tiny" / "stage4.yaml", ("stage.micro_batch_size=2",), text_vocab=512),
-}
+    from bench import harness
 
 
 @dataclass(frozen=True)
@@ -134,79 +85,8 @@ def arms(cfg: Config) -> dict[str, Arm]:
     }
 
 
-# ---------------------------------------------------------------------- the model and its batches
-
-
-def load_preset(name: str, layers: int | None) -> tuple[Config, Preset]:
-    preset = PRESETS[name]
-    overrides = [*preset.overrides, *([f"model.llm.num_layers={layers}"] if layers else [])]
-    return load_config(preset.recipe, overrides), preset
-
-
-def build_model(cfg: Config, text_vocab: int, device: torch.device, dtype: torch.dtype) -> MavenModel:
-    """A random MavenModel of the recipe's shapes, with stage 4's trainable parts, on `device`."""
-    m = cfg.model
-    llm = LlamaConfig(
-        vocab_size=text_vocab,
-        hidden_size=m.llm.hidden_size,
-        intermediate_size=m.llm.intermediate_size,
-        num_hidden_layers=m.llm.num_layers,
-        num_attention_heads=m.llm.num_heads,
-        num_key_value_heads=m.llm.num_kv_heads,
-        max_position_embeddings=m.llm.max_position_embeddings,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        tie_word_embeddings=False,
-    )
-    tower = CLIPVisionConfig(
-        image_size=m.vision.image_size,
-        patch_size=m.vision.patch_size,
-        hidden_size=m.vision.hidden_size,
-        intermediate_size=m.vision.intermediate_size,
-        num_hidden_layers=m.vision.num_layers,
-        num_attention_heads=m.vision.num_heads,
-    )
-    layout = VocabLayout.build(text_vocab, m.discrete.codebook_size, m.vocab.pad_to_multiple_of)
-    spec = MavenSpec(
-        select_layer=m.vision.select_layer,
-        keep_ratio=m.selector.keep_ratio,
-        selector_hidden_size=m.selector.hidden_size,
-        projector=m.projector.kind,
-        num_codes=m.discrete.num_codes,
-        eos_token_id=EOS,
-        bos_token_id=BOS,
-    )
-    torch.manual_seed(cfg.seed)
-    with torch.device(device):  # initialise on the GPU: a 7B LLM's host-side init takes minutes
-        model = MavenModel.from_configs(
-            llm, tower, layout, spec, attn_implementation=m.llm.attn_implementation
-        )
-    apply_trainable(model, cfg.stage.trainable)
-    if cfg.stage.gradient_checkpointing:
-        model.enable_activation_checkpointing()
-    return model.to(dtype).train()
-
-
-def make_batch(model: MavenModel, samples: int, images: int, text: int, device: torch.device) -> Batch:
-    """`samples` rows of ``<s>``, `images` placeholders, `text` - 2 text tokens, ``</s>``; the last
-    half of the text and ``</s>`` are labelled (an answer after its prompt)."""
-    g = torch.Generator().manual_seed(images)
-    layout, size = model.layout, model.vision_tower.tower.config.image_size
-    words = torch.randint(3, layout.text_size, (samples, text - 2), generator=g)
-    marks = torch.full((samples, images), IMAGE_PLACEHOLDER_ID)
-    ends = lambda value: torch.full((samples, 1), value)  # noqa: E731
-    ids = torch.cat([ends(BOS), marks, words, ends(EOS)], dim=1)
-    labels = ids.clone()
-    labels[:, : 1 + images + (text - 2) // 2] = IGNORE_INDEX
-    n = samples * images
-    return Batch(
-        pixel_values=torch.randn(n, 3, size, size, generator=g),
-        image_codes=torch.randint(0, layout.codebook_size, (n, model.spec.num_codes), generator=g),
-        input_ids=ids,
-        labels=labels,
-        attention_mask=torch.ones_like(ids),
-        sample_ids=[f"{images}img-{i}" for i in range(samples)],
-    ).to(device)
+def load_preset(name: str, layers: int | None):
+    return harness.load_preset(name, [f"model.llm.num_layers={layers}"] if layers else [])
 
 
 def use_arm(model: MavenModel, arm: Arm) -> None:
@@ -219,10 +99,6 @@ def llm_parameters(model: MavenModel) -> int:
 
 
 # ---------------------------------------------------------------------- timing
-
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
 def plain_step(model: MavenModel, batch: Batch, arm: Arm, sync) -> tuple[float, float, int]:
@@ -391,22 +267,29 @@ def paired_ratio(steps: dict[tuple[str, int], list[float]], images: int) -> floa
     return statistics.median(llava / maven for llava, maven in pairs)
 
 
-def print_throughput(measured: Measured, samples: int, n_params: int, peak: float | None) -> None:
-    mfu_header = f" {'MFU':>6}" if peak else ""
-    print(
-        f"{'arm':<6} {'images':>6} {'positions/sample':>16} {'step ms':>9} {'samples/s':>9} "
-        f"{'tokens/s':>9} {'model TFLOP/s':>13}{mfu_header}"
-    )
+def throughput(measured: Measured, samples: int, n_params: int, peak: float | None) -> list[dict]:
+    """One row per arm and image count (median step): positions per sample, step ms, samples/s, tokens/s,
+    model TFLOP/s and, where the device's peak is known, MFU (the trainer's 6 N T / (dt P))."""
+    rows = []
     for (name, images), runs in sorted(
         measured.steps.items(), key=lambda kv: (kv[0][1], kv[0][0] != "maven")
     ):
         seconds, positions = statistics.median(runs), measured.positions[(name, images)]
         flops = 6 * n_params * positions / seconds
-        mfu = f" {flops / peak:>6.1%}" if peak else ""
-        print(
-            f"{name:<6} {images:>6} {positions // samples:>16} {seconds * 1e3:>9.1f} {samples / seconds:>9.2f} "
-            f"{positions / seconds:>9.0f} {flops / 1e12:>13.3f}{mfu}"
-        )
+        rows.append({"arm": name, "images": images, "positions_per_sample": positions // samples,
+                     "step_ms": seconds * 1e3, "samples_per_s": samples / seconds, "tokens_per_s": positions / seconds,
+                     "model_tflops": flops / 1e12, "mfu": flops / peak if peak else None})  # fmt: skip
+    return rows
+
+
+def print_throughput(rows: list[dict]) -> None:
+    mfu = rows and rows[0]["mfu"] is not None
+    print(f"{'arm':<6} {'images':>6} {'positions/sample':>16} {'step ms':>9} {'samples/s':>9} {'tokens/s':>9} "
+          f"{'model TFLOP/s':>13}" + (f" {'MFU':>6}" if mfu else ""))  # fmt: skip
+    for r in rows:
+        print(f"{r['arm']:<6} {r['images']:>6} {r['positions_per_sample']:>16} {r['step_ms']:>9.1f} "
+              f"{r['samples_per_s']:>9.2f} {r['tokens_per_s']:>9.0f} {r['model_tflops']:>13.3f}"
+              + (f" {r['mfu']:>6.1%}" if mfu else ""))  # fmt: skip
 
 
 REGION_ORDER = ("tower", "h_eos pass", "selector", "projector", "assembly", "LLM body", "loss", "other")
@@ -432,17 +315,14 @@ def print_regions(measured: Measured) -> None:
     print(f"{'plain step':<16}" + "".join(f" {p:>9.1f} {'':>6}" for p in plain))
     for k in counts:
         runs = measured.regions[k]
-        share = statistics.median(
-            (step.get("h_eos pass", 0.0) + step.get("h_eos pass bwd", 0.0)) / sum(step.values())
-            for step in runs
-        )
+        share = statistics.median(_h_eos_share(step) for step in runs)
         print(f"h_eos@{k}img {share:.1%} of the MaVEn step")
 
 
 def describe(cfg: Config, preset_name: str, model: MavenModel, samples: int, args) -> str:
     m, tower, layout = cfg.model, model.vision_tower, model.layout
     kept = num_kept_patches(tower.num_patches, m.selector.keep_ratio)
-    recipe = PRESETS[preset_name].recipe.relative_to(RECIPES.parent)
+    recipe = harness.PRESETS[preset_name].recipe.relative_to(harness.REPO)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return (
         f"# {preset_name} preset ({recipe}): LLM {m.llm.num_layers} x "
@@ -458,7 +338,7 @@ def describe(cfg: Config, preset_name: str, model: MavenModel, samples: int, arg
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    p.add_argument("--preset", choices=list(harness.PRESETS), default="cpu")
     p.add_argument("--layers", type=int, help="LLM layers (a slice of the recipe's LLM, so it fits)")
     p.add_argument(
         "--samples", type=int, help="samples per step (default: the preset's stage.micro_batch_size)"
@@ -489,8 +369,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict[int, float]:
-    """Run the bench; returns {images per sample: MaVEn samples/s over LLaVA-style samples/s}."""
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the bench; returns its figures: ``ratio`` {images per sample: MaVEn samples/s over LLaVA-style
+    samples/s}, ``samples_per_s`` and ``positions_per_sample`` per arm and image count, ``h_eos_share`` and
+    ``regions_ms`` (the instrumented MaVEn step) per image count."""
     args = parse_args(argv)
     cfg, preset = load_preset(args.preset, args.layers)
     if args.activation_checkpointing != "recipe":
@@ -501,14 +383,15 @@ def main(argv: Sequence[str] | None = None) -> dict[int, float]:
     dtype_name = args.dtype or (cfg.stage.dtype if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     samples = args.samples or cfg.stage.micro_batch_size
-    model = build_model(cfg, preset.text_vocab, device, dtype)
+    model = harness.build_model(cfg, preset.text_vocab, device, dtype)
     counts = [int(k) for k in args.images.split(",")]
-    batches = {k: make_batch(model, samples, k, args.text, device) for k in counts}
-    print(f"# hardware: {hardware(device)}")
+    batches = {k: harness.make_batch(model, samples, k, args.text, device) for k in counts}
+    print(f"# hardware: {harness.hardware(device)}")
     print(describe(cfg, args.preset, model, samples, args), flush=True)
-    measured = measure(model, cfg, batches, args.repeats, synchronizer(device))
+    measured = measure(model, cfg, batches, args.repeats, harness.synchronizer(device))
     peak = device_peak_flops() if device.type == "cuda" else None
-    print_throughput(measured, samples, llm_parameters(model), peak)
+    rows = throughput(measured, samples, llm_parameters(model), peak)
+    print_throughput(rows)
     print_regions(measured)
     ratios = {k: paired_ratio(measured.steps, k) for k in counts}
     if device.type == "cpu":  # a cross-check on a shared machine: other processes' load barely moves it
@@ -517,7 +400,20 @@ def main(argv: Sequence[str] | None = None) -> dict[int, float]:
     print(f"# ratio = maven samples/s / llava samples/s (wall time), median of {args.repeats} paired rounds")
     for k in sorted(counts, key=lambda k: {4: 1, 1: 2}.get(k, 0)):  # ratio@4img and ratio@1img last
         print(f"ratio@{k}img {ratios[k]:.2f}")
-    return ratios
+    return {
+        "ratio": ratios,
+        "samples_per_s": {arm: {k: samples / statistics.median(measured.steps[(arm, k)]) for k in counts}
+                          for arm in ("maven", "llava")},
+        "positions_per_sample": {arm: {k: measured.positions[(arm, k)] // samples for k in counts}
+                                 for arm in ("maven", "llava")},
+        "h_eos_share": {k: statistics.median(_h_eos_share(step) for step in measured.regions[k]) for k in counts},
+        "regions_ms": {k: {name: statistics.median(step.get(name, 0.0) for step in measured.regions[k]) * 1e3
+                           for name in {n for step in measured.regions[k] for n in step}} for k in counts},
+    }  # fmt: skip
+
+
+def _h_eos_share(step: dict[str, float]) -> float:
+    return (step.get("h_eos pass", 0.0) + step.get("h_eos pass bwd", 0.0)) / sum(step.values())
 
 
 if __name__ == "__main__":

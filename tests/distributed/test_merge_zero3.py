@@ -321,20 +321,19 @@ def test_world_size_that_does_not_match_the_files_is_refused(damaged, tmp_path):
 
 @pytest.mark.distributed
 def test_bench_runs_at_tiny_size(zero3_run, tmp_path):
-    """bench/merge.py end to end on the 2-rank tiny checkpoint (the real bench needs >= 300M parameters)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_merge", Path(__file__).resolve().parents[2] / "bench" / "merge.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    """bench/merge.py end to end on the 2-rank tiny checkpoint (the real bench needs >= 300M parameters);
+    its figures checked as every bench's are (tests/unit/test_benches.py)."""
+    from bench import merge
+    from bench.harness import check_figures
     from maven_dist.merge.output_files import expected_shapes
 
     ckpt = checkpoint_of(zero3_run(2))
-    summary = bench.main(
+    summary = merge.main(
         ["--checkpoint", str(ckpt), "--work-dir", str(tmp_path), "--rounds", "1", "--min-params", "0"]
     )
+    tool = {"wall_s": float, "peak_rss_mb": float}
+    check_figures(summary, {"median": {"merge_ckpt": tool, "zero_to_fp32": tool}, "ratio_time": float,
+                            "ratio_peak_rss": float, "merge_ckpt_on_legacy_files": tool, "bitwise_equal": bool})  # fmt: skip
     assert summary["bitwise_equal"] and summary["tensors_compared"] == len(expected_shapes(ckpt / "model"))
     assert summary["ratio_time"] > 0 and summary["ratio_peak_rss"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["parameters"] == summary["parameters"]
