@@ -49,6 +49,6 @@ def read_metrics(path: Path, offset: int = 0) -> list[dict]:
     """One row per logged step with every metric written at it (training and validation rows of a step
     merge); a resumed stage re-logs steps after its checkpoint: the last value of each metric wins."""
     rows: dict[int, dict] = {}
-    for row, _ in iter_lines(Path(path), offset):
+    for row, _ in iter_lines(Path(path), offset):  # none if there is no file
         rows.setdefault(row["step"], {}).update(row)
     return [rows[k] for k in sorted(rows)]

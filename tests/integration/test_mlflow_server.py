@@ -33,11 +33,10 @@ KILL_AT = 20  # the server dies before stage 3's step 20 ...
 RESTART_AT = 20  # ... and is back before stage 4's step 20
 
 
-@pytest.fixture
-def server(tmp_path):
-    root = tmp_path / "server"
-    root.mkdir()
-    srv = MlflowServer(root, free_port())
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the file (starting one takes ~20 s); each test uses an experiment of its own."""
+    srv = MlflowServer(tmp_path_factory.mktemp("server"), free_port())
     srv.start()
     yield srv
     srv.kill()
@@ -138,12 +137,22 @@ def test_compare_merges_a_tracking_server_and_a_run_directory(server, tmp_path, 
 
     run_dir = tmp_path / "local"
     run_dir.mkdir()
-    parent = log_launch(server.uri, "maven-it", arm("server-a", "0.1", [0.9, 0.7]))
-    log_launch(server.uri, "maven-it", arm("server-b", "0.25", [0.8, 0.6, 0.65]))
-    log_launch(f"sqlite:///{run_dir / 'mlflow.db'}", "maven-it", arm("local-c", "1.0", [1.0]))
+    parent = log_launch(server.uri, "maven-compare", arm("server-a", "0.1", [0.9, 0.7]))
+    log_launch(server.uri, "maven-compare", arm("server-b", "0.25", [0.8, 0.6, 0.65]))
+    log_launch(f"sqlite:///{run_dir / 'mlflow.db'}", "maven-compare", arm("local-c", "1.0", [1.0]))
 
     out = tmp_path / "report.csv"
-    assert main(["--uri", server.uri, "--run-dir", str(run_dir), "--csv", str(out)]) == 0
+    argv = [
+        "--uri",
+        server.uri,
+        "--run-dir",
+        str(run_dir),
+        "--experiment",
+        "maven-compare",
+        "--csv",
+        str(out),
+    ]
+    assert main(argv) == 0
     assert "server-b" in capsys.readouterr().out
     rows = {r["arm"]: r for r in csv.DictReader(out.open())}
     assert sorted(rows) == ["local-c", "server-a", "server-b"]
@@ -157,7 +166,7 @@ def test_compare_merges_a_tracking_server_and_a_run_directory(server, tmp_path, 
     assert rows["local-c"]["visual tokens/image"] == str(32 + 576)
     assert rows["server-a"]["eval/synth_vqa/accuracy"] == "0.5"
 
-    runs = find_runs_in_stores([server.uri])
+    runs = find_runs_in_stores([server.uri], ["maven-compare"])
     load_histories(runs, HISTORY_KEYS)
     log_report(server.uri, parent, write_report(group_arms(runs), tmp_path / "report"))
     client = MlflowClient(tracking_uri=server.uri)

@@ -1,17 +1,9 @@
-"""The comparison report: one row per arm (launch) over stage runs read from any number of stores, and the
-summary each launch's parent run carries.
+"""The comparison report (``maven compare``, the sweep's report): one row per arm over stage runs from any
+number of stores, in text, Markdown, CSV and HTML with plots; and the summary a launch's parent run carries.
 
-An *arm* is the stage and ``eval-*`` runs sharing a store, an experiment and a ``maven.launch_id``, labelled
-by the ``maven.arm`` tag a sweep sets, else the launch id (plus the store, then the experiment, where two
-arms would read the same). The main table has, per arm: the params that differ between arms, compared
-stage by stage (``stage.optimizer.lr``, which changes from stage to stage the same way in every arm, is no
-difference), one column where each arm has one value over its stages, else one per stage where they differ
-(``stage.optimizer.lr [stage3]``), :data:`PER_LAUNCH_PARAMS` only with ``all_params``; the last stage, its
-final and best ``val/loss``, its median ``perf/tokens_per_s`` (neither the warm-up window nor a short last
-one decides it); every ``eval/<task>/<metric>`` (the later evaluation wins); the visual tokens per image as
-the paper counts them (codes for ``discrete``, ``floor(keep_ratio * patches)`` for ``continuous``). The
-second table has every stage's final and best ``val/loss``; the plots overlay ``loss/total`` and
-``val/loss`` of all arms per stage. The sweep's use::
+An *arm* is a launch: the stage and ``eval-*`` runs of one store, experiment and ``maven.launch_id``, named
+by its ``maven.arm`` tag, else its launch id (plus the store, then the experiment, where two would read the
+same). What the tables hold is in docs/experiments.md ("Comparing runs"); the sweep's use::
 
     runs = find_runs_in_stores([uri], sweep=name)
     load_histories(runs, HISTORY_KEYS)

@@ -1,11 +1,11 @@
 """The tracker the trainer codes against: :class:`Tracker` does nothing (every rank but 0);
 :class:`MLflowTracker` (rank 0) writes the run's record (:mod:`.record`), then syncs it (:mod:`.sync`).
 
-No thread: every call does its work in the caller's thread before it returns (so a process that forks,
-as rank 0 does for its DataLoader workers, has no tracking thread to fork under). The sync runs at the start
-and end of a stage and at most every ``sync_interval_s`` in between; while the store fails it is retried
-after a doubling pause of at most :data:`MAX_BACKOFF_S`, so a dead server costs one failed request
-(``http_timeout_s`` at worst) per pause.
+No thread: a call does its work in the caller's thread before it returns, so a process that forks (rank 0
+does, for its DataLoader workers) has no tracking thread to fork under. The sync runs at the start and end
+of a stage and at most every ``sync_interval_s`` in between; while the store fails it is tried again after
+a doubling pause of at most :data:`MAX_BACKOFF_S`, so a dead server costs one failed request (at worst
+``http_timeout_s``) per pause.
 """
 
 from __future__ import annotations
@@ -38,67 +38,55 @@ _BAD_METRIC_CHARS = re.compile(r"[^\w\-. :/]")  # anything else makes MLflow ref
 
 class Tracker:
     """Experiment tracking as the trainer sees it; this one does nothing. No method raises because of the
-    store: ``start_stage`` opens (on resume: reopens) the stage's run under the launch's parent run,
+    store. ``start_stage`` opens (on resume: reopens) the stage's run under the launch's parent run,
     ``log_dict`` attaches YAML (``.yaml``/``.yml`` names) or JSON, ``end_stage`` closes the run."""
 
     def start_stage(
-        self, stage_name: str, params: Mapping[str, Any] | None = None, tags: Mapping | None = None
-    ):
-        pass
-
-    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        pass
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
-        pass
-
-    def end_stage(self, status: RunStatus = "FINISHED") -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+        self, stage_name: str, params: Mapping | None = None, tags: Mapping | None = None
+    ) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None: ...
+    def end_stage(self, status: RunStatus = "FINISHED") -> None: ...
+    def close(self) -> None: ...
 
 
 NullTracker = Tracker
 
 
 class MLflowTracker(Tracker):
-    """Records one process's stage runs in ``record_dir`` (default: ``run_dir/<stage>``) and syncs them to the
+    """Records a process's stage runs in ``record_dir`` (default ``run_dir/<stage>``) and syncs them to the
     store at ``uri`` (None: record only), after the records under ``run_dir`` the store lacks (earlier ones)."""
 
     def __init__(self, *, uri: str | None, experiment: str, launch_id: str, run_dir: str | Path,
-                 record_dir: str | Path | None = None, base_params: Mapping[str, Any] | None = None,
-                 resolved_config: Mapping[str, Any] | None = None, sync_interval_s: float = 5.0,
+                 record_dir: str | Path | None = None, base_params: Mapping | None = None,
+                 resolved_config: Mapping | None = None, sync_interval_s: float = 5.0,
                  system_metrics_interval_s: float = 0.0, http_timeout_s: float = 10.0) -> None:  # fmt: skip
         if uri:  # MLflow's HTTP client retries for minutes; this tracker retries on its own schedule
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(http_timeout_s))))
         self.uri, self.run_dir, self.record_dir = uri, Path(run_dir), record_dir
-        self.record = RunRecord(record_dir or self.run_dir)  # the stage's own from start_stage on
         self.identity = {"experiment": experiment, "launch_id": launch_id}
         self.base_params, self.resolved_config = dict(base_params or {}), resolved_config
         self.sync_interval_s, self.system_metrics_interval_s = sync_interval_s, system_metrics_interval_s
-        self.pending: list[RunRecord] = []  # earlier runs' records the store does not have yet
+        self.record, self.pending = RunRecord(record_dir or run_dir), []  # pending: earlier runs' records
         self._open, self._warned, self._next_sync, self._next_sample = False, set(), 0.0, 0.0
         self._failures, self._down_since = 0, None
 
     def start_stage(
-        self, stage_name: str, params: Mapping[str, Any] | None = None, tags: Mapping | None = None
-    ):
+        self, stage_name: str, params: Mapping | None = None, tags: Mapping | None = None
+    ) -> None:
         if self._open:
             self._warn(f"start_stage({stage_name!r}) while a stage is open; ending it first")
             self.end_stage("FINISHED")
         parent_tags = {"maven.run_dir": str(self.run_dir), **launch_tags()}
-        if os.environ.get(RUN_NAME_ENV, "").strip():
-            parent_tags["mlflow.runName"] = os.environ[RUN_NAME_ENV].strip()
+        if name := os.environ.get(RUN_NAME_ENV, "").strip():
+            parent_tags["mlflow.runName"] = name
         self.record = RunRecord(self.record_dir or self.run_dir / stage_name)
         self.record.open_attempt(self.uri, self.identity | {"stage": stage_name}, parent_tags)
         self._open = True
         self.record.add(
-            {**self.base_params, **(params or {})}, {**environment_tags(), **launch_tags(), **(tags or {})}
+            self.base_params | dict(params or {}), environment_tags() | launch_tags() | dict(tags or {})
         )
         if self.resolved_config is not None:
             self.log_dict(self.resolved_config, "resolved_recipe.yaml")
@@ -141,12 +129,10 @@ class MLflowTracker(Tracker):
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         if self._stage_open("log_dict"):
             plain = json.loads(json.dumps(data, default=str))  # tuples to lists, paths and others to strings
-            text = (
-                yaml.safe_dump(plain, sort_keys=False)
-                if name.endswith((".yaml", ".yml"))
-                else json.dumps(plain)
+            yaml_name = name.endswith((".yaml", ".yml"))
+            self._write(
+                name, (yaml.safe_dump(plain, sort_keys=False) if yaml_name else json.dumps(plain)).encode()
             )
-            self._write(name, text.encode())
 
     def end_stage(self, status: RunStatus = "FINISHED") -> None:
         if not self._stage_open("end_stage"):
@@ -175,9 +161,9 @@ class MLflowTracker(Tracker):
             self._next_sync = time.monotonic() + min(self.sync_interval_s * 2**self._failures, MAX_BACKOFF_S)
             if self._down_since is None:
                 self._down_since = time.monotonic()
-                logger.warning("MLflow tracking store %s is unreachable or refused a call (%s); training "
-                               "continues and keeps everything in %s, sent when the store answers (tried again "
-                               "within %.0f s) or by: maven sync %s", self.uri, f"{type(exc).__name__}: {exc}"[:300],
+                logger.warning("MLflow tracking store %s is unreachable or refused a call (%s); training goes on "
+                               "and keeps everything in %s, sent when the store answers (tried again within "
+                               "%.0f s) or by: maven sync %s", self.uri, f"{type(exc).__name__}: {exc}"[:300],
                                self.record.dir, MAX_BACKOFF_S, self.run_dir)  # fmt: skip
             return False
         if self._down_since is not None:
@@ -193,9 +179,8 @@ class MLflowTracker(Tracker):
             self.end_stage("FAILED")
 
     def _write(self, name: str, content: bytes) -> None:
-        path = self.record.artifacts / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content)
+        (self.record.artifacts / name).parent.mkdir(parents=True, exist_ok=True)
+        (self.record.artifacts / name).write_bytes(content)
 
     def _stage_open(self, what: str) -> bool:
         if not self._open:
@@ -209,26 +194,25 @@ class MLflowTracker(Tracker):
 
 
 def sample_system_metrics() -> dict[str, float]:
-    """``system/*`` (node CPU and memory, this process's RSS) and, if torch already uses CUDA,
+    """``system/*`` (node CPU and memory, this process's RSS) and, where torch already uses CUDA,
     ``memory/gpu_*`` of this process's device."""
     import psutil
 
-    vm, gb = psutil.virtual_memory(), 1024**3
+    vm, gb, torch = psutil.virtual_memory(), 1024**3, sys.modules.get("torch")  # never import torch to sample
     out = {"system/cpu_percent": psutil.cpu_percent(interval=None), "system/memory_percent": vm.percent,
            "system/memory_used_gb": (vm.total - vm.available) / gb,
            "system/process_rss_gb": psutil.Process().memory_info().rss / gb}  # fmt: skip
-    torch = sys.modules.get("torch")  # never import torch (or initialise CUDA) just to sample
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["memory/gpu_allocated_gb"] = torch.cuda.memory_allocated() / gb
-        out["memory/gpu_reserved_gb"] = torch.cuda.memory_reserved() / gb
-        out["memory/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated() / gb
+        out |= {"memory/gpu_allocated_gb": torch.cuda.memory_allocated() / gb,
+                "memory/gpu_reserved_gb": torch.cuda.memory_reserved() / gb,
+                "memory/gpu_max_allocated_gb": torch.cuda.max_memory_allocated() / gb}  # fmt: skip
     return out
 
 
 def draw_loss_curve(record: RunRecord, title: str) -> None:
     """``loss_curve.png`` in the record: a panel per ``loss/*`` key against step, from ``metrics.jsonl`` (so a
     resumed stage's curve is whole)."""
-    rows = read_metrics(record.metrics, record.data["metrics_from"]) if record.metrics.is_file() else []
+    rows = read_metrics(record.metrics, record.data["metrics_from"])
     keys = sorted({k for row in rows for k in row if k.startswith("loss/")})
     if keys:
         panels = {f"{title}: {k}": {"": [(row["step"], row[k]) for row in rows if k in row]} for k in keys}
