@@ -187,6 +187,7 @@ def test_one_process(hub, tmp_path, capsys, in_process_training):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # two torchrun launches: ~60 s on the shared 2-core machine
 def test_zero3_two_ranks(hub, tmp_path, capsys):
     """The same stages on two ranks of ZeRO-3 (the merged sharded checkpoint answers too; maven eval is the
     one-process test's: it reads the same kind of directory)."""
