@@ -16,11 +16,18 @@ CODES, PATCHES, KEPT = 32, 64, 16  # the tiny recipe: 112 px / 14 = 8 x 8 patche
 COUNTS = {1: float, 2: float, 4: float}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The benches' tiny shapes on one intra-op thread (bench/step.py's default: on a shared 2-core machine
+    a second thread mostly waits; the step smoke test took 9 s on two, 2 s on one), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_step_runs_both_arms_at_every_image_count():
-    threads = str(torch.get_num_threads())  # the bench sets them for this process: keep them as they are
-    figures = step.main(
-        ["--preset", "tiny", "--repeats", "1", "--samples", "1", "--text", str(TEXT), "--threads", threads]
-    )
+    figures = step.main(["--preset", "tiny", "--repeats", "1", "--samples", "1", "--text", str(TEXT)])
     check_figures(figures, {"ratio": COUNTS, "samples_per_s": {"maven": COUNTS, "llava": COUNTS},
                             "h_eos_share": COUNTS, "regions_ms": {1: dict, 2: dict, 4: dict}})  # fmt: skip
     for k in (1, 2, 4):
