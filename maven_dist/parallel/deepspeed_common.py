@@ -32,7 +32,8 @@ def base_ds_config(cfg: Config, dims: ParallelDims, accumulation: int) -> dict:
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": stage.micro_batch_size * accumulation * dims.dp,
         "gradient_clipping": stage.optimizer.grad_clip,
-        "bf16": {"enabled": stage.dtype == "bf16" and torch.cuda.is_available()},  # CPU runs are fp32
+        # stage.dtype on every device: a bf16 stage on CPU runs the same casts as on a GPU (the tests' guard).
+        "bf16": {"enabled": stage.dtype == "bf16"},
         # We pass a torch AdamW over the trainable groups; DeepSpeed wraps it in its ZeRO optimizer.
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -46,6 +47,19 @@ def base_ds_config(cfg: Config, dims: ParallelDims, accumulation: int) -> dict:
 # a minute of both cores the first time a machine (or a new install path) runs a stage.
 SHM_COMM_OP = "deepspeed_shm_comm"
 MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def training_dtype(stage) -> torch.dtype:
+    """The dtype a stage's weights and activations have (``stage.dtype``); master weights stay fp32."""
+    return torch.bfloat16 if stage.dtype == "bf16" else torch.float32
+
+
+def accelerator_device() -> torch.device:
+    """The device DeepSpeed's engine will put this rank on (``engine.device``), known before it exists:
+    collectives issued while an engine is built take their tensors there."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
 
 
 def init_deepspeed_distributed() -> None:

@@ -4,6 +4,8 @@ linear warmup then cosine decay (LLaVA-1.5: warmup ratio 0.03)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -30,8 +32,14 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return len(getattr(param, "ds_shape", param.shape)) < 2 or name.endswith(".bias")
 
 
+class NamedParameters(Protocol):
+    """What the optimizer is built over: a model, or its fp32 masters (``mixed_precision.py``) under its names."""
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+
 def build_param_groups(
-    model: nn.Module, lr: float, weight_decay: float, part_lr: dict[str, float]
+    model: NamedParameters, lr: float, weight_decay: float, part_lr: dict[str, float]
 ) -> list[dict]:
     """AdamW groups per (part, decay): per-part learning rates where the stage sets them, no decay
     on norms and biases. Frozen parameters are left out, so they get no optimizer state."""
@@ -55,7 +63,7 @@ def build_param_groups(
 
 
 def build_optimizer(
-    model: nn.Module, cfg: StageConfig, total_steps: int
+    model: NamedParameters, cfg: StageConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, LambdaLR]:
     """AdamW over the trainable parameters only, with the stage's warmup + cosine schedule."""
     opt = cfg.optimizer

@@ -26,12 +26,16 @@ class StageSetup:
     num_patches: int
 
 
-def build_stage_setup(base_dir: Path, stage: str) -> StageSetup:
+def build_stage_setup(
+    base_dir: Path, stage: str, llm_dir: Path | None = None, overrides: list[str] = ()
+) -> StageSetup:
+    """The tiny `stage` on the base models in `base_dir` (the LLM from `llm_dir` when given), at test size."""
+    llm_dir = llm_dir or base_dir / "llm"
     cfg = load_config(
         f"recipes/tiny/{stage}.yaml",
         [
             f"run_dir={base_dir}/run",
-            f"model.llm.path={base_dir}/llm",
+            f"model.llm.path={llm_dir}",
             f"model.vision.path={base_dir}/tower",
             "model.llm.init=pretrained",
             "model.vision.init=pretrained",
@@ -43,11 +47,12 @@ def build_stage_setup(base_dir: Path, stage: str) -> StageSetup:
             f"stage.global_batch_size={GLOBAL}",
             "stage.gradient_checkpointing=false",
             "stage.schedule.warmup_ratio=0",
+            *overrides,
         ],
     )
-    tokenizer = AutoTokenizer.from_pretrained(base_dir / "llm")
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     layout = extend_tokenizer(tokenizer, cfg.model.discrete.codebook_size, cfg.model.vocab.pad_to_multiple_of)
-    source = ModelSource("base", base_dir / "llm", base_dir / "tower", base_dir / "llm")
+    source = ModelSource("base", llm_dir, base_dir / "tower", llm_dir)
     builder = model_builder(cfg, source, layout, model_spec(cfg, tokenizer))
     from transformers import CLIPVisionConfig
 
