@@ -38,10 +38,8 @@ class ConfigError(ValueError):
 class LLMConfig:
     path: str = "{run_dir}/base/llm"
     """Local HF directory of the base LLM (e.g. Vicuna-7B v1.5); `{run_dir}` is substituted."""
-    init: Literal["pretrained", "random", "synthetic"] = "pretrained"
-    """`pretrained` loads `path`; `random` first builds a LLaMA of the shape below and saves it to `path`;
-    `synthetic` (the demo) builds it and pretrains it on the synthetic world's text first
-    (maven_dist/offline/pretrain_llm.py)."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """`pretrained` loads `path`; `random` first builds a LLaMA of the shape below and saves it to `path`."""
     hidden_size: int = 4096
     """Model width (random init only)."""
     num_layers: int = 32
@@ -75,9 +73,8 @@ class LLMConfig:
 class VisionConfig:
     path: str = "{run_dir}/base/vision_tower"
     """Local HF directory of the CLIP vision tower (e.g. clip-vit-large-patch14-336)."""
-    init: Literal["pretrained", "random", "synthetic"] = "pretrained"
-    """`random` builds a CLIP vision tower of the shape below into `path` first; `synthetic` (the demo) builds it
-    and pretrains it on the synthetic world's objects (maven_dist/offline/pretrain_tower.py)."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """`random` builds a CLIP vision tower of the shape below into `path` first."""
     select_layer: int = -2
     """Hidden-state layer whose patch features are used (LLaVA-1.5: the penultimate, -2)."""
     image_size: int = 336
@@ -446,24 +443,11 @@ class DemoConfig:
     """This recipe trains on the demo assets (`maven prepare-demo` builds what is missing: synthetic images,
     tokenizer, random base models, shards, patch labels and visual codes; see maven_dist/offline/demo.py)."""
     num_images: int = 160
-    """Synthetic training images to generate."""
-    questions_per_image: int = 1
-    """Single-image question samples per training image (every question kind; maven_dist/offline/synthetic_qa.py)."""
+    """Synthetic images to generate."""
     image_size: int = 112
     """Side of the larger dimension of each synthetic image."""
     tokenizer_vocab_size: int = 512
     """Text vocabulary of the tokenizer trained on the synthetic texts."""
-    heldout_images: int = 48
-    """Images drawn apart from the training images (another seed) for the benchmarks `eval` scores."""
-    benchmark_questions: int = 16
-    """Questions per benchmark-format task of the synthetic benchmark set (vqav2, gqa, ..., demon)."""
-    heldout_per_kind: int = 16
-    """Questions per kind of the held-out set (task `heldout`: colour, shape, exists, count, yes_no, compare,
-    choice)."""
-    llm_steps: int = 300
-    """Pretraining steps of a `synthetic` LLM on the world's text."""
-    tower_steps: int = 600
-    """Pretraining steps of a `synthetic` vision tower on the world's objects."""
 
 
 @dataclass
@@ -478,9 +462,6 @@ class EvalConfig:
     """Questions per forward."""
     max_new_tokens: int = 32
     """Longest generated answer."""
-    controls: list[Literal["blank", "swap", "none"]] = field(default_factory=list)
-    """Image-blind controls to score as well (`maven eval --control`): the majority baseline and the visual
-    gain over each control, per task and metric (maven_dist/eval/controls.py)."""
 
     def validate(self) -> None:
         for name in ("batch_size", "max_new_tokens"):
