@@ -20,11 +20,9 @@ text rows). On disk they are concatenated into ``model.embed_tokens.weight`` / `
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,21 +118,13 @@ def iter_checkpoint_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor
 
 
 def load_torch_weights(file: Path) -> dict[str, torch.Tensor]:
-    """``torch.load(file, weights_only=True)`` of a ``pytorch_model*.bin`` shard, also inside
-    ``deepspeed.zero.Init`` (a ZeRO-3 stage builds its model in it). Init patches the tensor constructors
-    that torch.load rebuilds tensors with, and the load fails ("Trying to resize storage that is not
-    resizable"; Vicuna v1.5 ships .bin shards), so the patches are lifted while the file is read, as
-    transformers reads checkpoints outside the context."""
-    with contextlib.ExitStack() as stack:
-        if "deepspeed" in sys.modules:  # zero.Init can only be active where DeepSpeed is imported already
-            from deepspeed.runtime.zero.partition_parameters import (
-                restore_init_context,
-                shutdown_init_context,
-            )
+    """``torch.load(file, weights_only=True)`` of a ``pytorch_model*.bin`` shard (Vicuna v1.5 ships them).
 
-            shutdown_init_context()
-            stack.callback(restore_init_context)
-        return torch.load(file, map_location="cpu", weights_only=True)
+    Never inside ``deepspeed.zero.Init``: torch.load rebuilds each storage through the tensor
+    constructors Init replaces, and a bf16 Init turns the file's fp16 storages into bf16 tensors whose
+    bytes are then reinterpreted (garbage weights, no error). ``MavenModel.from_base`` reads weights after
+    construction; ``tests/distributed/test_zero3_bf16.py`` checks that the loaded tensors equal the file's."""
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,11 +30,15 @@ from maven_dist.model import hf_layout
 from maven_dist.model.frontend import MavenFrontEnd, SequenceInputs, eos_input_length, h_eos_spread
 from maven_dist.model.lm_loss import UnifiedHeadLoss, labelled_rows
 from maven_dist.model.packing import packed_hidden_states
+from maven_dist.model.rope import apply_fp32_rope
 from maven_dist.model.selector import selector_bce, selector_metrics
 from maven_dist.model.spec import MavenSpec
 from maven_dist.model.vocab_init import RowInit, init_new_rows
 
 CopyFn = Callable[[nn.Parameter, torch.Tensor], None]
+ConstructContext = Callable[[], contextlib.AbstractContextManager]
+"""Where the modules are constructed, e.g. ``deepspeed.zero.Init`` (parameters partitioned as they are
+made). Only construction runs in it: weights are read and new rows drawn after it (see ``from_base``)."""
 
 
 @dataclass
@@ -124,19 +127,28 @@ class MavenModel(MavenFrontEnd):
         copy_fn: CopyFn | None = None,
         embed_init: RowInit = "text_distribution",
         attn_implementation: str = "sdpa",
+        construct: ConstructContext = contextlib.nullcontext,
     ) -> MavenModel:
         """The first stage's start: base LLM and CLIP tower from local HF directories; the new vocabulary
         rows drawn from a Gaussian fitted to the text rows (input rows per `embed_init`, head rows at
-        the mean: ``maven_dist/model/vocab_init.py``); selector and projector freshly initialised."""
+        the mean: ``maven_dist/model/vocab_init.py``); selector and projector freshly initialised.
+
+        The modules are built inside `construct()`; everything else runs after it, through `copy_fn`.
+        ``deepspeed.zero.Init`` replaces torch's tensor constructors while it is active (device and dtype
+        forced: ``partition_parameters.py:zero_wrapper_for_fp_tensor_constructor``): a CPU generator's
+        ``randn`` fails on CUDA, ``torch.load`` rebuilds a file's fp16 storages as bf16 tensors, RoPE's
+        fp32 ``arange`` turns bf16. Reading files and drawing rows outside it avoids all three."""
         torch.manual_seed(seed)
-        model = cls.from_configs(
-            AutoConfig.from_pretrained(llm_dir),
-            CLIPVisionConfig.from_pretrained(tower_dir),
-            layout,
-            spec,
-            init_weights=False,
-            attn_implementation=attn_implementation,
-        )
+        with construct():
+            model = cls.from_configs(
+                AutoConfig.from_pretrained(llm_dir),
+                CLIPVisionConfig.from_pretrained(tower_dir),
+                layout,
+                spec,
+                init_weights=False,
+                attn_implementation=attn_implementation,
+            )
+        apply_fp32_rope(model)
         copy = copy_fn or copy_param
         text_rows: dict[str, torch.Tensor] = {}
 
@@ -171,21 +183,25 @@ class MavenModel(MavenFrontEnd):
         spec_overrides: dict | None = None,
         copy_fn: CopyFn | None = None,
         attn_implementation: str = "sdpa",
+        construct: ConstructContext = contextlib.nullcontext,
     ) -> MavenModel:
         """Load a saved MaVEn directory (see ``hf_layout``). `spec_overrides` may change settings that
-        do not affect weight shapes (keep_ratio, select_layer, label_threshold)."""
+        do not affect weight shapes (keep_ratio, select_layer, label_threshold). `construct` and
+        `copy_fn` as in :meth:`from_base`."""
         directory = Path(directory)
         cfg = hf_layout.read_maven_config(directory)
         spec = MavenSpec(**(cfg["spec"] | (spec_overrides or {})))
         layout = VocabLayout(**cfg["vocab"])
-        model = cls.from_configs(
-            AutoConfig.from_pretrained(directory / hf_layout.LLM_DIR),
-            CLIPVisionConfig.from_pretrained(directory / hf_layout.TOWER_DIR),
-            layout,
-            spec,
-            init_weights=False,
-            attn_implementation=attn_implementation,
-        )
+        with construct():
+            model = cls.from_configs(
+                AutoConfig.from_pretrained(directory / hf_layout.LLM_DIR),
+                CLIPVisionConfig.from_pretrained(directory / hf_layout.TOWER_DIR),
+                layout,
+                spec,
+                init_weights=False,
+                attn_implementation=attn_implementation,
+            )
+        apply_fp32_rope(model)
         copy = copy_fn or copy_param
         loaded = set()
         for component in (hf_layout.LLM_DIR, hf_layout.TOWER_DIR):
@@ -399,15 +415,7 @@ def maybe_skip_hf_init(skip: bool):
         return
     from transformers.initialization import no_init_weights
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(no_init_weights())
-        # prevent_arange_dtype_change keeps RoPE's inv_freq in fp32 under zero.Init's dtype casting. It
-        # imports DeepSpeed (6 s, the bulk of `maven chat` / `maven eval` start-up), and zero.Init can only
-        # be active in a process that has imported DeepSpeed already.
-        if "deepspeed" in sys.modules:
-            from transformers.integrations.deepspeed import prevent_arange_dtype_change
-
-            stack.enter_context(prevent_arange_dtype_change())
+    with no_init_weights():
         yield
 
 

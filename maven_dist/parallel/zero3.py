@@ -1,8 +1,8 @@
 """ZeRO-3 backend: the HF-based MavenModel under DeepSpeed stage 3.
 
-The model is constructed inside ``deepspeed.zero.Init`` so no rank ever holds the full 7B/13B
-weights; pretrained tensors are streamed from disk and copied into each partitioned parameter
-under ``GatheredParameters`` (rank 0 writes, DeepSpeed re-partitions). Frozen parts are left out
+The model's modules are constructed inside ``deepspeed.zero.Init`` so no rank ever holds the full 7B/13B
+weights; after it, pretrained tensors are streamed from disk and copied into each partitioned parameter
+under ``GatheredParameters`` (rank 0 writes, DeepSpeed re-partitions), and the new vocabulary rows drawn. Frozen parts are left out
 of the optimizer's parameter groups, so ZeRO keeps no fp32 master copy or Adam moments for them.
 
 A checkpoint written by another number of ranks is loaded through DeepSpeed's universal checkpoint
@@ -81,8 +81,11 @@ class Zero3Engine(DeepSpeedEngineState, MicroBatchEngine):
         self.accumulation = accumulation
         self.ds_config = build_ds_config(cfg, dims, accumulation)
         init_deepspeed_distributed()
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
-            model = build_model(copy_fn=zero3_copy)
+        # Only the modules are built inside zero.Init; weights are streamed in after it (see
+        # MavenModel.from_base for what goes wrong inside).
+        model = build_model(
+            copy_fn=zero3_copy, construct=lambda: deepspeed.zero.Init(config_dict_or_path=self.ds_config)
+        )
         apply_trainable(model, cfg.stage.trainable)
         if cfg.stage.gradient_checkpointing:
             model.enable_activation_checkpointing()
