@@ -103,6 +103,8 @@ class Engine(Protocol):
     layout and spec are always there: ``save_skeleton`` and parameter counts use them."""
     accumulation: int
     """Micro-batches of this replica per optimizer step."""
+    device: torch.device
+    """Where this rank computes: its batches, and every tensor it hands to a collective, live there."""
 
     def train_step(self, batches: Iterator[Batch], guard: NonFiniteGuard, step: int) -> StepResult:
         """Run optimizer step `step` (1-based) on micro-batches drawn from `batches`."""
@@ -175,14 +177,14 @@ class MicroBatchEngine:
             result.input_tokens += out.num_input_tokens
             result.images += batch.num_images
         result.grad_norm = self._update()
-        result.loss = all_reduce_mean(sum(losses) / len(losses))
+        result.loss = all_reduce_mean(sum(losses) / len(losses), self.device)
         result.metrics = {k: sum(v) / len(v) for k, v in window.items()}
         result.learning_rates = self.learning_rates()
         return result
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
-        sums = torch.zeros(len(VAL_METRICS), dtype=torch.float64)
+        sums = torch.zeros(len(VAL_METRICS), dtype=torch.float64, device=self.device)
         counts = torch.zeros_like(sums)
         for batch in batches:
             out = self._forward(batch.to(self.device))
@@ -199,7 +201,8 @@ _VAL_NAMES = ("val/loss", "val/loss", "val/loss_text", "val/loss_visual_codes")
 
 
 def reduce_val_metrics(sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
-    """Means over every rank's micro-batches of the :data:`VAL_METRICS` (sums and counts per key)."""
+    """Means over every rank's micro-batches of the :data:`VAL_METRICS` (sums and counts per key, on the
+    engine's device: they are all-reduced)."""
     if dist.is_initialized():
         both = torch.cat([sums, counts])
         dist.all_reduce(both)
@@ -209,4 +212,4 @@ def reduce_val_metrics(sums: torch.Tensor, counts: torch.Tensor) -> dict[str, fl
 
 def _finite_on_all_ranks(loss: torch.Tensor) -> bool:
     bad = 0.0 if torch.isfinite(loss.detach()).all() else 1.0
-    return all_reduce_max(bad) == 0.0
+    return all_reduce_max(bad, loss.device) == 0.0

@@ -168,15 +168,18 @@ def pipeline_eos_states(
     stage: int,
     hidden_size: int,
     group: dist.ProcessGroup | None = None,
-    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """h_eos [N, d] on every rank of the pipe group: the forward-only pass described in the module doc.
 
     `layers` maps this stage's global layer indices to modules (0: InputStage, 1..L: blocks, L+1:
-    OutputStage); `pipe_ranks` are the global ranks of this rank's pipe `group`, in stage order.
+    OutputStage); `pipe_ranks` are the global ranks of this rank's pipe `group`, in stage order. The
+    activations travel in the weights' dtype (bf16 in a bf16 stage: every stage's layers are cast together),
+    so each receive and broadcast buffer is allocated in it: a buffer of another dtype would take the
+    sender's bytes as other numbers, or hang NCCL on a size mismatch.
     """
     pp = len(pipe_ranks)
-    device = next(p for layer in layers.values() for p in layer.parameters()).device
+    weight = next(p for layer in layers.values() for p in layer.parameters())
+    device, dtype = weight.device, weight.dtype
     n, length = image_codes.shape[0], eos_input_length(spec)
     if stage == 0:
         inp: InputStage = layers[0]

@@ -52,8 +52,10 @@ from maven_dist.model.spec import MavenSpec
 from maven_dist.parallel.convert import full_name, iter_maven_dir, placement, shard_tensor, unshard_state_dict
 from maven_dist.parallel.deepspeed_common import (
     DeepSpeedEngineState,
+    accelerator_device,
     base_ds_config,
     init_deepspeed_distributed,
+    training_dtype,
 )
 from maven_dist.parallel.dims import ParallelDims
 from maven_dist.parallel.engine import (
@@ -64,6 +66,7 @@ from maven_dist.parallel.engine import (
     reduce_val_metrics,
 )
 from maven_dist.parallel.megatron_llama import LlamaShape, TPDecoderLayer, build_tp_config
+from maven_dist.parallel.mixed_precision import Fp32MasterWeights
 from maven_dist.parallel.optim import build_param_groups, lr_multiplier
 from maven_dist.parallel.pipe_layers import InputStage, OutputStage, pipeline_eos_states
 from maven_dist.parallel.topology import (
@@ -77,7 +80,10 @@ CHECKPOINT_TAG = "3d"
 
 
 def build_ds_config(cfg: Config, dims: ParallelDims, accumulation: int, zero_stage: int = 1) -> dict:
-    return base_ds_config(cfg, dims, accumulation) | {
+    base = base_ds_config(cfg, dims, accumulation)
+    if not zero_stage:  # DeepSpeed's BF16_Optimizer cannot run here: the engine keeps the masters itself
+        base["bf16"] = {"enabled": False}
+    return base | {
         # Without ZeRO, DeepSpeed's own clipping fails on a stage with nothing to train: the optimizer clips.
         "gradient_clipping": cfg.stage.optimizer.grad_clip if zero_stage else 0.0,
         # DeepSpeed refuses ZeRO >= 2 with pipeline parallelism; ZeRO-1 shards Adam state over dp.
@@ -150,6 +156,8 @@ class ThreeDEngine(DeepSpeedEngineState):
         self.dims = dims
         self.accumulation = accumulation
         init_deepspeed_distributed()
+        self.device = accelerator_device()
+        self.dtype = training_dtype(cfg.stage)
         maybe_init_model_parallel(dims)
         self.topology = build_topology(dims)
         check_topologies_agree(self.topology)
@@ -189,6 +197,10 @@ class ThreeDEngine(DeepSpeedEngineState):
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.pipe, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
+        if not self.ds_config["bf16"]["enabled"]:
+            # The ZeRO-less bf16 path: DeepSpeed checked an fp32 model (its bf16 is off), the model now runs
+            # in bf16 and _GridClippedAdamW updates the fp32 masters.
+            self.pipe.to(self.dtype)
         self._use_weights_only_checkpoints()
         self.torch_optimizer = optimizer
 
@@ -259,15 +271,30 @@ class ThreeDEngine(DeepSpeedEngineState):
             if trains
             else [{"params": [], "lr": opt.lr, "weight_decay": 0.0, "name": "none"}]
         )
-        balanced = _equalise_group_count(groups)
+        balanced = _equalise_group_count(groups, self.device)
         self.zero_stage = 1 if balanced is not None else 0
         groups = balanced or groups
         kwargs = dict(lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, foreach=False)
         if self.zero_stage == 1:
+            # bf16: DeepSpeed keeps the fp32 masters (ZeRO-1 / BF16_Optimizer, its Megatron-DeepSpeed path).
             optimizer = torch.optim.AdamW(groups, **kwargs)
         else:
+            # Without ZeRO DeepSpeed would wrap a bf16 model's optimizer in BF16_Optimizer, which fails on a
+            # stage with nothing to train and clips by its own norm: this optimizer keeps the masters itself.
+            masters = None
+            if self.dtype != torch.float32 and trains:
+                trainable = [(n, p) for n, p in named.named_parameters() if p.requires_grad]
+                masters = Fp32MasterWeights(trainable)
+                for (_, param), master in zip(trainable, masters.masters(), strict=True):
+                    _copy_parallel_attributes(param, master)
+                groups = build_param_groups(masters, opt.lr, opt.weight_decay, opt.part_lr)
             optimizer = _GridClippedAdamW(
-                groups, max_norm=opt.grad_clip or math.inf, tp_rank=self.tp_rank, **kwargs
+                groups,
+                max_norm=opt.grad_clip or math.inf,
+                tp_rank=self.tp_rank,
+                device=self.device,
+                masters=masters,
+                **kwargs,
             )
         schedule = self.cfg.schedule
 
@@ -301,8 +328,8 @@ class ThreeDEngine(DeepSpeedEngineState):
         if self.module.selects_patches(self.views) and sum(counts):
             h_eos = self.eos_states(torch.cat([b.image_codes for b in micro_batches]))
             per_batch = list(h_eos.split(counts))
-        else:
-            per_batch = [torch.zeros(n, d) for n in counts]
+        else:  # no selector runs: a placeholder the input stage never reads
+            per_batch = [torch.zeros(n, d, dtype=self.dtype, device=self.device) for n in counts]
         inputs = [
             (b.pixel_values, b.image_codes, h, b.input_ids, b.labels, b.attention_mask)
             for b, h in zip(micro_batches, per_batch, strict=True)
@@ -338,7 +365,7 @@ class ThreeDEngine(DeepSpeedEngineState):
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
         """val/loss: DeepSpeed's pipeline evaluation, `accumulation` micro-batches at a time (the h_eos pass
         first, as in training); the mean over micro-batches, then over the data-parallel replicas."""
-        sums = torch.zeros(len(VAL_METRICS), dtype=torch.float64)
+        sums = torch.zeros(len(VAL_METRICS), dtype=torch.float64, device=self.device)
         counts = torch.zeros_like(sums)
         pending: list[Batch] = []
         dummy = torch.zeros(1)
@@ -382,22 +409,41 @@ class ThreeDEngine(DeepSpeedEngineState):
         self._load_tag(directory, CHECKPOINT_TAG)
 
     def export_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full MavenModel-named weights on rank 0 (None elsewhere); every rank must call it."""
+        """Full MavenModel-named weights on rank 0 (None elsewhere), on the CPU; every rank must call it.
+
+        Streamed: each replica-0 rank sends its tensors to rank 0 one at a time, on the engine's device, and
+        rank 0 moves each to the CPU as it arrives, so no GPU holds more than one tensor of another rank.
+        (``gather_object`` of the state dicts pickled every rank's CUDA tensors whole into one buffer on rank
+        0's GPU, the whole model at once, and unpickled them onto the other ranks' device ids.)"""
         local = None
         if self.dp_rank == 0:  # megatron layers add `_extra_state` entries (None): not weights
-            local = {
-                k: v.detach().clone()
-                for k, v in self.pipe.state_dict().items()
-                if isinstance(v, torch.Tensor)
-            }
-        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object((self.tp_rank, local), gathered, dst=0)
-        if dist.get_rank() != 0:
+            local = {k: v.detach() for k, v in self.pipe.state_dict().items() if isinstance(v, torch.Tensor)}
+        rank = dist.get_rank()
+        listing = (
+            None
+            if local is None
+            else (self.tp_rank, [(k, tuple(v.shape), v.dtype) for k, v in local.items()])
+        )
+        listings = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object(listing, listings, dst=0)  # names, shapes and dtypes only
+        if rank != 0:
+            if local is not None:
+                for tensor in local.values():
+                    dist.send(tensor.contiguous(), dst=0)
             return None
         per_rank: list[dict[str, torch.Tensor]] = [{} for _ in range(self.dims.tp)]
-        for tp_rank, state in gathered:
-            if state is not None:
-                per_rank[tp_rank] |= state
+        for source, entry in enumerate(listings):
+            if entry is None:
+                continue
+            tp_rank, tensors = entry
+            for name, shape, dtype in tensors:
+                if source == 0:
+                    value = local[name].to("cpu", copy=True)
+                else:
+                    buffer = torch.empty(shape, dtype=dtype, device=self.device)
+                    dist.recv(buffer, src=source)
+                    value = buffer.to("cpu")
+                per_rank[tp_rank][name] = value
         return unshard_state_dict(per_rank, self.num_layers)
 
 
@@ -407,14 +453,26 @@ class _GridClippedAdamW(torch.optim.AdamW):
     replicated parameters on tp rank 0 only. Used without ZeRO, where DeepSpeed's clipping indexes
     the first parameter with a gradient and fails on a pipeline stage that trains nothing."""
 
-    def __init__(self, groups: list[dict], *, max_norm: float, tp_rank: int, **kwargs):
+    def __init__(
+        self,
+        groups: list[dict],
+        *,
+        max_norm: float,
+        tp_rank: int,
+        device: torch.device,
+        masters: Fp32MasterWeights | None = None,
+        **kwargs,
+    ):
         super().__init__(groups, **kwargs)
-        self.max_norm, self.tp_rank = max_norm, tp_rank
+        self.max_norm, self.tp_rank, self.device, self.masters = max_norm, tp_rank, device, masters
         self.last_grad_norm = math.nan
 
     @torch.no_grad()
     def step(self, closure=None):
         from megatron.core import parallel_state
+
+        if self.masters is not None:  # bf16: the step's (dp-reduced) gradients move to the fp32 masters
+            self.masters.accumulate_grads()
 
         grads = [
             p.grad
@@ -422,7 +480,10 @@ class _GridClippedAdamW(torch.optim.AdamW):
             for p in g["params"]
             if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or self.tp_rank == 0)
         ]
-        total = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        if grads:
+            total = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        else:  # a pipeline stage that trains nothing still joins the reduction, on the engine's device
+            total = torch.zeros((), device=self.device)
         dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
         norm = total.sqrt()
         self.last_grad_norm = float(norm)
@@ -431,10 +492,30 @@ class _GridClippedAdamW(torch.optim.AdamW):
             for p in g["params"]:
                 if p.grad is not None:
                     p.grad.mul_(coef)
-        return super().step(closure)
+        loss = super().step(closure)
+        if self.masters is not None:
+            self.masters.copy_to_model()
+        return loss
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.masters is not None:
+            state["fp32_masters"] = self.masters.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        masters = state.pop("fp32_masters", None)
+        super().load_state_dict(state)
+        if self.masters is not None:
+            if masters is None:
+                raise LayoutMismatch(
+                    "the checkpoint has no fp32 master weights: it was written by an fp32 stage"
+                )
+            self.masters.load_state_dict(masters)
 
 
-def _equalise_group_count(groups: list[dict]) -> list[dict] | None:
+def _equalise_group_count(groups: list[dict], device: torch.device) -> list[dict] | None:
     """The same number of non-empty parameter groups on every rank, or None (on every rank) where impossible.
 
     ZeRO-1 computes the grad norm group by group, each with an all-reduce over the whole pp x tp grid,
@@ -445,10 +526,10 @@ def _equalise_group_count(groups: list[dict]) -> list[dict] | None:
     balanced: every rank gets None and the engine runs without ZeRO (see ``ThreeDEngine``).
     """
     groups = [dict(g) for g in groups if g["params"]]
-    count = torch.tensor([len(groups)])
+    count = torch.tensor([len(groups)], device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     splittable = sum(len(g["params"]) for g in groups)  # at most one group per parameter
-    feasible = torch.tensor([int(bool(groups) and splittable >= int(count))])
+    feasible = torch.tensor([int(bool(groups) and splittable >= int(count))], device=device)
     dist.all_reduce(feasible, op=dist.ReduceOp.MIN)
     if not int(feasible):
         return None
@@ -458,6 +539,13 @@ def _equalise_group_count(groups: list[dict]) -> list[dict] | None:
         groups.append(largest | {"params": largest["params"][half:]})
         largest["params"] = largest["params"][:half]
     return groups
+
+
+def _copy_parallel_attributes(param: torch.nn.Parameter, master: torch.nn.Parameter) -> None:
+    """A master counts in the grid's gradient norm as its parameter does (``_mark_parallel_attributes``)."""
+    for attr in ("tensor_model_parallel", "partition_dim", "partition_stride", "model_parallel"):
+        if hasattr(param, attr):
+            setattr(master, attr, getattr(param, attr))
 
 
 class _NamedParams:

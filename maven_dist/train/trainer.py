@@ -21,6 +21,7 @@ from maven_dist.contract.preemption import REQUEUE_EXIT_CODE, install_preemption
 from maven_dist.parallel.dims import ParallelDims
 from maven_dist.parallel.distributed import DistEnv, all_reduce_max, barrier, init_distributed, print0
 from maven_dist.parallel.engine import Engine, NonFiniteGuard, NonFiniteLossError
+from maven_dist.parallel.mixed_precision import maybe_enable_tf32
 from maven_dist.train import perf
 from maven_dist.train.builders import (
     build_engine,
@@ -75,6 +76,7 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
     env = init_distributed()
     dims = ParallelDims.build(cfg.parallel, env.world_size)
     install_preemption_handler()
+    maybe_enable_tf32()
     torch.manual_seed(cfg.seed)
     stage_dir = cfg.stage_dir
     if env.is_main:
@@ -169,7 +171,7 @@ def _train_loop(
                 meter.exclude(time.perf_counter() - started)  # throughput is of training steps only
             if logged:
                 tracker.log_metrics(logged, step=state.step)  # rank 0: metrics.jsonl, then MLflow
-            preempted = all_reduce_max(float(preemption_requested())) > 0
+            preempted = all_reduce_max(float(preemption_requested()), engine.device) > 0
             checkpoints.maybe_save(state.step, force=state.step == total_steps or preempted)
             if preempted:
                 print0(

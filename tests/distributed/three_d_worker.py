@@ -42,7 +42,12 @@ VAL_BATCHES = 4
 
 
 def stage_config(
-    stage: str, tp: int = 1, pp: int = 1, run_dir: str = "/tmp/unused", checkpointing: bool = False
+    stage: str,
+    tp: int = 1,
+    pp: int = 1,
+    run_dir: str = "/tmp/unused",
+    checkpointing: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> Config:
     """The tiny stage recipe at test size; the vocabulary padded to 128 * 2 so tp=2 divides it."""
     return load_config(
@@ -60,6 +65,7 @@ def stage_config(
             f"parallel.backend={'3d' if tp * pp > 1 else 'zero3'}",
             f"parallel.tp={tp}",
             f"parallel.pp={pp}",
+            *extra,
         ],
     )
 
