@@ -67,6 +67,8 @@ class RunRecord:
 
 
 def find_records(root: str | Path) -> list[RunRecord]:
-    """Every record in ``root`` or under it (stages, evaluations, a sweep's arms), in the order they began."""
-    records = [RunRecord(p.parent.parent) for p in Path(root).glob("**/tracking/run.json")]
+    """Every record in ``root`` or up to three levels under it (a stage, an evaluation in ``eval/<model>``, a
+    sweep's ``<arm>/<stage>``), in the order they began; a run directory's data is not walked."""
+    patterns = ["*/" * depth + "tracking/run.json" for depth in range(4)]
+    records = [RunRecord(p.parent.parent) for pattern in patterns for p in Path(root).glob(pattern)]
     return sorted(records, key=lambda r: r.data["attempts"][0]["start_ms"])
