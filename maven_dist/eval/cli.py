@@ -19,8 +19,10 @@ Exit codes: 0 scored, 2 bad input (a model directory or benchmark file that cann
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="cpu, cuda (default: cuda when present; torchrun: the local GPU)"
     )
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="model precision")
+    p.add_argument(
+        "--control",
+        default="",
+        help="image-blind controls, comma-separated: blank (a constant image), swap (another question's "
+        "images), none (no images); adds the majority baseline and the visual gain (eval/controls.py)",
+    )
     where = p.add_argument_group("tracking")
     where.add_argument(
         "--run-dir", type=Path, default=None, help="log into this run directory's store and launch"
@@ -61,7 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from maven_dist.eval.controls import CONTROLS
+
+    args.controls = [c for c in args.control.split(",") if c]
+    unknown = sorted(set(args.controls) - set(CONTROLS))
+    if unknown:
+        parser.error(f"--control {','.join(unknown)}: unknown; choose from {', '.join(CONTROLS)}")
     from maven_dist.eval.tasks.base import BenchmarkError
     from maven_dist.inference import InputError
     from maven_dist.parallel.distributed import destroy, init_distributed
@@ -75,16 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         destroy()
     if env.is_main:
-        from maven_dist.eval.runner import summary_table
+        from maven_dist.eval.runner import summary_table, within_noise
 
         print(summary_table(results), end="")
+        flagged = within_noise(results)
+        if flagged:
+            print(
+                f"[eval] WARNING: the visual gain is within noise (p >= 0.05) for {', '.join(flagged)}: "
+                "on these the scores do not show that the model uses its images",
+                flush=True,
+            )
     return 0
 
 
 def _evaluate(args, env) -> list:
     from transformers.utils import logging as hf_logging
 
-    from maven_dist.eval.runner import MavenPredictor, run_task, summary_table
+    from maven_dist.eval.controls import ControlledTask, majority_baseline, visual_gain, write_blank_image
+    from maven_dist.eval.runner import MavenPredictor, run_task, summary_table, visual_gain_report
+    from maven_dist.eval.tasks.base import first_questions
     from maven_dist.eval.tasks.registry import find_tasks, load_task
     from maven_dist.inference import MavenGenerator
     from maven_dist.parallel.distributed import barrier
@@ -103,15 +127,36 @@ def _evaluate(args, env) -> list:
         MavenGenerator.from_pretrained(model_dir, device=device, dtype=args.dtype), args.max_new_tokens
     )
     results = []
+    blank_image = out / "control-blank.png"
+    if env.is_main and "blank" in args.controls:
+        write_blank_image(blank_image)
+    barrier()
     for name in names:
         task = load_task(name, data, cache_dir=out / "cache")
-        report = _progress(name, env.is_main)
-        result = run_task(
-            task, predictor, out, env.rank, env.world_size, args.batch_size, barrier, report, args.limit
-        )
+        if args.limit is not None:
+            task = first_questions(task, args.limit)
+        run = functools.partial(
+            run_task, predictor=predictor, rank=env.rank, world_size=env.world_size,
+            batch_size=args.batch_size, barrier=barrier,
+        )  # fmt: skip
+        result = run(task, out_dir=out, progress=_progress(name, env.is_main))
+        controlled = {
+            control: run(
+                ControlledTask(task, control, blank_image),
+                out_dir=out / f"control-{control}",
+                progress=_progress(f"{name} ({control})", env.is_main),
+            )
+            for control in args.controls
+        }
         if result is not None:
             for skip in result.skipped:
                 print(f"[eval] {name}: skipped {skip}", file=sys.stderr)
+            if controlled:
+                result.majority = majority_baseline(task, result.questions)
+            for control, other in controlled.items():
+                result.controls[control] = visual_gain(
+                    task.score, result.questions, result.predictions, other.predictions
+                )
             results.append(result)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -119,6 +164,10 @@ def _evaluate(args, env) -> list:
         (out / "metrics.json").write_text(
             json.dumps({r.name: r.metrics for r in results}, indent=2, sort_keys=True)
         )
+        if args.controls:
+            (out / "visual_gain.json").write_text(
+                json.dumps(visual_gain_report(results), indent=2, sort_keys=True)
+            )
         if not args.no_tracking:
             _log_to_mlflow(args, model_dir, data, out, results)
     return results
@@ -126,8 +175,8 @@ def _evaluate(args, env) -> list:
 
 def _synthetic_benchmarks(root: Path, env) -> Path:
     """The synthetic benchmark set under `root`, written once by rank 0."""
-    from maven_dist.eval.synthetic import write_synthetic_benchmarks
     from maven_dist.offline.synthetic import generate_synthetic
+    from maven_dist.offline.synthetic_benchmarks import write_synthetic_benchmarks
     from maven_dist.parallel.distributed import barrier
 
     if env.is_main and not (root / ".done").exists():
@@ -162,18 +211,25 @@ def _cuda() -> bool:
 
 
 def _log_to_mlflow(args, model_dir: Path, data: Path, out: Path, results: list) -> None:
-    from maven_dist.train.tracking import MLflowTracker
+    from maven_dist.eval.runner import within_noise
+    from maven_dist.train.tracking import TRACKING_URI_ENV, MLflowTracker, resolve_tracking_uri
     from maven_dist.train.tracking.run_info import resolve_launch_id
 
     run_dir = args.run_dir
-    uri = args.tracking_uri or (f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}" if run_dir else None)
+    recipe = _run_recipe(run_dir) if run_dir else None
+    uri = args.tracking_uri or (resolve_tracking_uri(recipe) if recipe else None)
+    if uri is None and run_dir:
+        uri = (
+            os.environ.get(TRACKING_URI_ENV, "").strip()
+            or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+        )
     if uri is None:
         print(
             "[eval] not logged to MLflow: give --run-dir or --tracking-uri (or --no-tracking)",
             file=sys.stderr,
         )
         return
-    experiment = args.experiment or (_run_experiment(run_dir) if run_dir else None) or "maven-eval"
+    experiment = args.experiment or (recipe.tracking.experiment if recipe else None) or "maven-eval"
     # The evaluation's record (metrics.jsonl, tracking/) lies in its output folder, under the run directory
     # where there is one: `maven sync RUN_DIR` and the next stage find it there.
     tracker = MLflowTracker(
@@ -187,22 +243,44 @@ def _log_to_mlflow(args, model_dir: Path, data: Path, out: Path, results: list) 
         "maven.eval.data": str(data.resolve()),
         "maven.eval.data_version": _data_version(data, [r.name for r in results]),
     }
+    if args.controls:
+        tags["maven.eval.visual_gain_within_noise"] = ", ".join(within_noise(results)) or "none"
     tracker.start_stage(f"eval-{label}", params={"eval.tasks": ",".join(r.name for r in results)}, tags=tags)
-    metrics = {f"eval/{r.name}/{k}": v for r in results for k, v in r.metrics.items()}
-    tracker.log_metrics(metrics, step=0)
+    tracker.log_metrics(_tracked_metrics(results), step=0)
     for r in results:
         tracker.log_artifact(out / r.name / "predictions.jsonl", artifact_path=f"eval/{r.name}")
         tracker.log_artifact(out / r.name / "metrics.json", artifact_path=f"eval/{r.name}")
     tracker.log_artifact(out / "summary.md", artifact_path="eval")
+    if args.controls:
+        tracker.log_artifact(out / "visual_gain.json", artifact_path="eval")
     tracker.end_stage("FINISHED")
     tracker.close()
 
 
-def _run_experiment(run_dir: Path) -> str | None:
-    import yaml
+def _tracked_metrics(results: list) -> dict[str, float]:
+    """``eval/<task>/<metric>``, and with controls ``.../majority``, ``.../<control>`` (the score under it),
+    ``.../visual_gain_<control>`` and its permutation p-value ``.../visual_gain_<control>_p``."""
+    metrics = {}
+    for r in results:
+        for metric, value in r.metrics.items():
+            key = f"eval/{r.name}/{metric}"
+            metrics[key] = value
+            if metric in r.majority:
+                metrics[f"{key}/majority"] = r.majority[metric]
+            for control, gains in r.controls.items():
+                if metric in gains:
+                    metrics[f"{key}/{control}"] = gains[metric].control
+                    metrics[f"{key}/visual_gain_{control}"] = gains[metric].gain
+                    metrics[f"{key}/visual_gain_{control}_p"] = gains[metric].p_value
+    return metrics
+
+
+def _run_recipe(run_dir: Path):
+    """The resolved recipe of a stage of the run (the store and experiment its stages logged to), or None."""
+    from maven_dist.config import load_config
 
     for recipe in sorted(Path(run_dir).glob("stage*/resolved_recipe.yaml")):
-        return yaml.safe_load(recipe.read_text())["tracking"]["experiment"]
+        return load_config(recipe)
     return None
 
 

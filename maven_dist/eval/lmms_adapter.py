@@ -23,6 +23,12 @@ What lmms-eval hands a model, and what this one does with it:
   the first value returned is the negative log-likelihood: the summed log-probability with its sign flipped.
   ``acc`` is then the most likely option and ``acc_norm`` the most likely per character, as in lm-eval.
 
+``control=blank|swap|none`` in ``--model_args`` asks every request under an image-blind control
+(``maven_dist/eval/controls.py``): each image replaced by the constant blank image, the document's images
+replaced by those of the next document of the split with as many images, or no images (and no
+placeholders). Run the task once without and once with the control: the difference of lmms-eval's scores
+is the visual gain that ``maven eval --control`` reports.
+
 Requests are answered ``batch_size`` at a time (generation options must agree within a batch), longest
 context first; results come back in request order. Data-parallel runs (``accelerate launch -m lmms_eval``,
 ``torchrun``) work as lmms-eval arranges them: it splits the documents by rank, and the model loads on
@@ -45,6 +51,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from maven_dist.contract.vocab import IMAGE_PLACEHOLDER
+from maven_dist.eval.controls import CONTROLS, blank_image, without_placeholders
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +74,9 @@ def manifests():
 class MavenLmms(lmms):
     """A MaVEn directory (a stage export or a ``maven merge`` output) behind lmms-eval's simple-model API.
 
-    ``--model_args pretrained=DIR[,device=cuda:0][,dtype=bf16][,max_new_tokens=256]`` and lmms-eval's
-    ``--batch_size N``; ``max_new_tokens`` is the default for tasks that set none.
+    ``--model_args pretrained=DIR[,device=cuda:0][,dtype=bf16][,max_new_tokens=256][,control=blank]`` and
+    lmms-eval's ``--batch_size N``; ``max_new_tokens`` is the default for tasks that set none; ``control`` asks
+    under an image-blind control (module doc).
     """
 
     is_simple = True
@@ -80,6 +88,7 @@ class MavenLmms(lmms):
         dtype: str = "fp32",
         batch_size: int | str = 1,
         max_new_tokens: int = 256,
+        control: str = "",
         max_batch_size: int | None = None,  # passed by lmms-eval; batches here have a fixed size
     ) -> None:
         super().__init__()
@@ -95,6 +104,9 @@ class MavenLmms(lmms):
         else:
             raise ValueError(f"batch_size={batch_size!r}: give a whole number >= 1 ('auto' is not supported)")
         self.max_new_tokens = int(max_new_tokens)
+        if control not in ("", *CONTROLS):
+            raise ValueError(f"control={control!r}: choose one of {', '.join(CONTROLS)} (or leave it out)")
+        self.control = control
         self.generator = MavenGenerator.from_pretrained(
             pretrained, device=_device(device), dtype=DTYPE_ALIASES[str(dtype).lower()]
         )
@@ -145,6 +157,8 @@ class MavenLmms(lmms):
         return scores  # type: ignore[return-value]
 
     def generate_until_multi_round(self, requests) -> list[str]:
+        """lmms-eval's ``lmms`` base class declares it abstract, so the class must define it to be built; no
+        task this model is meant for issues it (multi-round tasks are lmms-eval's chat-model interface)."""
         raise NotImplementedError("the maven model answers generate_until and loglikelihood tasks only")
 
     # ------------------------------------------------------------------ helpers
@@ -155,14 +169,34 @@ class MavenLmms(lmms):
         prompts, images = [], []
         for ctx, _, doc_to_visual, doc_id, task, split in args:
             if (task, split, doc_id) not in read:
-                visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else None
-                read[task, split, doc_id] = _images(visuals, task, doc_id)
+                read[task, split, doc_id] = self._pictures(doc_to_visual, task, split, doc_id)
             pictures = read[task, split, doc_id]
+            if self.control == "none":
+                ctx = without_placeholders(ctx)
             if pictures and IMAGE_PLACEHOLDER not in ctx:  # lmms-eval's llava: "<image> <image>\n" + context
                 ctx = " ".join([IMAGE_PLACEHOLDER] * len(pictures)) + "\n" + ctx
             prompts.append(ctx)
             images.append(pictures)
         return prompts, images
+
+    def _visuals(self, doc_to_visual, task: str, split: str, doc_id) -> list[Image.Image | str | Path]:
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else None
+        return _images(visuals, task, doc_id)
+
+    def _pictures(self, doc_to_visual, task: str, split: str, doc_id) -> list[Image.Image | str | Path]:
+        """The document's images, or what ``control`` puts in their place (module doc)."""
+        own = self._visuals(doc_to_visual, task, split, doc_id)
+        if self.control == "blank":
+            return [blank_image() for _ in own]
+        if self.control == "none":
+            return []
+        if self.control == "swap":
+            docs = self.task_dict[task][split]
+            for step in range(1, len(docs)):
+                other = self._visuals(doc_to_visual, task, split, (doc_id + step) % len(docs))
+                if len(other) == len(own):
+                    return other
+        return own
 
     def _generation_options(self, gen_kwargs: dict[str, Any] | None) -> dict[str, Any]:
         for key in sorted(set(gen_kwargs or {}) - GEN_KWARGS - self._ignored):

@@ -17,10 +17,11 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from maven_dist.eval.controls import Gain
 from maven_dist.eval.scoring.multiple_choice import choose_by_likelihood, option_letters
 from maven_dist.eval.tasks.base import BenchmarkError, Prediction, Question, Task
 
@@ -62,33 +63,6 @@ class MavenPredictor:
         return out
 
 
-class OraclePredictor:
-    """Answers with each question's reference: the upper bound of a scorer (tests, sanity checks)."""
-
-    def generate(self, questions: Sequence[Question]) -> list[str]:
-        return [_reference_text(q.reference) for q in questions]
-
-    def option_scores(self, questions: Sequence[Question]) -> list[tuple[float, ...]]:
-        letters = [option_letters(len(q.options)) for q in questions]
-        return [
-            tuple(0.0 if ls[k] == q.reference else -1.0 for k in range(len(ls)))
-            for q, ls in zip(questions, letters, strict=True)
-        ]
-
-
-class ConstantPredictor:
-    """Always the same answer (and the same option index): what the answer distribution alone scores."""
-
-    def __init__(self, answer: str, option: int = 0):
-        self.answer, self.option = answer, option
-
-    def generate(self, questions: Sequence[Question]) -> list[str]:
-        return [self.answer for _ in questions]
-
-    def option_scores(self, questions: Sequence[Question]) -> list[tuple[float, ...]]:
-        return [tuple(0.0 if k == self.option else -1.0 for k in range(len(q.options))) for q in questions]
-
-
 @dataclass
 class TaskResult:
     name: str
@@ -96,6 +70,14 @@ class TaskResult:
     num_questions: int
     skipped: list[str]
     seconds: float
+    questions: list[Question] = field(default_factory=list, repr=False)
+    """The questions scored (after ``limit``), with their own images."""
+    predictions: dict[str, Prediction] = field(default_factory=dict, repr=False)
+    """Every scored question's prediction, by question id."""
+    majority: dict[str, float] = field(default_factory=dict)
+    """Per metric, the best constant answer's score (with ``maven eval --control``; ``eval/controls.py``)."""
+    controls: dict[str, dict[str, Gain]] = field(default_factory=dict)
+    """Per control (``blank``, ``swap``, ``none``) and metric: the score under it and the visual gain."""
 
 
 def run_task(
@@ -107,11 +89,10 @@ def run_task(
     batch_size: int = 8,
     barrier: Callable[[], None] = lambda: None,
     progress: Callable[[int, int], None] | None = None,
-    limit: int | None = None,
 ) -> TaskResult | None:
     """Predict every question of `task` not predicted yet (this rank's batches), then merge and score on rank
-    0 (its result; None on other ranks). Every rank must call it (`barrier` synchronises them). `limit`
-    keeps the task's first questions only (smoke tests; the score is then of those)."""
+    0 (its result; None on other ranks). Every rank must call it (`barrier` synchronises them). To score
+    fewer questions, cut the task first (``tasks.base.first_questions``)."""
     start = time.perf_counter()
     task_dir = Path(out_dir) / task.name
     if rank == 0:
@@ -119,7 +100,6 @@ def run_task(
     barrier()
     questions = task.questions()
     _check_unique(task, questions)
-    questions = questions[:limit] if limit is not None else questions
     done = _read_predictions(task_dir)
     todo = [q for q in questions if q.id not in done]
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -138,7 +118,8 @@ def run_task(
     predictions = _merge(task_dir, questions)
     metrics = task.score(predictions)
     (task_dir / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    return TaskResult(task.name, metrics, len(questions), list(task.skipped), time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return TaskResult(task.name, metrics, len(questions), list(task.skipped), seconds, questions, predictions)
 
 
 def _predict(predictor: Predictor, batch: list[Question]) -> list[Prediction]:
@@ -211,20 +192,69 @@ def _check_unique(task: Task, questions: list[Question]) -> None:
         raise BenchmarkError(f"task {task.name}: question ids appear more than once: {twice[:5]}")
 
 
-def _reference_text(reference) -> str:
-    if isinstance(reference, str):
-        return reference
-    if isinstance(reference, list | tuple) and reference:
-        return Counter(reference).most_common(1)[0][0]
-    return str(reference)
+def _number(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
 
 def summary_table(results: Sequence[TaskResult]) -> str:
-    """A markdown table: one row per task and metric."""
-    lines = ["| task | metric | value | questions | skipped |", "|---|---|---|---|---|"]
+    """A markdown table: one row per task and metric. With controls (``maven eval --control``) it adds the
+    majority baseline and, per control, the score under it and the visual gain, marked ``(noise)`` where the
+    permutation test cannot tell it from zero (``eval/controls.py``)."""
+    controls = list(dict.fromkeys(c for r in results for c in r.controls))
+    header = ["task", "metric", "value"]
+    if controls:
+        header += ["majority", *(f"{c} | gain vs {c}" for c in controls)]
+    header += ["questions", "skipped"]
+    columns = sum(h.count("|") + 1 for h in header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * columns]
     for r in results:
         for k, (metric, value) in enumerate(sorted(r.metrics.items())):
-            shown = f"{value:.2f}" if isinstance(value, float) and math.isfinite(value) else str(value)
-            extra = (str(r.num_questions), str(len(r.skipped))) if k == 0 else ("", "")
-            lines.append(f"| {r.name if k == 0 else ''} | {metric} | {shown} | {extra[0]} | {extra[1]} |")
+            row = [r.name if k == 0 else "", metric, _number(value)]
+            if controls:
+                row.append(_number(r.majority[metric]) if metric in r.majority else "")
+                for c in controls:
+                    gain = r.controls.get(c, {}).get(metric)
+                    if gain is None:
+                        row += ["", ""]
+                        continue
+                    noise = " (noise)" if gain.within_noise else ""
+                    row += [_number(gain.control), f"{gain.gain:+.2f}{noise}"]
+            row += [str(r.num_questions), str(len(r.skipped))] if k == 0 else ["", ""]
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def within_noise(results: Sequence[TaskResult]) -> list[str]:
+    """``task/metric (control)`` of every visual gain the permutation test cannot tell from zero."""
+    return [
+        f"{r.name}/{metric} ({control})"
+        for r in results
+        for control, gains in r.controls.items()
+        for metric, gain in sorted(gains.items())
+        if gain.within_noise
+    ]
+
+
+def visual_gain_report(results: Sequence[TaskResult]) -> dict:
+    """``visual_gain.json``: per task and metric, the score, the majority baseline and, per control, the
+    score under it, the visual gain, its p-value and whether it is within noise."""
+    return {
+        r.name: {
+            metric: {
+                "value": value,
+                "majority": r.majority.get(metric),
+                **{
+                    control: {
+                        "score": gains[metric].control,
+                        "gain": gains[metric].gain,
+                        "p_value": gains[metric].p_value,
+                        "within_noise": gains[metric].within_noise,
+                    }
+                    for control, gains in r.controls.items()
+                    if metric in gains
+                },
+            }
+            for metric, value in r.metrics.items()
+        }
+        for r in results
+    }

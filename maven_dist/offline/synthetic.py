@@ -1,72 +1,57 @@
 """Synthetic data set: coloured shapes on textured backgrounds, with exact masks and LLaVA-format text.
 
-It is the demo data set (the tiny recipe, the tests), and ground truth for the patch selector:
-every object's mask is known exactly, and the COCO annotation written for it decodes (with
-pycocotools) to precisely that mask, because the image is *painted from* the decoded mask:
-
-* squares and triangles are annotated as polygons; their mask is pycocotools' rasterisation of the
-  polygon, so polygon -> mask is the identity the pseudo-label tool will compute;
-* circles are annotated as compressed RLE of their mask.
-
-Objects never overlap (rejection sampling on padded boxes), so no mask is hidden by another. Some
-images are not square so that letterboxing (``ImageTransform.pad_to_square``) matters. Everything is
-drawn from one ``numpy`` generator seeded by ``seed``: the same seed gives byte-identical files.
+It is the demo data set (the tiny recipe, the tests), and ground truth for the patch selector and the
+questions: every object is known exactly (``offline/synthetic_scene.py`` draws the scenes), so every
+answer is true by construction. Some images are not square so that letterboxing
+(``ImageTransform.pad_to_square``) matters. Everything is drawn from one generator seeded by ``seed``:
+the same seed gives byte-identical files.
 
 Layout under ``out_dir``::
 
     images/00000.png ...        RGB PNGs
     masks/00000.npz             ``masks`` bool [num_objects, H, W], in annotation order
     captions.json               one caption sample per image (LLaVA format)
-    conversations.json          single-image QA (some multi-turn) and two-image comparisons
+    conversations.json          ``questions_per_image`` single-image samples per image (some multi-turn)
+                                and a two-image comparison per pair of images: every question kind the
+                                synthetic benchmarks ask, in their phrasings (``offline/synthetic_qa.py``)
     instances.json              COCO instances: images, categories (shape names), annotations
-    captions.txt                every text above, one per line (tokenizer training)
+    captions.txt                every text above, one per line (tokenizer and LLM pre-training)
 """
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from maven_dist.data.templates import LLAMA_2_SYSTEM, VICUNA_SYSTEM
+from maven_dist.offline import synthetic_qa as qa
+from maven_dist.offline.synthetic_scene import (
+    COLOURS,
+    SHAPES,
+    SyntheticImage,
+    SyntheticObject,
+    draw_scene,
+)
 
-SHAPES = ("circle", "square", "triangle")
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 40),
-    "blue": (30, 60, 220),
-    "yellow": (235, 210, 20),
-    "purple": (140, 40, 170),
-    "orange": (245, 130, 20),
-}
-BACKGROUNDS = ("striped", "checkered", "noisy", "gradient")
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "SyntheticImage",
+    "SyntheticObject",
+    "SyntheticSet",
+    "caption",
+    "generate_synthetic",
+]
+
 _NUMBERS = ("no", "one", "two", "three", "four", "five", "six")
-_ORDINALS = ("first", "second")
-
-
-@dataclass(frozen=True)
-class SyntheticObject:
-    shape: str
-    colour: str
-    bbox: tuple[float, float, float, float]
-    """COCO [x, y, w, h] of the mask."""
-
-
-@dataclass(frozen=True)
-class SyntheticImage:
-    file_name: str
-    """Path relative to ``SyntheticSet.image_root``, as written in the JSON files."""
-    width: int
-    height: int
-    background: str
-    objects: tuple[SyntheticObject, ...]
-
-    def count(self, shape: str, colour: str | None = None) -> int:
-        return sum(o.shape == shape and (colour is None or o.colour == colour) for o in self.objects)
+_PHRASINGS = (("short", 0.5), ("choice", 0.25), ("sentence", 0.25))
+_SECOND_TURN = 0.3
+"""Share of single-image samples that ask a second question about the same image (multi-turn)."""
 
 
 @dataclass
@@ -100,80 +85,6 @@ class SyntheticSet:
             return f["masks"]
 
 
-def _background(rng: np.random.Generator, kind: str, height: int, width: int) -> np.ndarray:
-    """A muted texture, so shapes stand out but the tower still sees structure."""
-    base = rng.integers(90, 200, size=3)
-    other = np.clip(base + rng.integers(-50, 51, size=3), 0, 255)
-    yy, xx = np.mgrid[0:height, 0:width]
-    if kind == "striped":
-        period = int(rng.integers(6, 16))
-        sel = ((xx + yy) // period) % 2 == 0
-    elif kind == "checkered":
-        period = int(rng.integers(6, 16))
-        sel = ((xx // period) + (yy // period)) % 2 == 0
-    elif kind == "noisy":
-        noise = rng.integers(-25, 26, size=(height, width, 3))
-        return np.clip(base[None, None] + noise, 0, 255).astype(np.uint8)
-    else:  # gradient
-        t = (xx / max(width - 1, 1))[..., None]
-        return np.clip(base[None, None] * (1 - t) + other[None, None] * t, 0, 255).astype(np.uint8)
-    out = np.where(sel[..., None], base[None, None], other[None, None])
-    return out.astype(np.uint8)
-
-
-def _polygon(shape: str, x: float, y: float, size: float) -> list[float]:
-    if shape == "square":
-        pts = [(x, y), (x + size, y), (x + size, y + size), (x, y + size)]
-    else:  # upward triangle
-        pts = [(x + size / 2, y), (x + size, y + size), (x, y + size)]
-    return [float(c) for p in pts for c in p]
-
-
-def _segment(
-    shape: str, x: float, y: float, size: float, height: int, width: int
-) -> tuple[dict | list, np.ndarray]:
-    """(COCO segmentation, bool mask) that decode to each other exactly."""
-    if shape == "circle":
-        yy, xx = np.mgrid[0:height, 0:width]
-        r = size / 2
-        mask = (xx + 0.5 - (x + r)) ** 2 + (yy + 0.5 - (y + r)) ** 2 <= r * r
-        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-        return {"size": [height, width], "counts": rle["counts"].decode("ascii")}, mask
-    poly = [_polygon(shape, x, y, size)]
-    rle = mask_utils.merge(mask_utils.frPyObjects(poly, height, width))
-    return poly, mask_utils.decode(rle).astype(bool)
-
-
-def _place_objects(
-    rng: np.random.Generator, height: int, width: int
-) -> list[tuple[str, str, float, float, float]]:
-    """Up to 4 non-overlapping (shape, colour, x, y, size) with a 2-pixel gap."""
-    wanted = int(rng.integers(1, 5))
-    placed: list[tuple[str, str, float, float, float]] = []
-    side = min(height, width)
-    for _ in range(wanted * 20):
-        if len(placed) == wanted:
-            break
-        size = float(rng.integers(max(6, side // 7), max(8, side // 3)))
-        x = float(rng.integers(1, max(2, int(width - size - 1))))
-        y = float(rng.integers(1, max(2, int(height - size - 1))))
-        if any(
-            x < px + ps + 2 and px < x + size + 2 and y < py + ps + 2 and py < y + size + 2
-            for _, _, px, py, ps in placed
-        ):
-            continue
-        placed.append(
-            (
-                SHAPES[int(rng.integers(len(SHAPES)))],
-                list(COLOURS)[int(rng.integers(len(COLOURS)))],
-                x,
-                y,
-                size,
-            )
-        )
-    return placed
-
-
 def _plural(n: int, colour: str, shape: str) -> str:
     return f"{_NUMBERS[n]} {colour} {shape}{'' if n == 1 else 's'}"
 
@@ -192,37 +103,42 @@ def caption(image: SyntheticImage) -> str:
     return f"{listed[0].upper()}{listed[1:]} on a {image.background} background."
 
 
-def _single_qa(rng: np.random.Generator, image: SyntheticImage) -> list[dict[str, str]]:
-    colour, shape, _ = _groups(image)[int(rng.integers(len(_groups(image))))]
-    n = image.count(shape, colour)
-    turns = [
-        {"from": "human", "value": f"<image>\nHow many {colour} {shape}s are in the picture?"},
-        {"from": "gpt", "value": f"There {'is' if n == 1 else 'are'} {_plural(n, colour, shape)}."},
-    ]
-    if rng.random() < 0.5:  # multi-turn, to exercise template rendering of several rounds
+def _phrase(rng: random.Random, fact: qa.Fact) -> tuple[str, str]:
+    phrasing = rng.choices([p for p, _ in _PHRASINGS], weights=[w for _, w in _PHRASINGS])[0]
+    if phrasing == "choice":
+        return qa.choice(rng, fact)
+    return qa.short_answer(fact) if phrasing == "short" else qa.sentence(fact)
+
+
+def _fact(questions: qa.BalancedQuestions, images: list[SyntheticImage]) -> qa.Fact:
+    """A fact of a random kind these images can answer, each kind's answers in turn (two images: a
+    comparison). Where no kind has its next answer here, any answer the images have."""
+    rng = questions.rng
+    kinds = ("compare",) if len(images) == 2 else qa.SINGLE_IMAGE_KINDS
+    for kind in rng.sample(kinds, len(kinds)):
+        fact = questions.ask(kind, images)
+        if fact is not None:
+            return fact
+    facts = (qa.ask(rng, kinds[0], images, answer) for answer in qa.ANSWERS[kinds[0]])
+    return next(fact for fact in facts if fact is not None)
+
+
+def _turns(questions: qa.BalancedQuestions, images: list[SyntheticImage]) -> list[dict[str, str]]:
+    rng = questions.rng
+    prompt, answer = _phrase(rng, _fact(questions, images))
+    turns = [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+    if len(images) == 1 and rng.random() < _SECOND_TURN:
+        prompt, answer = _phrase(rng, _fact(questions, images))
         turns += [
-            {"from": "human", "value": "What is the background like?"},
-            {"from": "gpt", "value": f"The background is {image.background}."},
+            {"from": "human", "value": prompt.removeprefix(qa.image_prefix(1))},
+            {"from": "gpt", "value": answer},
         ]
     return turns
 
 
-def _pair_qa(rng: np.random.Generator, a: SyntheticImage, b: SyntheticImage) -> list[dict[str, str]]:
-    # Ask about a kind of object that at least one of the two images shows.
-    present = sorted({(c, s) for img in (a, b) for c, s, _ in _groups(img)})
-    colour, shape = present[int(rng.integers(len(present)))]
-    na, nb = a.count(shape, colour), b.count(shape, colour)
-    if na == nb:
-        answer = f"Both images have {_plural(na, colour, shape)}."
-    else:
-        answer = f"The {_ORDINALS[int(nb > na)]} image has more {colour} {shape}s ({max(na, nb)} against {min(na, nb)})."
-    return [
-        {"from": "human", "value": f"<image>\n<image>\nWhich image has more {colour} {shape}s?"},
-        {"from": "gpt", "value": answer},
-    ]
-
-
-def generate_synthetic(out_dir: Path, num_images: int, seed: int, image_size: int = 112) -> SyntheticSet:
+def generate_synthetic(
+    out_dir: Path, num_images: int, seed: int, image_size: int = 112, questions_per_image: int = 1
+) -> SyntheticSet:
     """Write the synthetic set (see module docstring) under `out_dir` and describe it."""
     out = SyntheticSet(Path(out_dir))
     out.image_root.mkdir(parents=True, exist_ok=True)
@@ -236,33 +152,25 @@ def generate_synthetic(out_dir: Path, num_images: int, seed: int, image_size: in
             height = image_size * 3 // 4
         elif index % 3 == 2:
             width = image_size * 3 // 4
-        background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-        pixels = _background(rng, background, height, width)
-        objects, masks = [], []
-        for shape, colour, x, y, size in _place_objects(rng, height, width):
-            segmentation, mask = _segment(shape, x, y, size, height, width)
-            pixels[mask] = COLOURS[colour]
-            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-            bbox = tuple(float(v) for v in mask_utils.toBbox(rle))
-            objects.append(SyntheticObject(shape, colour, bbox))
-            masks.append(mask)
+        scene = draw_scene(rng, height, width)
+        for obj, mask, segmentation in zip(scene.objects, scene.masks, scene.segmentations, strict=True):
             coco_annotations.append(
                 {
                     "id": len(coco_annotations) + 1,
                     "image_id": index + 1,
-                    "category_id": SHAPES.index(shape) + 1,
+                    "category_id": SHAPES.index(obj.shape) + 1,
                     "segmentation": segmentation,
                     "area": float(mask.sum()),
-                    "bbox": list(bbox),
+                    "bbox": list(obj.bbox),
                     "iscrowd": 0,
-                    "colour": colour,
+                    "colour": obj.colour,
                 }
             )
         file_name = f"{index:05d}.png"
-        Image.fromarray(pixels, "RGB").save(out.image_root / file_name, optimize=False)
-        np.savez_compressed(out.root / "masks" / f"{index:05d}.npz", masks=np.stack(masks))
+        Image.fromarray(scene.pixels, "RGB").save(out.image_root / file_name, optimize=False)
+        np.savez_compressed(out.root / "masks" / f"{index:05d}.npz", masks=np.stack(scene.masks))
         coco_images.append({"id": index + 1, "file_name": file_name, "width": width, "height": height})
-        out.images.append(SyntheticImage(file_name, width, height, background, tuple(objects)))
+        out.images.append(SyntheticImage(file_name, width, height, scene.background, tuple(scene.objects)))
 
     captions = [
         {
@@ -275,14 +183,20 @@ def generate_synthetic(out_dir: Path, num_images: int, seed: int, image_size: in
         }
         for i, img in enumerate(out.images)
     ]
+    questions = qa.BalancedQuestions(random.Random(seed))
     conversations = [
-        {"id": f"qa-{i:05d}", "image": img.file_name, "conversations": _single_qa(rng, img)}
+        {"id": f"qa-{i:05d}-{k}", "image": img.file_name, "conversations": _turns(questions, [img])}
         for i, img in enumerate(out.images)
+        for k in range(questions_per_image)
     ]
     for i in range(num_images // 2):
         a, b = out.images[2 * i], out.images[2 * i + 1]
         conversations.append(
-            {"id": f"mqa-{i:05d}", "image": [a.file_name, b.file_name], "conversations": _pair_qa(rng, a, b)}
+            {
+                "id": f"mqa-{i:05d}",
+                "image": [a.file_name, b.file_name],
+                "conversations": _turns(questions, [a, b]),
+            }
         )
     instances = {
         "info": {"description": f"maven_dist synthetic shapes, seed {seed}"},

@@ -13,6 +13,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from transformers import AutoTokenizer
 
+from maven_dist.contract.prompts import SHORT_ANSWER
 from maven_dist.offline.synthetic import COLOURS, SHAPES, caption, generate_synthetic
 from maven_dist.offline.tokenizer_training import BYTE_TOKENS, train_tokenizer
 
@@ -74,12 +75,17 @@ def test_llava_json_matches_the_objects(synth):
     by_name = {i.file_name: i for i in synth.images}
     for record in pairs:
         question, answer = (t["value"] for t in record["conversations"])
-        assert question.count("<image>") == 2
-        words = question.rstrip("?").split()
-        colour, shape = words[-2], words[-1][:-1]
-        na, nb = (by_name[name].count(shape, colour) for name in record["image"])
-        expected = "Both" if na == nb else ("The first" if na > nb else "The second")
-        assert answer.startswith(expected), (question, answer, na, nb)
+        assert question.startswith("<image>\n<image>\nWhich image has more ")
+        if question.endswith(SHORT_ANSWER):  # the other phrasings are checked in test_synthetic_qa.py
+            *colour, plural = question.split("more ")[1].split(":")[0].split()
+            na, nb = (by_name[n].count(plural[:-1], colour[0] if colour else None) for n in record["image"])
+            assert answer == ("same" if na == nb else "first" if na > nb else "second"), (question, na, nb)
+    singles = [c for c in conversations if isinstance(c["image"], str)]
+    assert len(singles) == len(synth.images)  # questions_per_image=1
+    for record in singles:
+        turns = record["conversations"]
+        assert turns[0]["value"].startswith("<image>\n") and len(turns) in (2, 4)
+        assert all("<image>" not in t["value"] for t in turns[1:])
     assert len({c["id"] for c in captions + conversations}) == len(captions) + len(conversations)
 
 

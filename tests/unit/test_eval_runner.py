@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from maven_dist.eval.runner import ConstantPredictor, OraclePredictor, run_task
-from maven_dist.eval.synthetic import write_synthetic_benchmarks
+from maven_dist.eval.runner import run_task
 from maven_dist.eval.tasks.base import Prediction
 from maven_dist.eval.tasks.registry import load_task
 from maven_dist.offline.synthetic import generate_synthetic
+from maven_dist.offline.synthetic_benchmarks import write_synthetic_benchmarks
+from tests.helpers.predictors import ConstantPredictor, OraclePredictor
 from tests.helpers.torchrun import REPO, cpu_env, torchrun
 from tests.unit.test_inference import export_like
 
@@ -110,10 +111,12 @@ def test_two_ranks_give_the_one_rank_predictions_and_mlflow_holds_the_scores(mod
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "launch_id").write_text("launch-eval-test")
+    # The cluster's store, as slurm/env.sh exports it: --run-dir's stages would have logged there too.
+    store = f"sqlite:///{tmp_path / 'cluster.db'}"
     one = subprocess.run(
         [sys.executable, "-m", "maven_dist.eval", str(model_dir), "--out", str(tmp_path / "one"), *tasks,
          "--run-dir", str(run_dir), "--experiment", "maven-eval-test"],
-        cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=900,
+        cwd=REPO, env=cpu_env() | {"MAVEN_TRACKING_URI": store}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     # the same benchmark files (the one-rank run wrote the synthetic set)
@@ -141,7 +144,8 @@ def test_two_ranks_give_the_one_rank_predictions_and_mlflow_holds_the_scores(mod
 
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    assert not (run_dir / "mlflow.db").exists()
+    client = MlflowClient(store)
     experiment = client.get_experiment_by_name("maven-eval-test")
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("maven.run_kind") == "launch"]

@@ -218,6 +218,32 @@ def test_images_go_first_as_lmms_evals_llava_writes_them(model):
     assert images == [[red, blue], [red], []]
 
 
+@pytest.mark.parametrize("control", ["blank", "swap", "none"])
+def test_the_control_option_takes_the_images_away_as_maven_eval_does(model, control):
+    from maven_dist.eval.controls import blank_image
+
+    red, blue, green = (Image.new("RGB", (8, 8), c) for c in ("red", "blue", "green"))
+    docs = [{"images": [red, blue]}, {"images": [red]}, {"images": [green]}]
+    model.task_dict = {"t": {"test": docs}}
+    args = [
+        (ctx, {}, lambda doc: doc["images"], k, "t", "test")
+        for k, ctx in enumerate(["a ?", "b ?", "<image>\nc ?"])
+    ]
+    model.control = control
+    try:
+        prompts, images = model._prompts(args)
+    finally:
+        model.control = ""
+    if control == "blank":
+        assert [len(i) for i in images] == [2, 1, 1]
+        assert all(p.tobytes() == blank_image().tobytes() for i in images for p in i)
+        assert prompts == ["<image> <image>\na ?", "<image>\nb ?", "<image>\nc ?"]
+    elif control == "swap":  # the next document with as many images; a two-image document has no other
+        assert images == [[red, blue], [green], [red]]
+    else:
+        assert images == [[], [], []] and prompts == ["a ?", "b ?", "c ?"]
+
+
 def test_the_registered_name_is_the_same_model(local_tasks):
     from lmms_eval.models import MODEL_REGISTRY_V2
 

@@ -18,6 +18,7 @@ naming the file and record, or as counted skips in ``Task.skipped``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -71,3 +72,12 @@ class Task(Protocol):
         """Metrics by name (``accuracy``, ``score``, ``perception``, ...); `predictions` by question id cover
         every question (the runner checks). Percentages where the benchmark reports percentages."""
         ...
+
+
+def first_questions(task: Task, limit: int) -> Task:
+    """`task` cut to its first `limit` questions (``maven eval --limit``), scored by its own rules over those
+    only. Every reader keeps its questions in ``_questions``; a copy with that list cut is the same reader
+    over fewer questions (MMBench's circular groups may be cut short at the end)."""
+    subset = copy.copy(task)
+    subset._questions = task.questions()[:limit]
+    return subset

@@ -32,11 +32,11 @@ import re
 from pathlib import Path
 from typing import Literal
 
+from maven_dist.contract.prompts import SHORT_ANSWER
 from maven_dist.eval.scoring import mme as mme_scoring
 from maven_dist.eval.tasks.base import BenchmarkError, Prediction, Question
 from maven_dist.eval.tasks.vqa import (
     IMAGE_PLACEHOLDER,
-    LLAVA_SHORT_ANSWER,
     check_inside,
     check_predictions,
     read_text,
@@ -54,7 +54,7 @@ _YES_NO_SUFFIX = re.compile(r"\s*Please answer yes or no\.\s*$")
 
 def llava_question(question: str) -> str:
     """The official MME question as LLaVA-1.5 asks it (see the module docstring)."""
-    return with_instruction(_YES_NO_SUFFIX.sub("", question), LLAVA_SHORT_ANSWER)
+    return with_instruction(_YES_NO_SUFFIX.sub("", question), SHORT_ANSWER)
 
 
 def _subtask_root(root: Path) -> Path:

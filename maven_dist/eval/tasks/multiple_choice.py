@@ -37,6 +37,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from maven_dist.contract.prompts import CHOICE_LETTER
 from maven_dist.eval.scoring import multiple_choice as mc
 from maven_dist.eval.tasks.base import BenchmarkError, Prediction, Question
 from maven_dist.eval.tasks.vqa import (
@@ -50,7 +51,6 @@ from maven_dist.eval.tasks.vqa import (
     task_root,
 )
 
-MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 GEN, LL = "gen", "ll"
 
 # MMBench images are well under 1 MiB; the caps only stop a hostile file from filling memory or disk.
@@ -65,7 +65,7 @@ def option_prompt(question: str, options: Sequence[str]) -> str:
     """The question, its options as ``A. text`` lines and LLaVA's answer-by-letter instruction."""
     letters = mc.option_letters(len(options))
     lines = [question, *(f"{letter}. {text}" for letter, text in zip(letters, options, strict=True))]
-    return "\n".join([*lines, MC_INSTRUCTION])
+    return "\n".join([*lines, CHOICE_LETTER])
 
 
 def _placeholders(num_images: int) -> str:

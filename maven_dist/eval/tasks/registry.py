@@ -22,8 +22,10 @@ TASK_FORMATS: dict[str, str] = {
     "mmbench": "multiple_choice",
     "seedbench": "multiple_choice",
     "demon": "multi_image",
+    "heldout": "multi_image",
 }
-"""Every known task name and the reader (``Task.format``) that reads it, in reporting order."""
+"""Every known task name and the reader (``Task.format``) that reads it, in reporting order. ``heldout`` is
+the synthetic world's held-out question set, one DEMON-style sub-task per question kind (``offline/synthetic_benchmarks.py``)."""
 
 
 def task_directory(name: str, root: Path) -> Path:

@@ -35,10 +35,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from maven_dist.contract.prompts import SHORT_ANSWER
 from maven_dist.eval.scoring import vqa as vqa_scoring
 from maven_dist.eval.tasks.base import BenchmarkError, Prediction, Question
 
-LLAVA_SHORT_ANSWER = "Answer the question using a single word or phrase."
 IMAGE_PLACEHOLDER = "<image>"
 
 # kind -> how one prediction is scored against a question's reference.
@@ -250,7 +250,7 @@ class VqaTask:
             questions.append(
                 Question(
                     id=qid,
-                    prompt=f"{IMAGE_PLACEHOLDER}\n{with_instruction(text, LLAVA_SHORT_ANSWER)}",
+                    prompt=f"{IMAGE_PLACEHOLDER}\n{with_instruction(text, SHORT_ANSWER)}",
                     images=(image,),
                     reference=answers[qid],
                     meta={"kind": self.kind},
