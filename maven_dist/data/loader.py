@@ -48,6 +48,7 @@ from maven_dist.data.formats import BadSample, DataError, Example, SampleFormat,
 from maven_dist.data.image_transform import ImageTransform
 from maven_dist.data.packing import PackedBatch, PackingBudget, collate_packed, pack_micro_batches
 from maven_dist.data.shards import list_shards, read_shard
+from maven_dist.data.workers import worker_context
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +219,10 @@ class _BatchReader:
         self.pad_id, self.strict, self.packing = pad_id, strict, packing
         self._tables: dict[int, object] = {}
 
+    def __getstate__(self) -> dict:
+        # Sent to every worker (forkserver): the shards a process opened are memory maps of its own.
+        return self.__dict__ | {"_tables": {}}
+
     def _table(self, shard: int):
         if shard not in self._tables:
             self._tables[shard] = read_shard(self.paths[shard]).select(self.spec.columns)
@@ -267,6 +272,32 @@ def _init_worker(_worker_id: int) -> None:
     # Slurm signals every process of the step; a worker killed by TERM would make its rank raise
     # before it can checkpoint. Workers ignore the signals and end with their rank.
     ignore_preemption_signals()
+
+
+def worker_loader(
+    dataset: torch.utils.data.Dataset,
+    num_workers: int,
+    seed: int,
+    prefetch_factor: int | None = None,
+    preload: Sequence[str] = (),
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over `dataset`'s items as they are (one item: one planned batch), in order, decoded by
+    `num_workers` helper processes started from a fork server (``maven_dist/data/workers.py``: never a fork
+    of this threaded process; `preload`: modules the workers need that the server should import once) that
+    ignore the preemption signals; 0: in this process."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_unchanged,
+        multiprocessing_context=worker_context(preload) if num_workers else None,
+        worker_init_fn=_init_worker if num_workers else None,
+        # The workers' base seed comes from this generator, not torch's global RNG: building an
+        # iterator (a validation pass, a new epoch) then changes nothing the training computes.
+        generator=torch.Generator().manual_seed(seed),
+        prefetch_factor=prefetch_factor if num_workers else None,
+    )
 
 
 class ShardLoader:
@@ -395,19 +426,10 @@ class ShardLoader:
 
     def _workers(self, batches: list[list[int]], prefetch_factor: int | None = None):
         """(batch, skipped) for each planned batch, decoded by ``num_workers`` processes (or this one)."""
-        return torch.utils.data.DataLoader(
-            _PlannedBatches(batches, self._reader),
-            batch_size=None,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=_unchanged,
-            multiprocessing_context="fork" if self.num_workers else None,
-            worker_init_fn=_init_worker if self.num_workers else None,
-            # The workers' base seed comes from this generator, not torch's global RNG: building an
-            # iterator (a validation pass, a new epoch) then changes nothing the training computes.
-            generator=torch.Generator().manual_seed(self.seed),
-            prefetch_factor=prefetch_factor if self.num_workers else None,
-        )
+        # The tokenizer's module (transformers') is what unpickling the reader in a worker would import.
+        preload = [type(self._reader.tokenizer).__module__]
+        dataset = _PlannedBatches(batches, self._reader)
+        return worker_loader(dataset, self.num_workers, self.seed, prefetch_factor, preload)
 
     def state_dict(self) -> dict:
         return {
