@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -430,6 +430,39 @@ class ShardLoader:
         preload = [type(self._reader.tokenizer).__module__]
         dataset = _PlannedBatches(batches, self._reader)
         return worker_loader(dataset, self.num_workers, self.seed, prefetch_factor, preload)
+
+    def image_codes(self, epochs: Iterable[int]) -> np.ndarray:
+        """[n, K] the distinct code sequences of the images in this rank's batches of `epochs`, read from the
+        shards' ``image_codes`` column ([0, 0] where the shards have none): what a stage with a frozen LLM
+        computes h_eos for before its first step (``maven_dist/parallel/h_eos.py``)."""
+        if "image_codes" not in self.index.column_names:
+            return np.zeros((0, 0), dtype=np.int64)
+        samples: set[int] = set()
+        for epoch in epochs:
+            for batch in self.epoch_batches(epoch):
+                if self.packing:
+                    samples.update(g for row in batch for g in row)
+                else:
+                    samples.update(batch)
+        rows_by_shard: dict[int, list[int]] = {}
+        for g in samples:
+            shard, row = self.index.locate(g)
+            rows_by_shard.setdefault(shard, []).append(row)
+        codes = []
+        for shard, rows in rows_by_shard.items():
+            column = read_shard(self.index.paths[shard]).select(["image_codes"]).take(sorted(rows))
+            # A malformed list (a bad sample: skipped when it is loaded) needs no h_eos.
+            k = self.spec.num_codes
+            codes += [
+                c
+                for sample in column["image_codes"].to_pylist()
+                if sample
+                for c in sample
+                if c and len(c) == k
+            ]
+        if not codes:
+            return np.zeros((0, 0), dtype=np.int64)
+        return np.unique(np.asarray(codes, dtype=np.int64), axis=0)
 
     def state_dict(self) -> dict:
         return {

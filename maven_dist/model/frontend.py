@@ -205,6 +205,21 @@ class MavenFrontEnd(nn.Module):
         return SequenceInputs(embeds, labels, mask, h_eos if has_images else None, segments)
 
 
+def precomputed_eos_states(h_eos: torch.Tensor) -> EosStates:
+    """An ``eos_states`` that hands back h_eos computed beforehand for exactly the batch's images (the 3D
+    engine's pipeline pass; the other engines' pass per step, or their cache). The blank image of a
+    text-only micro-batch (weight 0: it changes neither loss nor gradients) gets zeros, as no pass saw it."""
+
+    def eos_states(codes: torch.Tensor) -> torch.Tensor:
+        if h_eos.shape[0] == codes.shape[0]:
+            return h_eos
+        if h_eos.shape[0] == 0:
+            return h_eos.new_zeros(codes.shape[0], h_eos.shape[1])
+        raise ValueError(f"h_eos of {h_eos.shape[0]} images for a batch of {codes.shape[0]}")
+
+    return eos_states
+
+
 def eos_input_length(spec: MavenSpec) -> int:
     """Positions of one image's h_eos input (``MavenFrontEnd.eos_input_ids``), known without the
     embedding: later pipeline stages allocate their receive buffers with it."""

@@ -27,7 +27,14 @@ from maven_dist.contract.atomic_write import atomic_directory
 from maven_dist.contract.batch import Batch
 from maven_dist.contract.vocab import VocabLayout
 from maven_dist.model import hf_layout
-from maven_dist.model.frontend import MavenFrontEnd, SequenceInputs, eos_input_length, h_eos_spread
+from maven_dist.model.frontend import (
+    EosStates,
+    MavenFrontEnd,
+    SequenceInputs,
+    eos_input_length,
+    h_eos_spread,
+    precomputed_eos_states,
+)
 from maven_dist.model.lm_loss import UnifiedHeadLoss, labelled_rows
 from maven_dist.model.packing import packed_hidden_states
 from maven_dist.model.rope import apply_fp32_rope
@@ -339,19 +346,31 @@ class MavenModel(MavenFrontEnd):
     # ------------------------------------------------------------------ forward
 
     def forward(
-        self, batch: Batch, views: Sequence[str] = ("discrete", "continuous"), loss: str = "lm"
-    ) -> ModelOutput:
+        self,
+        batch: Batch | None = None,
+        views: Sequence[str] = ("discrete", "continuous"),
+        loss: str = "lm",
+        h_eos: torch.Tensor | None = None,
+        eos_codes: torch.Tensor | None = None,
+    ) -> ModelOutput | torch.Tensor:
+        """The stage's loss on `batch`. `h_eos`: its images' h_eos computed beforehand (the engines: one pass
+        per step, or a frozen stage's cache: ``maven_dist/parallel/h_eos.py``); None runs the pass here.
+        `eos_codes` alone: only the h_eos pass over those image codes (what the engines run through
+        DeepSpeed's forward, so ZeRO-3 gathers for it as for any forward)."""
+        if eos_codes is not None:
+            return self.eos_states(eos_codes)
+        eos_states = self.eos_states if h_eos is None else precomputed_eos_states(h_eos)
         if loss == "selector_bce":
-            return self.selector_forward(batch)
-        return self.lm_forward(batch, views)
+            return self.selector_forward(batch, eos_states)
+        return self.lm_forward(batch, views, eos_states)
 
-    def selector_forward(self, batch: Batch) -> ModelOutput:
+    def selector_forward(self, batch: Batch, eos_states: EosStates | None = None) -> ModelOutput:
         if batch.patch_labels is None:
             raise ValueError(
                 f"stage-1 batch without patch labels (samples {batch.sample_ids[:4]}): run maven labels"
             )
         features = self.vision_tower(batch.pixel_values)
-        h_eos = self.eos_states(batch.image_codes)
+        h_eos = (eos_states or self.eos_states)(batch.image_codes)
         logits = self.selector(features, h_eos)
         loss = selector_bce(logits, batch.patch_labels)
         metrics = {"loss/selector_bce": loss.detach()}
@@ -368,10 +387,12 @@ class MavenModel(MavenFrontEnd):
         """The unified head's weight matrices in vocabulary order: the LLM's text rows, the new rows."""
         return self.llm.get_output_embeddings().weight, self.vocab_new_rows.head.weight
 
-    def lm_hidden(self, batch: Batch, views: Sequence[str]) -> tuple[torch.Tensor, SequenceInputs]:
+    def lm_hidden(
+        self, batch: Batch, views: Sequence[str], eos_states: EosStates | None = None
+    ) -> tuple[torch.Tensor, SequenceInputs]:
         """The LLM's last-layer (final-norm) states [B, T, d] of the assembled batch, and its inputs.
         Packed rows run with per-sample positions and attention (``maven_dist/model/packing.py``)."""
-        inputs = self.sequence_inputs(batch, views, self.eos_states)
+        inputs = self.sequence_inputs(batch, views, eos_states or self.eos_states)
         if inputs.segment_ids is not None:
             attn = self.llm.config._attn_implementation
             return packed_hidden_states(self.llm.model, inputs.embeds, inputs.segment_ids, attn), inputs
@@ -380,8 +401,10 @@ class MavenModel(MavenFrontEnd):
         ).last_hidden_state
         return hidden, inputs
 
-    def lm_forward(self, batch: Batch, views: Sequence[str]) -> ModelOutput:
-        hidden, inputs = self.lm_hidden(batch, views)
+    def lm_forward(
+        self, batch: Batch, views: Sequence[str], eos_states: EosStates | None = None
+    ) -> ModelOutput:
+        hidden, inputs = self.lm_hidden(batch, views, eos_states)
         # Only labelled positions reach the head, a chunk at a time (``maven_dist/model/lm_loss.py``).
         rows, targets = labelled_rows(hidden, inputs.labels)
         token_loss = self.lm_loss(rows, targets, self.head_weights)

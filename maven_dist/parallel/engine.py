@@ -19,18 +19,21 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from maven_dist.config import StageConfig
 from maven_dist.contract.batch import Batch
 from maven_dist.contract.checkpoint_layout import Manifest
 from maven_dist.model.maven import MavenModel, ModelOutput
 from maven_dist.parallel.distributed import all_reduce_max, all_reduce_mean, print0
+from maven_dist.parallel.h_eos import HEosCache, HEosSource, PerStepHEos, frozen_llm, h_eos_fingerprint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -132,6 +135,11 @@ class Engine(Protocol):
         """Files (name -> mapping) worth attaching to the stage's tracking run, e.g. the DeepSpeed config."""
         ...
 
+    def prepare_h_eos(self, image_codes: Callable[[], np.ndarray], cache_dir: Path) -> None:
+        """Before the first step: h_eos of every image this rank will see (`image_codes()`: [n, K] code rows),
+        where the stage keeps it fixed (``maven_dist/parallel/h_eos.py``); nothing elsewhere. Collective."""
+        ...
+
 
 class MicroBatchEngine:
     """The step loop of engines that run one micro-batch at a time (local and ZeRO-3).
@@ -144,9 +152,43 @@ class MicroBatchEngine:
     module: MavenModel
     accumulation: int
     device: torch.device
+    cfg: StageConfig
+    h_eos: HEosSource | None = None
+    """Where the forward's h_eos comes from; None where no selector runs (the model needs none)."""
 
-    def _forward(self, batch: Batch) -> ModelOutput:
+    def _forward(self, batch: Batch, h_eos: torch.Tensor | None = None) -> ModelOutput:
         raise NotImplementedError
+
+    def _eos_pass(self, image_codes: torch.Tensor) -> torch.Tensor:
+        """One gradient-free h_eos pass over `image_codes` (every rank together)."""
+        raise NotImplementedError
+
+    def _init_h_eos(self) -> None:
+        """The h_eos source of the stage (call once the model is built): a frozen LLM's cache, or one pass
+        per step; none where no selector runs."""
+        runs_selector = self.cfg.loss == "selector_bce" or self.module.selects_patches(self.cfg.views)
+        if not runs_selector:
+            self.h_eos = None
+        elif frozen_llm(self.cfg.trainable):
+            width = self.module.llm.config.hidden_size
+            self.h_eos = HEosCache(self._eos_pass, self.device, width, self.module.projector_dtype)
+        else:
+            self.h_eos = PerStepHEos(self._eos_pass, self.device)
+
+    def prepare_h_eos(self, image_codes: Callable[[], np.ndarray], cache_dir: Path) -> None:
+        if not isinstance(self.h_eos, HEosCache):
+            return
+        spec, layout = self.module.spec, self.module.layout
+        fingerprint = h_eos_fingerprint(self.module, [spec, layout], self.device)
+        self.h_eos.directory = cache_dir / fingerprint
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.h_eos.fill(image_codes(), rank, world)
+        print0(
+            f"[{self.cfg.name}] h_eos of {len(self.h_eos)} images ready ({self.h_eos.passes} passes; {cache_dir})"
+        )
+
+    def _step_h_eos(self, batches: list[Batch]) -> list[torch.Tensor | None]:
+        return [None] * len(batches) if self.h_eos is None else self.h_eos.for_step(batches)
 
     def _backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
@@ -162,9 +204,15 @@ class MicroBatchEngine:
         window: dict[str, list[float]] = defaultdict(list)
         losses: list[float] = []
         result = StepResult(loss=math.nan)
+        # The step's micro-batches first: their h_eos comes from one pass (or the cache) before any forward.
+        pending = [next(batches) for _ in range(self.accumulation)]
+        h_eos = self._step_h_eos(pending)
         while len(losses) < self.accumulation:
-            batch = next(batches).to(self.device)
-            out = self._forward(batch)
+            if not pending:  # a micro-batch was dropped: its replacement brings its own h_eos
+                pending = [next(batches)]
+                h_eos = self._step_h_eos(pending)
+            batch = pending.pop(0).to(self.device)
+            out = self._forward(batch, h_eos.pop(0))
             if not _finite_on_all_ranks(out.loss):
                 guard.bad(step, batch.sample_ids, "micro-batch skipped")
                 continue
@@ -187,7 +235,8 @@ class MicroBatchEngine:
         sums = torch.zeros(len(VAL_METRICS), dtype=torch.float64, device=self.device)
         counts = torch.zeros_like(sums)
         for batch in batches:
-            out = self._forward(batch.to(self.device))
+            (h_eos,) = self._step_h_eos([batch])
+            out = self._forward(batch.to(self.device), h_eos)
             for k, key in enumerate(VAL_METRICS):
                 if key in out.metrics:
                     sums[k] += float(out.metrics[key])

@@ -36,9 +36,14 @@ class LocalEngine(MicroBatchEngine):
             model = apply_fp32_rope(model.to(torch.bfloat16))
         self.module = model
         self.optimizer, self.scheduler = build_optimizer(self.masters or model, cfg, total_steps)
+        self._init_h_eos()
 
-    def _forward(self, batch: Batch) -> ModelOutput:
-        return self.module(batch, views=self.cfg.views, loss=self.cfg.loss)
+    def _forward(self, batch: Batch, h_eos: torch.Tensor | None = None) -> ModelOutput:
+        return self.module(batch, views=self.cfg.views, loss=self.cfg.loss, h_eos=h_eos)
+
+    @torch.no_grad()
+    def _eos_pass(self, image_codes: torch.Tensor) -> torch.Tensor:
+        return self.module.eos_states(image_codes)
 
     def _backward(self, loss: torch.Tensor) -> None:
         (loss / self.accumulation).backward()

@@ -47,7 +47,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from maven_dist.contract.batch import Batch
 from maven_dist.contract.vocab import VocabLayout
-from maven_dist.model.frontend import MavenFrontEnd, eos_input_length
+from maven_dist.model.frontend import MavenFrontEnd, eos_input_length, precomputed_eos_states
 from maven_dist.model.lm_loss import LOSS_CHUNK_ROWS, chunked_token_losses, labelled_rows
 from maven_dist.model.maven import maybe_skip_hf_init
 from maven_dist.model.spec import MavenSpec
@@ -97,14 +97,8 @@ class InputStage(MavenFrontEnd):
         pixel_values, image_codes, h_eos, input_ids, labels, attention_mask = inputs
         batch = Batch(pixel_values, image_codes, input_ids, labels, attention_mask)
 
-        def precomputed_eos_states(codes: torch.Tensor) -> torch.Tensor:
-            # h_eos came from the engine's pipeline pass; the blank image of a text-only micro-batch
-            # (weight 0) gets zeros, as that pass never saw it.
-            return (
-                h_eos if h_eos.shape[0] == codes.shape[0] else h_eos.new_zeros(codes.shape[0], h_eos.shape[1])
-            )
-
-        inputs = self.sequence_inputs(batch, self.views, precomputed_eos_states)
+        # h_eos came from the engine's pipeline pass (ThreeDEngine.stage_inputs).
+        inputs = self.sequence_inputs(batch, self.views, precomputed_eos_states(h_eos))
         return inputs.embeds, inputs.attention_mask, inputs.labels
 
 

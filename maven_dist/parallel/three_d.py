@@ -306,6 +306,10 @@ class ThreeDEngine(DeepSpeedEngineState):
 
     # ------------------------------------------------------------------ training
 
+    def prepare_h_eos(self, image_codes: Callable[[], object], cache_dir: Path) -> None:
+        """Nothing: this engine runs one forward-only pipeline pass per step (:meth:`stage_inputs`), which
+        gathers nothing (no ZeRO-3 here)."""
+
     def eos_states(self, image_codes: torch.Tensor) -> torch.Tensor:
         """h_eos [N, d] on every rank of this pipe group (every stage must call it together)."""
         return pipeline_eos_states(

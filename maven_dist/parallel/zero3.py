@@ -96,11 +96,18 @@ class Zero3Engine(DeepSpeedEngineState, MicroBatchEngine):
         self._use_weights_only_checkpoints()
         self.module: MavenModel = self.engine.module
         self.device = self.engine.device
+        self._init_h_eos()
 
     # ------------------------------------------------------------------ the step
 
-    def _forward(self, batch: Batch) -> ModelOutput:
-        return self.engine(batch, views=self.cfg.views, loss=self.cfg.loss)
+    def _forward(self, batch: Batch, h_eos: torch.Tensor | None = None) -> ModelOutput:
+        return self.engine(batch, views=self.cfg.views, loss=self.cfg.loss, h_eos=h_eos)
+
+    @torch.no_grad()
+    def _eos_pass(self, image_codes: torch.Tensor) -> torch.Tensor:
+        # Through DeepSpeed's forward, as any forward: ZeRO-3 gathers the LLM for it (the one all-gather the
+        # pass costs; see maven_dist/parallel/h_eos.py for how few there are now).
+        return self.engine(eos_codes=image_codes)
 
     def _backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed scales by 1 / accumulation, and counts micro-steps in step(): it updates on the last.

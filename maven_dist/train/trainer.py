@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from maven_dist.config import Config, save_config
@@ -109,6 +110,7 @@ def run_stage(cfg: Config, force: bool = False) -> StageResult:
         cfg, env, engine, loader, state, skeleton, allow_recipe_change=force, manifest_extra=manifest_extra
     )
     checkpoints.load_latest()
+    _prepare_h_eos(cfg, engine, loader, val_loader, total_steps * accumulation)
 
     tracker = build_tracker(cfg, rank=env.rank, world_size=env.world_size)
     # The tracker already logs the flattened config, the parallel layout and the versions.
@@ -184,6 +186,22 @@ def _train_loop(
         batches.close()
         progress.close()
     return last_loss
+
+
+def _prepare_h_eos(cfg: Config, engine: Engine, loader, val_loader, micro_batches: int) -> None:
+    """The engine's h_eos for every image this rank will see, where the stage keeps it fixed (stages 1 and
+    3: their LLM is frozen; maven_dist/parallel/h_eos.py): its batches of every epoch the stage reaches,
+    and its validation share."""
+    epochs = range(math.ceil(micro_batches / loader.batches_per_epoch))
+
+    def image_codes() -> np.ndarray:  # read only where the engine needs them: planning epochs takes seconds
+        codes = [loader.image_codes(epochs)] + (
+            [val_loader.image_codes([0])] if val_loader is not None else []
+        )
+        codes = [c for c in codes if c.size]
+        return np.concatenate(codes) if codes else np.zeros((0, 0), np.int64)
+
+    engine.prepare_h_eos(image_codes, cfg.stage_dir / "h_eos")
 
 
 def _step_metrics(result, loader, state: TrainerState) -> dict[str, float]:
