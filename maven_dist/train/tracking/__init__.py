@@ -33,18 +33,11 @@ def build_tracker(cfg: Config, rank: int, world_size: int | None = None) -> Trac
     if rank != 0:
         return NullTracker()
     cfg.tracking.validate()
-    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    t, world_size = cfg.tracking, world_size or int(os.environ.get("WORLD_SIZE", "1"))
     params = flatten_params(cfg.to_dict()) | environment_params(world_size)
-    if world_size % (cfg.parallel.tp * cfg.parallel.pp) == 0:
-        params["parallel.dp"] = str(world_size // (cfg.parallel.tp * cfg.parallel.pp))
-    return MLflowTracker(
-        uri=resolve_tracking_uri(cfg) if cfg.tracking.enabled else None,
-        experiment=cfg.tracking.experiment,
-        launch_id=resolve_launch_id(cfg.run_dir),
-        run_dir=cfg.run_dir,
-        base_params=params,
-        resolved_config=cfg.to_dict(),
-        sync_interval_s=cfg.tracking.flush_interval_s,
-        system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
-        http_timeout_s=cfg.tracking.http_timeout_s,
-    )
+    if world_size % (model_parallel := cfg.parallel.tp * cfg.parallel.pp) == 0:
+        params["parallel.dp"] = str(world_size // model_parallel)
+    return MLflowTracker(uri=resolve_tracking_uri(cfg) if t.enabled else None, experiment=t.experiment,
+                         launch_id=resolve_launch_id(cfg.run_dir), run_dir=cfg.run_dir, base_params=params,
+                         resolved_config=cfg.to_dict(), sync_interval_s=t.flush_interval_s,
+                         system_metrics_interval_s=t.system_metrics_interval_s, http_timeout_s=t.http_timeout_s)  # fmt: skip

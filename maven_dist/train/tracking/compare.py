@@ -1,19 +1,16 @@
-"""Stage runs of one or several MLflow stores, read with ``mlflow.search_runs`` into pandas: their final
-metrics, params, tags and (on request) metric histories. Runs are the stage runs the tracker writes (tag
-``maven.run_kind=stage``; an evaluation is a stage named ``eval-<model>``) unless run ids are given.
-:func:`format_table` prints one column per run; :mod:`.report` makes one row per launch (arm).
-"""
+"""Stage runs of one or several MLflow stores, read with ``mlflow.search_runs`` into pandas: the stage runs
+the tracker writes (tag ``maven.run_kind=stage``; an evaluation is a stage named ``eval-<model>``), or the
+runs given by id. :func:`format_table` prints one column per run; :mod:`.report` one row per launch (arm)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pandas as pd
 
-from .client import mlflow_client
+from .client import mlflow_client, sqlite_path
 
 INHERITED_TAGS = ("maven.sweep", "maven.arm")
 """Tags a stage run takes from its parent (launch) run when it does not carry them itself."""
@@ -21,23 +18,22 @@ INHERITED_TAGS = ("maven.sweep", "maven.arm")
 
 @dataclass
 class RunSummary:
+    """A run: ``label`` is ``<launch id>/<stage>`` (else its name), ``metrics`` the latest value of each,
+    ``store`` the tracking URI it was read from, ``start_time`` in ms since the epoch, ``history`` the
+    ``(step, value)`` points by step of the keys :func:`load_histories` loaded."""
+
     run_id: str
     label: str
-    """``<launch id>/<stage>``, or the run's name for runs the tracker did not write."""
     stage: str
     experiment: str
     status: str
     metrics: dict[str, float] = field(default_factory=dict)
-    """The latest value of each metric."""
     params: dict[str, str] = field(default_factory=dict)
     launch_id: str = ""
     store: str = ""
-    """The tracking URI it was read from."""
     tags: dict[str, str] = field(default_factory=dict)
     start_time: int = 0
-    """ms since the epoch."""
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    """``(step, value)`` by step for the keys :func:`load_histories` loaded."""
 
     @property
     def is_eval(self) -> bool:
@@ -58,19 +54,17 @@ def find_runs_in_stores(uris: Sequence[str], experiments: Sequence[str] = (), st
         missing_experiments -= set(names.values())
         if frame.empty:
             continue
-        kind, stage, launch_id = (_tag(frame, f"maven.{k}") for k in ("run_kind", "stage", "launch_id"))
+        tags = frame.reindex(columns=[f"tags.maven.{k}" for k in ("run_kind", "stage", "launch_id", "sweep")])
+        kind, stage, launch_id, sweep_tag = (column.fillna("") for _, column in tags.items())
         launch = frame["experiment_id"] + "/" + launch_id
-        parents = {launch[i]: row for i, row in frame[kind == "launch"].iterrows()}
-        if run_ids:
-            keep = frame["run_id"].isin(run_ids)
-            missing_runs -= set(frame["run_id"][keep])
-        else:
+        keep = frame["run_id"].isin(run_ids)
+        if not run_ids:
             evals = stage.str.startswith("eval-") & (not any(s.startswith("eval-") for s in stages))
             keep = (kind == "stage") & ((stage.isin(stages) | evals) if stages else True)
             keep &= launch_id.isin(launch_ids) if launch_ids else True
-            keep &= (
-                launch.isin(set(launch[_tag(frame, "maven.sweep") == sweep])) if sweep is not None else True
-            )
+            keep &= launch.isin(set(launch[sweep_tag == sweep])) if sweep is not None else True
+        missing_runs -= set(frame["run_id"][keep])
+        parents = {launch[i]: row for i, row in frame[kind == "launch"].iterrows()}
         found += [_summary(row, parents.get(launch[i]), names, uri) for i, row in frame[keep].iterrows()]
     if missing_experiments:
         raise ValueError(f"no experiment named {sorted(missing_experiments)} in {', '.join(uris)}")
@@ -92,13 +86,12 @@ def load_histories(runs: Iterable[RunSummary], keys: Sequence[str]) -> None:
 def store_name(uri: str) -> str:
     """A short name for a store: the run directory of ``sqlite:///RUN_DIR/mlflow.db``, the file of another
     SQLite store, ``host:port`` of a server (never its credentials: the name goes into reports)."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "sqlite":
-        path = Path(parsed.path)
+    if path := sqlite_path(uri):
         return path.parent.name if path.name == "mlflow.db" else path.name
-    if parsed.hostname:
-        return f"{parsed.hostname}:{parsed.port}" if parsed.port else parsed.hostname
-    return uri
+    parsed = urlparse(uri)
+    return (
+        (f"{parsed.hostname}:{parsed.port}" if parsed.port else parsed.hostname) if parsed.hostname else uri
+    )
 
 
 def format_table(runs: Sequence[RunSummary], metric_prefixes: Sequence[str] = (), all_params: bool = False,
@@ -137,19 +130,14 @@ def _search(uri: str, experiments: Sequence[str]) -> tuple[pd.DataFrame, dict[st
         mlflow.set_tracking_uri(previous)
 
 
-def _tag(frame: pd.DataFrame, key: str) -> pd.Series:
-    return frame.get(f"tags.{key}", pd.Series("", index=frame.index)).fillna("")
-
-
 def _summary(row: pd.Series, parent: pd.Series | None, names: dict[str, str], uri: str) -> RunSummary:
-    def part(row: pd.Series | None, prefix: str) -> dict:
-        items = () if row is None else row.items()
-        return {k.removeprefix(prefix): v for k, v in items if k.startswith(prefix) and not pd.isna(v)}
+    def part(row: pd.Series, prefix: str) -> dict:
+        return {k.removeprefix(prefix): v for k, v in row.dropna().items() if k.startswith(prefix)}
 
-    tags = {k: v for k, v in part(parent, "tags.").items() if k in INHERITED_TAGS} | part(row, "tags.")
-    launch, stage = tags.get("maven.launch_id", ""), tags.get("maven.stage", "")
+    tags = part(parent, "tags.") if parent is not None else {}
+    tags = {k: v for k, v in tags.items() if k in INHERITED_TAGS} | part(row, "tags.")
+    launch, stage, start = tags.get("maven.launch_id", ""), tags.get("maven.stage", ""), row["start_time"]
     label = f"{launch}/{stage}" if launch and stage else tags.get("mlflow.runName", row["run_id"])
-    start = row["start_time"]
-    start = 0 if pd.isna(start) else int(start.timestamp() * 1000)
     return RunSummary(row["run_id"], label, stage, names[row["experiment_id"]], row["status"],
-                      part(row, "metrics."), part(row, "params."), launch, uri, tags, start)  # fmt: skip
+                      part(row, "metrics."), part(row, "params."), launch, uri, tags,
+                      0 if pd.isna(start) else int(start.timestamp() * 1000))  # fmt: skip

@@ -1,13 +1,8 @@
-"""A run's durable record on rank 0's disk: everything MLflow is told, written before it is told.
-
-    RECORD_DIR/metrics.jsonl          one line per log call (maven_dist/train/metrics_file.py)
-    RECORD_DIR/tracking/run.json      experiment, launch, stage, store, params, tags, attempts
-    RECORD_DIR/tracking/artifacts/    files attached to the run, copied when logged
-    RECORD_DIR/tracking/synced.json   per store: the run ids, how far metrics.jsonl was sent (.sync)
-
-A stage's record directory is its stage directory, an evaluation's its output directory. Each write is done
-when the call returns (``run.json`` replaced atomically), so a killed process has lost nothing it logged.
-"""
+"""A run's durable record on rank 0's disk, everything MLflow is told, written before it is told: in the
+record directory (a stage's directory, an evaluation's output directory) ``metrics.jsonl``
+(:mod:`maven_dist.train.metrics_file`), ``tracking/run.json`` (experiment, launch, stage, store, params, tags,
+attempts), ``tracking/artifacts/`` (copied when logged) and :mod:`.sync`'s ``tracking/synced.json``. Each
+write is done when the call returns (``run.json`` replaced atomically): a killed process lost nothing."""
 
 from __future__ import annotations
 
@@ -31,31 +26,27 @@ class RunRecord:
         self.run_file, self.synced_file = self.dir / "tracking/run.json", self.dir / "tracking/synced.json"
         self.data: dict[str, Any] = json.loads(self.run_file.read_text()) if self.run_file.is_file() else {}
 
-    def open_attempt(self, uri: str | None, identity: dict[str, str], parent_tags: Mapping[str, str]) -> None:
+    def open_attempt(self, uri: str | None, identity: dict[str, str], parent_tags: Mapping[str, str],
+                     params: Mapping[str, Any], tags: Mapping[str, Any]) -> None:  # fmt: skip
         """A new attempt of the run ``identity`` (experiment, launch_id, stage) names: the same run again if
         the record is of it (a resumed stage continues its curves), else a fresh record; an older launch's
-        lines stay in ``metrics.jsonl`` but are not sent (``metrics_from``)."""
+        lines stay in ``metrics.jsonl`` but are not sent (``metrics_from``). Params keep their first value
+        (MLflow's are immutable); a change is recorded as the tag ``maven.param_changed.<key>`` = ``old -> new``."""
         drop_torn_line(self.metrics)
         if any(self.data.get(k) != v for k, v in identity.items()):
             shutil.rmtree(self.dir / "tracking", ignore_errors=True)
             start = self.metrics.stat().st_size if self.metrics.is_file() else 0
             self.data = identity | {"params": {}, "tags": {}, "attempts": [], "metrics_from": start}
             self.data["parent_tags"] = clip(parent_tags, TAG_LIMIT)
-        self.data["uri"] = uri
-        self.data["attempts"].append(
-            {"start_ms": int(time.time() * 1000), "end_ms": None, "status": "RUNNING"}
-        )
-        self.save()
-
-    def add(self, params: Mapping[str, Any], tags: Mapping[str, Any]) -> None:
-        """Params keep their first value (MLflow's are immutable); a change is recorded as the tag
-        ``maven.param_changed.<key>`` = ``old -> new``."""
         old, new = self.data["params"], clip(params, PARAM_LIMIT)
         changed = {
             f"maven.param_changed.{k}": f"{old[k]} -> {v}" for k, v in new.items() if old.get(k, v) != v
         }
-        self.data["params"] = new | old
+        self.data["uri"], self.data["params"] = uri, new | old
         self.data["tags"] |= clip({**tags, **changed}, TAG_LIMIT)
+        self.data["attempts"].append(
+            {"start_ms": int(time.time() * 1000), "end_ms": None, "status": "RUNNING"}
+        )
         self.save()
 
     def end_attempt(self, status: str) -> None:

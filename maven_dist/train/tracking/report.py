@@ -1,9 +1,7 @@
 """The comparison report (``maven compare``, the sweep's report): one row per arm over stage runs from any
 number of stores, in text, Markdown, CSV and HTML with plots; and the summary a launch's parent run carries.
-
-An *arm* is a launch: the stage and ``eval-*`` runs of one store, experiment and ``maven.launch_id``, named
-by its ``maven.arm`` tag, else its launch id (plus the store, then the experiment, where two would read the
-same). What the tables hold is in docs/experiments.md ("Comparing runs"); the sweep's use::
+An *arm* is a launch: the stage and ``eval-*`` runs of one store, experiment and ``maven.launch_id``. What
+the tables hold: docs/experiments.md ("Comparing runs"). The sweep's use::
 
     runs = find_runs_in_stores([uri], sweep=name)
     load_histories(runs, HISTORY_KEYS)
@@ -22,6 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -43,17 +42,15 @@ SUMMARY_METRICS = ("loss/total", "val/loss", "val/loss_text", "val/loss_visual_c
 
 @dataclass
 class Arm:
+    """A launch's training ``stages`` (in start order) and ``evals``, named by its ``maven.arm`` tag, else
+    its launch id (plus the store, then the experiment, where two would read the same)."""
+
     label: str
     store: str
     experiment: str
     launch_id: str
     stages: list[RunSummary] = field(default_factory=list)
-    """Training stage runs, in start order."""
     evals: list[RunSummary] = field(default_factory=list)
-
-    @property
-    def last(self) -> RunSummary | None:
-        return self.stages[-1] if self.stages else None
 
     def stage(self, name: str) -> RunSummary | None:
         return next((r for r in self.stages if r.stage == name), None)
@@ -62,12 +59,12 @@ class Arm:
         return {k: v for run in self.evals for k, v in run.metrics.items() if k.startswith("eval/")}
 
 
-@dataclass
-class Report:
+class Report(NamedTuple):
+    """One row per arm: ``main`` has the differing params, the last stage's val/loss, eval metrics, visual
+    tokens and throughput; ``per_stage`` the final and best val/loss of every stage that logged it."""
+
     main: pd.DataFrame
-    """One row per arm: differing params, last stage's val/loss, eval metrics, visual tokens, throughput."""
     per_stage: pd.DataFrame
-    """One row per arm: the final and best val/loss of every training stage that logged it."""
 
 
 def group_arms(runs: Sequence[RunSummary]) -> list[Arm]:
@@ -90,18 +87,16 @@ def group_arms(runs: Sequence[RunSummary]) -> list[Arm]:
 
 
 def build_report(arms: Sequence[Arm], all_params: bool = False) -> Report:
-    """The two tables of the module docstring (a missing cell is None)."""
+    """Both tables (a missing cell is None)."""
     several_stores, params = len({a.store for a in arms}) > 1, param_columns(arms, all_params)
     eval_keys = sorted({k for a in arms for k in a.eval_metrics()})
     main, per_stage = [], []
     for i, arm in enumerate(arms):
-        last, evals = arm.last, arm.eval_metrics()
+        last, evals = arm.stages[-1] if arm.stages else None, arm.eval_metrics()
         row = {"arm": arm.label} | ({"store": store_name(arm.store)} if several_stores else {})
         row["last stage"] = last and (last.stage + ("" if last.status == "FINISHED" else f" ({last.status})"))
         row |= {header: values[i] for header, values in params}
-        row |= dict(
-            zip((f"{VAL_LOSS} final", f"{VAL_LOSS} best"), final_and_best(last, VAL_LOSS), strict=True)
-        )
+        row[f"{VAL_LOSS} final"], row[f"{VAL_LOSS} best"] = final_and_best(last, VAL_LOSS)
         row |= {k: evals.get(k) for k in eval_keys}
         row["visual tokens/image"] = visual_tokens(last.params) if last else None
         row["tokens/s"] = tokens_per_s(last)
@@ -118,7 +113,7 @@ def build_report(arms: Sequence[Arm], all_params: bool = False) -> Report:
 
 def param_columns(arms: Sequence[Arm], all_params: bool = False) -> list[tuple[str, list[str | None]]]:
     """``(header, a value per arm)`` for every param that differs between arms (every param with
-    ``all_params``), compared stage by stage as the module docstring says."""
+    ``all_params``), compared stage by stage."""
     stages, columns = stage_order(arms), []
     for key in sorted({k for a in arms for r in a.stages for k in r.params}):
         at = {s: [r.params.get(key) for a in arms if (r := a.stage(s)) is not None] for s in stages}
@@ -206,13 +201,9 @@ def render_plots(arms: Sequence[Arm]) -> dict[str, bytes]:
     """``{file name: PNG}``: per training stage, ``loss/total`` and ``val/loss`` of all arms overlaid (from
     the loaded histories); a stage and metric no arm has is left out."""
     images = {}
-    for stage in stage_order(arms):
-        for key in (TRAIN_LOSS, VAL_LOSS):
-            series = {a.label: r.history[key] for a in arms if (r := a.stage(stage)) and r.history.get(key)}
-            if series:
-                images[re.sub(r"[^\w.-]+", "_", f"{stage}_{key}") + ".png"] = plot_png(
-                    {f"{stage}: {key}": series}
-                )
+    for stage, key in ((s, k) for s in stage_order(arms) for k in (TRAIN_LOSS, VAL_LOSS)):
+        if series := {a.label: r.history[key] for a in arms if (r := a.stage(stage)) and r.history.get(key)}:
+            images[re.sub(r"[^\w.-]+", "_", f"{stage}_{key}.png")] = plot_png({f"{stage}: {key}": series})
     return images
 
 
@@ -238,9 +229,7 @@ def log_report(uri: str, run_id: str, paths: Sequence[Path], artifact_path: str 
     """Attach the report's files to run ``run_id`` under ``artifact_path`` (the PNGs under ``.../plots``)."""
     client = mlflow_client(uri)
     for path in paths:
-        client.log_artifact(
-            run_id, str(path), f"{artifact_path}/plots" if path.suffix == ".png" else artifact_path
-        )
+        client.log_artifact(run_id, str(path), artifact_path + ("/plots" if path.suffix == ".png" else ""))
 
 
 def summarise_launch(uri: str, experiment: str, launch_id: str, name: str, params: Mapping[str, str]) -> None:
@@ -258,18 +247,13 @@ def summarise_launch(uri: str, experiment: str, launch_id: str, name: str, param
     metrics = arm.eval_metrics()
     for run in arm.stages:
         metrics |= {f"{run.stage}/{k}": run.metrics[k] for k in SUMMARY_METRICS if k in run.metrics}
-        metrics |= (
-            {f"{run.stage}/{VAL_LOSS}_best": final_and_best(run, VAL_LOSS)[1]}
-            if VAL_LOSS in run.metrics
-            else {}
-        )
+        if VAL_LOSS in run.metrics:
+            metrics[f"{run.stage}/{VAL_LOSS}_best"] = final_and_best(run, VAL_LOSS)[1]
     client, now = mlflow_client(uri), int(time.time() * 1000)
     client.set_tag(parent, "mlflow.runName", name)
     logged = client.get_run(parent).data.params
-    todo = [Param(k, v) for k, v in clip(params, PARAM_LIMIT).items() if k not in logged]
-    values = [Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())]
-    for i in range(0, max(len(todo), len(values)), 100):
-        client.log_batch(parent, params=todo[i : i + 100], metrics=values[i : i + 100])
+    params = [Param(k, v) for k, v in clip(params, PARAM_LIMIT).items() if k not in logged]
+    client.log_batch(parent, [Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())], params)
 
 
 def recipe_params(config: Mapping, recipe: str, order: list[str]) -> dict[str, str]:
@@ -287,7 +271,7 @@ def plot_png(panels: Mapping[str, Mapping[str, list[tuple[int, float]]]]) -> byt
     fig = Figure(figsize=(7, 3 * len(panels)), layout="constrained")
     FigureCanvasAgg(fig)
     for ax, (title, series) in zip(
-        fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels.items(), strict=True
+        fig.subplots(len(panels), squeeze=False)[:, 0], panels.items(), strict=True
     ):
         for label, points in series.items():  # markers where points are few (val/loss every eval_every steps)
             ax.plot(
@@ -310,6 +294,4 @@ def _tables(report: Report) -> list[pd.DataFrame]:
 
 
 def _str(value: object) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
+    return "-" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)

@@ -1,10 +1,9 @@
 """What identifies and describes a run: launch id, flattened params, code version, Slurm placement.
-
-Values are strings cut to MLflow's limits (keys 250 characters, params 6000, tags 8000), so no call fails.
-"""
+Values are strings cut to MLflow's limits (keys 250 characters, params 6000, tags 8000), so no call fails."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,31 +24,28 @@ SWEEP_ENV, ARM_ENV = "MAVEN_SWEEP", "MAVEN_ARM"
 """Set by ``maven sweep``: tagged on the parent and every stage run as ``maven.sweep`` / ``maven.arm``;
 ``RUN_NAME_ENV`` names the parent run (``maven pipeline``: the recipe; ``maven sweep``: sweep/arm)."""
 _LAUNCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # goes into search filters and file names
-SLURM_TAGS = {
-    "SLURM_JOB_ID": "slurm.job_id",
-    "SLURM_JOB_NAME": "slurm.job_name",
-    "SLURM_JOB_NODELIST": "slurm.nodelist",
-    "SLURM_JOB_NUM_NODES": "slurm.num_nodes",
-    "SLURM_JOB_PARTITION": "slurm.partition",
-    "SLURM_RESTART_COUNT": "slurm.restart_count",
-}
+SLURM_TAGS = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_JOB_NAME": "slurm.job_name",
+              "SLURM_JOB_NODELIST": "slurm.nodelist", "SLURM_JOB_NUM_NODES": "slurm.num_nodes",
+              "SLURM_JOB_PARTITION": "slurm.partition", "SLURM_RESTART_COUNT": "slurm.restart_count"}  # fmt: skip
 """Tags, not params: they change on every requeue of the same stage."""
 
 
 def resolve_launch_id(run_dir: str | Path) -> str:
     """``$MAVEN_LAUNCH_ID``, else ``{run_dir}/launch_id``, created by the first stage that starts there
     (``O_EXCL``: processes racing to create it agree on one id), so all stages share one parent run."""
-    if os.environ.get(LAUNCH_ID_ENV, "").strip():
-        return _checked(os.environ[LAUNCH_ID_ENV].strip(), f"${LAUNCH_ID_ENV}")
-    path = Path(run_dir) / LAUNCH_ID_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(path, "x") as f:
+    source, value = f"${LAUNCH_ID_ENV}", os.environ.get(LAUNCH_ID_ENV, "").strip()
+    if not value:
+        source = Path(run_dir) / LAUNCH_ID_FILE
+        source.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError), open(source, "x") as f:
             f.write(_fresh_id() + "\n")
-    except FileExistsError:
-        if not path.read_text().strip():  # an empty file left by a killed process
-            return new_launch_id(run_dir)
-    return _checked(path.read_text().strip(), str(path))
+        value = source.read_text().strip() or new_launch_id(run_dir)  # empty: left by a killed process
+    if not _LAUNCH_ID_RE.match(value):
+        raise ValueError(
+            f"launch id {value!r} from {source} must be 1-128 characters of letters, digits, '.', '_', '-' "
+            "(starting with a letter or digit); fix or delete it"
+        )
+    return value
 
 
 def new_launch_id(run_dir: str | Path) -> str:
@@ -60,15 +56,6 @@ def new_launch_id(run_dir: str | Path) -> str:
 
 def _fresh_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
-
-
-def _checked(value: str, source: str) -> str:
-    if not _LAUNCH_ID_RE.match(value):
-        raise ValueError(
-            f"launch id {value!r} from {source} must be 1-128 characters of letters, digits, '.', '_', '-' "
-            "(starting with a letter or digit); fix or delete it"
-        )
-    return value
 
 
 def launch_tags() -> dict[str, str]:
@@ -95,11 +82,8 @@ def clip_key(key: str) -> str:
 
 def clip(items: Mapping[str, Any], limit: int) -> dict[str, str]:
     """Keys and string values fit for MLflow; a cut value is marked, so nobody takes it for the whole."""
-    out = {}
-    for key, value in items.items():
-        text = _text(value)
-        out[clip_key(key)] = text if len(text) <= limit else text[: limit - 14] + "...[truncated]"
-    return out
+    texts = {clip_key(k): _text(v) for k, v in items.items()}
+    return {k: v if len(v) <= limit else v[: limit - 14] + "...[truncated]" for k, v in texts.items()}
 
 
 def _text(value: Any) -> str:
@@ -118,8 +102,6 @@ def environment_tags() -> dict[str, str]:
     """Tags that change between attempts of the same stage: Slurm job and nodes, host, code version."""
     tags = {"maven.hostname": socket.gethostname(), "mlflow.source.git.commit": git_sha()}
     tags |= {tag: os.environ[env] for env, tag in SLURM_TAGS.items() if os.environ.get(env)}
-    if os.environ.get("SLURM_ARRAY_JOB_ID"):  # an array task's own id is <array job>_<task>
-        tags["slurm.job_id"] = (
-            f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
-        )
+    if array := os.environ.get("SLURM_ARRAY_JOB_ID"):  # an array task's own id is <array job>_<task>
+        tags["slurm.job_id"] = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
     return tags

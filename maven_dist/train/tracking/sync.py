@@ -1,17 +1,11 @@
-"""Send a run's record (:mod:`.record`) to an MLflow store; idempotent, so it runs as often as it must.
-
-The tracker runs it while training (every ``tracking.flush_interval_s``, best effort), the next stage runs it
-for records an earlier one could not send, ``maven sync RUN_DIR`` afterwards. Nothing arrives twice: runs
-are found by their tags before one is created (parent: ``maven.launch_id`` + ``maven.run_kind=launch``;
-stage: + ``maven.stage``); metric lines are sent from the byte offset the last acknowledged batch stored in
-``synced.json`` (a batch sent again after a crash between the store's answer and that write is dropped by
-the store, which keeps one row per key, step, timestamp and value); params already in the run are left out;
-tags, status and artifacts overwrite themselves.
-"""
+"""Send a run's record (:mod:`.record`) to an MLflow store; idempotent, so the tracker, the next stage and
+``maven sync`` run it as often as they must (how nothing arrives twice: docs/experiments.md, "How a run
+reaches MLflow"). MLflow's ``log_batch`` splits a call to its limits itself."""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -35,29 +29,18 @@ def sync_record(record: RunRecord, uri: str | None = None) -> int:
     uri = uri or record.data.get("uri")
     if not uri:
         raise ValueError(f"the record in {record.dir} names no tracking store; give one (--uri)")
-    client = mlflow_client(uri)
-    synced = json.loads(record.synced_file.read_text()) if record.synced_file.is_file() else {}
-    state, batch, sent = synced.setdefault(uri, {}), [], 0
-
-    def send(offset: int) -> int:  # a batch the store acknowledged is never sent again
-        for i in range(0, len(batch), 1000):  # MLflow's most metric values per call
-            client.log_batch(state["run_id"], metrics=batch[i : i + 1000], synchronous=True)
-        state["offset"] = offset
-        write_json_atomic(record.synced_file, synced)
-        return len(batch)
-
+    client, synced, sent = mlflow_client(uri), _synced(record), 0
+    state = synced.setdefault(uri, {})
     try:
         if "run_id" not in state:
             state |= _open_runs(client, record.data, uri)
-        offset = state["offset"]
-        for row, offset in iter_lines(record.metrics, state["offset"]):
-            step, time_ms = row.pop("step"), row.pop("time_ms")
-            batch += [Metric(k, float(v), time_ms, step) for k, v in row.items()]
-            if len(batch) >= 1000:
-                sent += send(offset)
-                batch.clear()
-        if batch:
-            sent += send(offset)
+        lines = iter_lines(record.metrics, state["offset"])
+        while chunk := list(itertools.islice(lines, 100)):  # a chunk the store acknowledged is not sent again
+            batch = [Metric(k, float(v), row["time_ms"], row["step"])
+                     for row, _ in chunk for k, v in row.items() if k not in ("step", "time_ms")]  # fmt: skip
+            client.log_batch(state["run_id"], metrics=batch, synchronous=True)  # synchronous: never a thread
+            state["offset"], sent = chunk[-1][1], sent + len(batch)
+            write_json_atomic(record.synced_file, synced)
         if state.get("digest") != (digest := _digest(record)):
             _send_run_state(client, record, state)
             state["digest"] = digest
@@ -72,8 +55,10 @@ def sync_record(record: RunRecord, uri: str | None = None) -> int:
 
 def is_synced(record: RunRecord, uri: str) -> bool:
     """Whether the store at ``uri`` has all of ``record`` (from ``synced.json``: no call to the store)."""
-    state = json.loads(record.synced_file.read_text()).get(uri, {}) if record.synced_file.is_file() else {}
-    size = record.metrics.stat().st_size if record.metrics.is_file() else 0
+    state, size = (
+        _synced(record).get(uri, {}),
+        record.metrics.stat().st_size if record.metrics.is_file() else 0,
+    )
     return state.get("digest") == _digest(record) and state.get("offset", -1) >= size
 
 
@@ -116,11 +101,9 @@ def _find_or_create(
 ) -> str:
     """The first run that carries the tags ``keys``, else a new one with ``keys`` and ``more``."""
     query = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in keys.items())
-    found = client.search_runs([exp_id], query, max_results=1, order_by=["start_time ASC"])
-    if found:
+    if found := client.search_runs([exp_id], query, max_results=1, order_by=["start_time ASC"]):
         return found[0].info.run_id
-    tags = keys | more
-    return client.create_run(exp_id, start_ms, tags, run_name=tags["mlflow.runName"]).info.run_id
+    return client.create_run(exp_id, start_ms, keys | more, run_name=more["mlflow.runName"]).info.run_id
 
 
 def _send_run_state(client: Any, record: RunRecord, state: dict) -> None:
@@ -129,13 +112,9 @@ def _send_run_state(client: Any, record: RunRecord, state: dict) -> None:
 
     data, run_id = record.data, state["run_id"]
     logged = client.get_run(run_id).data.params
-    params = [Param(k, v) for k, v in data["params"].items() if k not in logged]
     tags = data["tags"] | {"maven.resume_count": str(len(data["attempts"]) - 1)}
-    tags = [RunTag(k, v) for k, v in tags.items()]
-    for i in range(
-        0, max(len(params), len(tags)), 100
-    ):  # MLflow takes at most 100 params and 100 tags a call
-        client.log_batch(run_id, params=params[i : i + 100], tags=tags[i : i + 100], synchronous=True)
+    client.log_batch(run_id, params=[Param(k, v) for k, v in data["params"].items() if k not in logged],
+                     tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)  # fmt: skip
     if record.artifacts.is_dir():
         client.log_artifacts(run_id, str(record.artifacts))
     last = data["attempts"][-1]
@@ -144,6 +123,10 @@ def _send_run_state(client: Any, record: RunRecord, state: dict) -> None:
             client.update_run(run, status="RUNNING")
         else:
             client.set_terminated(run, status=last["status"], end_time=last["end_ms"])
+
+
+def _synced(record: RunRecord) -> dict:
+    return json.loads(record.synced_file.read_text()) if record.synced_file.is_file() else {}
 
 
 def _digest(record: RunRecord) -> str:

@@ -2,10 +2,10 @@
 :class:`MLflowTracker` (rank 0) writes the run's record (:mod:`.record`), then syncs it (:mod:`.sync`).
 
 No thread: a call does its work in the caller's thread before it returns, so a process that forks (rank 0
-does, for its DataLoader workers) has no tracking thread to fork under. The sync runs at the start and end
-of a stage and at most every ``sync_interval_s`` in between; while the store fails it is tried again after
-a doubling pause of at most :data:`MAX_BACKOFF_S`, so a dead server costs one failed request (at worst
-``http_timeout_s``) per pause.
+does, for its DataLoader workers) has no tracking thread to fork under. The sync runs when a stage starts
+and ends and at most every ``sync_interval_s`` in between; while the store fails, after a pause as long as
+the outage so far (so the pauses double) of at most :data:`MAX_BACKOFF_S`, so a dead server costs one failed
+request (at worst ``http_timeout_s``) per pause.
 """
 
 from __future__ import annotations
@@ -41,9 +41,7 @@ class Tracker:
     store. ``start_stage`` opens (on resume: reopens) the stage's run under the launch's parent run,
     ``log_dict`` attaches YAML (``.yaml``/``.yml`` names) or JSON, ``end_stage`` closes the run."""
 
-    def start_stage(
-        self, stage_name: str, params: Mapping | None = None, tags: Mapping | None = None
-    ) -> None: ...
+    def start_stage(self, stage_name: str, params: Mapping | None = None, tags: Mapping | None = None) -> None: ...  # fmt: skip
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_dict(self, data: Mapping[str, Any], name: str) -> None: ...
@@ -69,9 +67,10 @@ class MLflowTracker(Tracker):
         self.identity = {"experiment": experiment, "launch_id": launch_id}
         self.base_params, self.resolved_config = dict(base_params or {}), resolved_config
         self.sync_interval_s, self.system_metrics_interval_s = sync_interval_s, system_metrics_interval_s
-        self.record, self.pending = RunRecord(record_dir or run_dir), []  # pending: earlier runs' records
+        self.record: RunRecord | None = None
+        self.pending: list[RunRecord] = []  # earlier runs' records the store lacks
         self._open, self._warned, self._next_sync, self._next_sample = False, set(), 0.0, 0.0
-        self._failures, self._down_since = 0, None
+        self._down_since: float | None = None  # when the store last began to fail
 
     def start_stage(
         self, stage_name: str, params: Mapping | None = None, tags: Mapping | None = None
@@ -82,12 +81,10 @@ class MLflowTracker(Tracker):
         parent_tags = {"maven.run_dir": str(self.run_dir), **launch_tags()}
         if name := os.environ.get(RUN_NAME_ENV, "").strip():
             parent_tags["mlflow.runName"] = name
-        self.record = RunRecord(self.record_dir or self.run_dir / stage_name)
-        self.record.open_attempt(self.uri, self.identity | {"stage": stage_name}, parent_tags)
-        self._open = True
-        self.record.add(
-            self.base_params | dict(params or {}), environment_tags() | launch_tags() | dict(tags or {})
-        )
+        self.record, self._open = RunRecord(self.record_dir or self.run_dir / stage_name), True
+        self.record.open_attempt(self.uri, self.identity | {"stage": stage_name}, parent_tags,
+                                 self.base_params | dict(params or {}),
+                                 environment_tags() | launch_tags() | dict(tags or {}))  # fmt: skip
         if self.resolved_config is not None:
             self.log_dict(self.resolved_config, "resolved_recipe.yaml")
         if self.system_metrics_interval_s > 0:
@@ -104,10 +101,9 @@ class MLflowTracker(Tracker):
             return
         values = {}
         for key, value in metrics.items():
+            name = clip_key(posixpath.normpath(_BAD_METRIC_CHARS.sub("_", key)).lstrip("/"))
             try:
-                values[clip_key(posixpath.normpath(_BAD_METRIC_CHARS.sub("_", key)).lstrip("/"))] = float(
-                    value
-                )
+                values[name] = float(value)
             except (TypeError, ValueError):
                 self._warn(f"metric {key!r}={value!r} is not a number; skipped")
         if self.system_metrics_interval_s > 0 and time.monotonic() >= self._next_sample:
@@ -135,42 +131,42 @@ class MLflowTracker(Tracker):
             )
 
     def end_stage(self, status: RunStatus = "FINISHED") -> None:
-        if not self._stage_open("end_stage"):
-            return
-        self._open = False
-        try:
-            draw_loss_curve(self.record, f"{self.identity['launch_id']} / {self.record.data['stage']}")
-        except Exception as exc:  # noqa: BLE001 - a missing plot must not fail the stage
-            self._warn(f"loss curve not drawn: {exc!r}")
-        self.record.end_attempt(status)
-        if not self.flush():
-            logger.warning("tracking: the store lacks %s for now; the next stage sends it, or: maven sync %s",
-                           self.record.dir, self.run_dir)  # fmt: skip
+        if self._stage_open("end_stage"):
+            self._open = False
+            try:
+                draw_loss_curve(self.record, f"{self.identity['launch_id']} / {self.record.data['stage']}")
+            except Exception as exc:  # noqa: BLE001 - a missing plot must not fail the stage
+                self._warn(f"loss curve not drawn: {exc!r}")
+            self.record.end_attempt(status)
+            if not self.flush():
+                logger.warning("tracking: the store lacks %s for now; the next stage sends it, or: maven sync %s",
+                               self.record.dir, self.run_dir)  # fmt: skip
 
     def flush(self) -> bool:
         """Send the earlier runs' records, then this one; True when the store has them all."""
-        if not self.uri or not self.record.data:
+        if not self.uri or self.record is None:
             return True
+        now = time.monotonic()
         try:
             while self.pending:
                 sync_record(self.pending[0], self.uri)
                 self.pending.pop(0)
             sync_record(self.record, self.uri)
         except Exception as exc:  # noqa: BLE001 - whatever the store does, training goes on
-            self._failures += 1
-            self._next_sync = time.monotonic() + min(self.sync_interval_s * 2**self._failures, MAX_BACKOFF_S)
             if self._down_since is None:
-                self._down_since = time.monotonic()
+                self._down_since = now
                 logger.warning("MLflow tracking store %s is unreachable or refused a call (%s); training goes on "
                                "and keeps everything in %s, sent when the store answers (tried again within "
                                "%.0f s) or by: maven sync %s", self.uri, f"{type(exc).__name__}: {exc}"[:300],
                                self.record.dir, MAX_BACKOFF_S, self.run_dir)  # fmt: skip
+            self._next_sync = time.monotonic() + min(
+                max(self.sync_interval_s, now - self._down_since), MAX_BACKOFF_S
+            )
             return False
         if self._down_since is not None:
             logger.info("MLflow tracking store %s is reachable again after %.0f s; the record is sent",
-                        self.uri, time.monotonic() - self._down_since)  # fmt: skip
-        self._failures, self._down_since = 0, None
-        self._next_sync = time.monotonic() + self.sync_interval_s
+                        self.uri, now - self._down_since)  # fmt: skip
+        self._down_since, self._next_sync = None, time.monotonic() + self.sync_interval_s
         return True
 
     def close(self) -> None:
