@@ -7,9 +7,13 @@ from ``{model.llm.path}/config.json`` when it exists, else ``--text-vocab`` (Vic
 
 Byte counts per parameter (bf16 training, DeepSpeed's layout; fp32 runs use 4-byte weights/grads):
 
-* ZeRO-3: weights 2, gradients 2 (trainable), optimizer 12 (fp32 master + Adam m, v; trainable),
-  all three partitioned over every GPU; plus the gathered working set (the largest layer, twice:
-  prefetch) in full.
+* ZeRO-3: weights 2, gradients 2 + 4 (the bf16 gradient partition, and the fp32 copy the optimizer step
+  makes of it), optimizer 12 (fp32 master + Adam m, v; trainable), all partitioned over every GPU; plus
+  the gathered working set as DeepSpeed bounds it: up to ``stage3_max_live_parameters`` elements live and
+  a ``stage3_prefetch_bucket_size`` in flight (never more than the whole model); plus buffers: the
+  contiguous gradient bucket and its reduce-scatter output (2 x ``reduce_bucket_size`` elements) and
+  :data:`RUNTIME_BYTES` for the CUDA context, cuBLAS workspaces and NCCL's communicator buffers. The
+  knobs are read from ``zero3_settings.py``, the module the engine's DeepSpeed config is built from.
 * 3D: weights 2 and gradients 4 (bf16 grad + DeepSpeed's fp32 accumulation buffer) of this GPU's
   pipeline stage, tp-sharded tensors divided by tp; optimizer 12 per trainable parameter divided by
   dp (ZeRO-1). Pipeline stage 0 holds the vision tower, selector, projector and input embedding,
@@ -40,8 +44,13 @@ from maven_dist.contract.command_line import HelpFormatter
 from maven_dist.contract.lengths import num_kept_patches
 from maven_dist.contract.vocab import VocabLayout
 from maven_dist.model.lm_loss import LOSS_CHUNK_ROWS
+from maven_dist.parallel import zero3_settings
 
 GB = 1024**3
+RUNTIME_BYTES = 1.5 * GB
+"""Per GPU, outside any tensor: the CUDA context (~0.5 GB with cuBLAS/cuDNN handles) and NCCL's buffers
+(~4 MB per channel and peer, a few hundred MB on 8 GPUs). An allowance to be replaced by the figure
+``make gpu-smoke`` measures (docs/performance.md)."""
 
 
 @dataclass(frozen=True)
@@ -103,10 +112,12 @@ class MemoryEstimate:
     grads: float
     optimizer: float
     activations: float
+    buffers: float = 0.0
+    """Communication buckets (ZeRO-3) and the CUDA/NCCL runtime (:data:`RUNTIME_BYTES`, every backend)."""
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.params + self.grads + self.optimizer + self.activations + self.buffers
 
 
 def _bytes(cfg: Config) -> tuple[int, int]:
@@ -180,14 +191,18 @@ def _estimate(
             + counts.projector * _trainable(cfg, "projector")
             + counts.selector * _trainable(cfg, "selector")
         )
-        largest = max(counts.embed, counts.layer_sharded, counts.tower // max(cfg.model.vision.num_layers, 1))
-        params = e * counts.total / world + 2 * e * largest
-        grads = g * trainable / world
+        buckets = zero3_settings.bucket_sizes(gpu=True)
+        gathered = min(
+            counts.total, zero3_settings.MAX_LIVE_PARAMETERS + buckets["stage3_prefetch_bucket_size"]
+        )
+        params = e * counts.total / world + e * gathered
+        grads = (g + 4 * (g == 2)) * trainable / world  # bf16: the fp32 copy at the step as well
         optimizer = 12 * trainable / world
         layers = llm.num_layers * layer_activation_bytes(cfg, 1, e, rows)
         if cfg.stage.gradient_checkpointing:
             layers += _full_layer(cfg, 1, e, rows)
-        return [MemoryEstimate("zero3", dp, tp, pp, params, grads, optimizer, layers + logits)]
+        buffers = 2 * g * buckets["reduce_bucket_size"] + RUNTIME_BYTES
+        return [MemoryEstimate("zero3", dp, tp, pp, params, grads, optimizer, layers + logits, buffers)]
 
     per_stage_layers = math.ceil(llm.num_layers / pp)
     layer_params = counts.layer_sharded / tp + counts.layer_replicated
@@ -234,6 +249,7 @@ def _estimate(
                 (g + 4 * (e == 2)) * stage["trainable"],
                 12 * stage["trainable"] / dp,
                 acts + stage["logits"],
+                RUNTIME_BYTES,
             )
         )
     return stages
@@ -337,19 +353,21 @@ def main(argv: list[str] | None = None) -> int:
         f"checkpointing={'on' if cfg.stage.gradient_checkpointing else 'off'}; {args.gpus} GPUs x {args.gpu_mem_gb:g} GB"
     )
     print(
-        f"{'backend':8} {'dp':>3} {'tp':>3} {'pp':>3} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total':>8}  fits"
+        f"{'backend':8} {'dp':>3} {'tp':>3} {'pp':>3} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} "
+        f"{'buffers':>8} {'total':>8}  fits"
     )
     for est, fits in plan(cfg, args.gpus, args.gpu_mem_gb, args.text_vocab, args.gpus_per_node):
         print(
             f"{est.backend:8} {est.dp:3d} {est.tp:3d} {est.pp:3d} "
             + " ".join(
-                f"{v / GB:8.2f}" for v in (est.params, est.grads, est.optimizer, est.activations, est.total)
+                f"{v / GB:8.2f}"
+                for v in (est.params, est.grads, est.optimizer, est.activations, est.buffers, est.total)
             )
             + f"  {'yes' if fits else 'no'}"
         )
     print(
-        "GB per GPU (GiB); 3d rows are the heavier of pipeline stage 0 and the last stage. Leave ~10% for "
-        "allocator fragmentation and communication buffers."
+        "GB per GPU (GiB); 3d rows are the heavier of pipeline stage 0 and the last stage. buffers: ZeRO-3's "
+        "gradient buckets and 1.5 GB for the CUDA context and NCCL. Leave ~10% for allocator fragmentation."
     )
     return 0
 

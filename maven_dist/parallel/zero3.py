@@ -35,27 +35,17 @@ from maven_dist.parallel.deepspeed_common import (
 from maven_dist.parallel.dims import ParallelDims
 from maven_dist.parallel.engine import LayoutMismatch, MicroBatchEngine
 from maven_dist.parallel.optim import build_optimizer
+from maven_dist.parallel.zero3_settings import zero_optimization
 
 CHECKPOINT_TAG = "zero"
 UNIVERSAL_TAG = "universal"
 
 
 def build_ds_config(cfg: Config, dims: ParallelDims, accumulation: int) -> dict:
-    """DeepSpeed config generated from the recipe (one source of truth for batch sizes and precision)."""
-    gpu = torch.cuda.is_available()
+    """DeepSpeed config generated from the recipe (one source of truth for batch sizes and precision); the
+    ZeRO-3 knobs come from zero3_settings.py, which the memory planner reads too."""
     return base_ds_config(cfg, dims, accumulation) | {
-        "zero_optimization": {
-            "stage": 3,
-            "overlap_comm": gpu,
-            "contiguous_gradients": True,
-            # DeepSpeed's GPU defaults; on CPU they would allocate ~2 GB buffers per rank for nothing.
-            "reduce_bucket_size": 5e8 if gpu else 5e7,
-            "stage3_prefetch_bucket_size": 5e8 if gpu else 5e7,
-            "stage3_param_persistence_threshold": 1e5,
-            "stage3_max_live_parameters": 1e9,
-            "stage3_max_reuse_distance": 1e9,
-            "stage3_gather_16bit_weights_on_model_save": True,
-        },
+        "zero_optimization": zero_optimization(gpu=torch.cuda.is_available()),
     }
 
 
