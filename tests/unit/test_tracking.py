@@ -157,7 +157,7 @@ def test_stages_nest_under_one_parent_and_a_resumed_stage_reopens_its_run(tmp_pa
         assert params["stage.optimizer.lr"] == "2e-05"
         assert params["env.git_sha"] and params["env.version.mlflow"] not in ("", "absent")
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"loss_curve.png", "resolved_recipe.yaml"} <= artifacts
+        assert "resolved_recipe.yaml" in artifacts
 
     stage1 = runs["stage1"]
     assert stage1.data.tags["slurm.job_id"] == "111"
@@ -290,7 +290,7 @@ def test_unreachable_store_never_blocks_and_maven_sync_sends_the_record_later(
     assert len(client.get_metric_history(run.info.run_id, "loss/lm")) == 2000
     assert run.data.params["p"] == "1"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"deepspeed_config.json", "loss_curve.png", "resolved_recipe.yaml"} <= artifacts
+    assert {"deepspeed_config.json", "resolved_recipe.yaml"} <= artifacts
 
 
 def test_the_next_stage_sends_the_records_an_earlier_one_could_not(

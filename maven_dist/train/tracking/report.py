@@ -199,11 +199,24 @@ def to_html(report: Report, images: Mapping[str, bytes] = {}) -> str:  # noqa: B
 
 def render_plots(arms: Sequence[Arm]) -> dict[str, bytes]:
     """``{file name: PNG}``: per training stage, ``loss/total`` and ``val/loss`` of all arms overlaid (from
-    the loaded histories); a stage and metric no arm has is left out."""
+    the loaded histories); a stage and metric no arm has is left out. matplotlib's object API, as in its
+    "embedding in a web application" example: pyplot's global figure state is not for a library."""
+    from matplotlib.figure import Figure
+
     images = {}
     for stage, key in ((s, k) for s in stage_order(arms) for k in (TRAIN_LOSS, VAL_LOSS)):
-        if series := {a.label: r.history[key] for a in arms if (r := a.stage(stage)) and r.history.get(key)}:
-            images[re.sub(r"[^\w.-]+", "_", f"{stage}_{key}.png")] = plot_png({f"{stage}: {key}": series})
+        series = {a.label: r.history[key] for a in arms if (r := a.stage(stage)) and r.history.get(key)}
+        if not series:
+            continue
+        fig = Figure(figsize=(7, 3), layout="constrained")
+        ax = fig.add_subplot(title=f"{stage}: {key}", xlabel="step")
+        for label, points in series.items():  # markers where points are few (val/loss)
+            marker = "o" if len(points) <= 20 else None
+            ax.plot(*zip(*points, strict=True), linewidth=1.2, marker=marker, label=label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.savefig(png := io.BytesIO(), format="png", dpi=100)
+        images[re.sub(r"[^\w.-]+", "_", f"{stage}_{key}.png")] = png.getvalue()
     return images
 
 
@@ -260,33 +273,6 @@ def recipe_params(config: Mapping, recipe: str, order: list[str]) -> dict[str, s
     """The parent run's params: the resolved config flattened, less the per-stage keys; recipe and stages."""
     flat = flatten_params({k: v for k, v in config.items() if k not in ("stage", "demo")})
     return flat | {"recipe": recipe, "stages": ",".join(order)}
-
-
-def plot_png(panels: Mapping[str, Mapping[str, list[tuple[int, float]]]]) -> bytes:
-    """A PNG with a panel per ``{title: {line label: (step, value) points}}``. matplotlib's object API:
-    pyplot's global figure state is not for a library."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 3 * len(panels)), layout="constrained")
-    FigureCanvasAgg(fig)
-    for ax, (title, series) in zip(
-        fig.subplots(len(panels), squeeze=False)[:, 0], panels.items(), strict=True
-    ):
-        for label, points in series.items():  # markers where points are few (val/loss every eval_every steps)
-            ax.plot(
-                *zip(*points, strict=True),
-                linewidth=1.2,
-                marker="o" if len(points) <= 20 else None,
-                label=label,
-            )
-        ax.set(title=title, xlabel="step")
-        ax.grid(alpha=0.3)
-        if any(series):
-            ax.legend(fontsize="small")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
 
 
 def _tables(report: Report) -> list[pd.DataFrame]:

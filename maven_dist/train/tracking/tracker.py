@@ -23,10 +23,9 @@ from typing import Any, Literal
 
 import yaml
 
-from maven_dist.train.metrics_file import append_metrics, read_metrics
+from maven_dist.train.metrics_file import append_metrics
 
 from .record import RunRecord, find_records
-from .report import plot_png
 from .run_info import RUN_NAME_ENV, clip_key, environment_tags, launch_tags
 from .sync import is_synced, sync_record
 
@@ -133,10 +132,6 @@ class MLflowTracker(Tracker):
     def end_stage(self, status: RunStatus = "FINISHED") -> None:
         if self._stage_open("end_stage"):
             self._open = False
-            try:
-                draw_loss_curve(self.record, f"{self.identity['launch_id']} / {self.record.data['stage']}")
-            except Exception as exc:  # noqa: BLE001 - a missing plot must not fail the stage
-                self._warn(f"loss curve not drawn: {exc!r}")
             self.record.end_attempt(status)
             if not self.flush():
                 logger.warning("tracking: the store lacks %s for now; the next stage sends it, or: maven sync %s",
@@ -203,14 +198,3 @@ def sample_system_metrics() -> dict[str, float]:
                 "memory/gpu_reserved_gb": torch.cuda.memory_reserved() / gb,
                 "memory/gpu_max_allocated_gb": torch.cuda.max_memory_allocated() / gb}  # fmt: skip
     return out
-
-
-def draw_loss_curve(record: RunRecord, title: str) -> None:
-    """``loss_curve.png`` in the record: a panel per ``loss/*`` key against step, from ``metrics.jsonl`` (so a
-    resumed stage's curve is whole)."""
-    rows = read_metrics(record.metrics, record.data["metrics_from"])
-    keys = sorted({k for row in rows for k in row if k.startswith("loss/")})
-    if keys:
-        panels = {f"{title}: {k}": {"": [(row["step"], row[k]) for row in rows if k in row]} for k in keys}
-        record.artifacts.mkdir(parents=True, exist_ok=True)
-        (record.artifacts / "loss_curve.png").write_bytes(plot_png(panels))
