@@ -4,7 +4,7 @@ val/loss, eval scores, visual positions per image and tokens/s; optionally as Ma
 maven compare --run-dir runs/a --run-dir runs/b        # two run directories' SQLite stores, merged
 maven compare --uri http://mlflow:5000 --sweep keep-ratio --html report.html --plots plots/
 maven compare --uri http://mlflow:5000 --run-dir runs/local --experiment maven-7b --stage stage4
-maven compare --uri sqlite:///a.db --run RUN_ID --run RUN_ID --metrics loss/ perf/   # + per-run table
+maven compare --uri sqlite:///a.db --stage stage4 --metrics loss/ perf/   # + per-run table
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="only these stages (repeatable); eval-* runs stay unless one is named",
     )
     parser.add_argument("--launch", action="append", default=[], help="only these launch ids (repeatable)")
-    parser.add_argument("--run", action="append", default=[], help="exactly these run ids (repeatable)")
     parser.add_argument("--sweep", help="only the launches tagged maven.sweep=SWEEP")
     parser.add_argument(
         "--metrics",
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if not uris:
         parser.error("give a store: --run-dir RUN_DIR or --uri URI (both repeatable)")
     try:
-        runs = find_runs_in_stores(uris, args.experiment, args.stage, args.launch, args.run, args.sweep)
+        runs = find_runs_in_stores(uris, args.experiment, args.stage, args.launch, sweep=args.sweep)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
