@@ -1,6 +1,6 @@
 """Stage runs of one or several MLflow stores, read with ``mlflow.search_runs`` into pandas: the stage runs
-the tracker writes (tag ``maven.run_kind=stage``; an evaluation is a stage named ``eval-<model>``), or the
-runs given by id. :func:`format_table` prints one column per run; :mod:`.report` one row per launch (arm)."""
+the tracker writes (tag ``maven.run_kind=stage``; an evaluation is a stage named ``eval-<model>``).
+:func:`format_table` prints one column per run; :mod:`.report` one row per launch (arm)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ INHERITED_TAGS = ("maven.sweep", "maven.arm")
 
 @dataclass
 class RunSummary:
-    """A run: ``label`` is ``<launch id>/<stage>`` (else its name), ``metrics`` the latest value of each,
+    """A run: ``label`` is ``<launch id>/<stage>``, ``metrics`` the latest value of each,
     ``store`` the tracking URI it was read from, ``start_time`` in ms since the epoch, ``history`` the
     ``(step, value)`` points by step of the keys :func:`load_histories` loaded."""
 
@@ -41,35 +41,29 @@ class RunSummary:
 
 
 def find_runs_in_stores(uris: Sequence[str], experiments: Sequence[str] = (), stages: Sequence[str] = (),
-                        launch_ids: Sequence[str] = (), run_ids: Sequence[str] = (), sweep: str | None = None
-                        ) -> list[RunSummary]:  # fmt: skip
-    """Stage runs of ``experiments`` (default: all active ones), store by store, then by start time; or
-    exactly ``run_ids``. ``stages`` keeps those stages (and the evaluations unless it names an ``eval-*``
-    one), ``launch_ids`` those launches, ``sweep`` the launches whose parent or stage runs carry
-    ``maven.sweep=<sweep>``. Raises ``ValueError`` for an experiment or run id in none of the stores."""
+                        launch_ids: Sequence[str] = (), sweep: str | None = None) -> list[RunSummary]:  # fmt: skip
+    """Stage runs of ``experiments`` (default: all active ones), store by store, then by start time.
+    ``stages`` keeps those stages (and the evaluations unless it names an ``eval-*`` one), ``launch_ids``
+    those launches, ``sweep`` the launches whose parent or stage runs carry ``maven.sweep=<sweep>``. Raises
+    ``ValueError`` for an experiment in none of the stores."""
     found: list[RunSummary] = []
-    missing_experiments, missing_runs = set(experiments), set(run_ids)
+    missing = set(experiments)
     for uri in uris:
-        frame, names = _search(uri, () if run_ids else experiments)
-        missing_experiments -= set(names.values())
+        frame, names = _search(uri, experiments)
+        missing -= set(names.values())
         if frame.empty:
             continue
         tags = frame.reindex(columns=[f"tags.maven.{k}" for k in ("run_kind", "stage", "launch_id", "sweep")])
         kind, stage, launch_id, sweep_tag = (column.fillna("") for _, column in tags.items())
         launch = frame["experiment_id"] + "/" + launch_id
-        keep = frame["run_id"].isin(run_ids)
-        if not run_ids:
-            evals = stage.str.startswith("eval-") & (not any(s.startswith("eval-") for s in stages))
-            keep = (kind == "stage") & ((stage.isin(stages) | evals) if stages else True)
-            keep &= launch_id.isin(launch_ids) if launch_ids else True
-            keep &= launch.isin(set(launch[sweep_tag == sweep])) if sweep is not None else True
-        missing_runs -= set(frame["run_id"][keep])
+        evals = stage.str.startswith("eval-") & (not any(s.startswith("eval-") for s in stages))
+        keep = (kind == "stage") & ((stage.isin(stages) | evals) if stages else True)
+        keep &= launch_id.isin(launch_ids) if launch_ids else True
+        keep &= launch.isin(set(launch[sweep_tag == sweep])) if sweep is not None else True
         parents = {launch[i]: row for i, row in frame[kind == "launch"].iterrows()}
         found += [_summary(row, parents.get(launch[i]), names, uri) for i, row in frame[keep].iterrows()]
-    if missing_experiments:
-        raise ValueError(f"no experiment named {sorted(missing_experiments)} in {', '.join(uris)}")
-    if missing_runs:
-        raise ValueError(f"no run {sorted(missing_runs)} in {', '.join(uris)}")
+    if missing:
+        raise ValueError(f"no experiment named {sorted(missing)} in {', '.join(uris)}")
     return found
 
 
@@ -137,7 +131,6 @@ def _summary(row: pd.Series, parent: pd.Series | None, names: dict[str, str], ur
     tags = part(parent, "tags.") if parent is not None else {}
     tags = {k: v for k, v in tags.items() if k in INHERITED_TAGS} | part(row, "tags.")
     launch, stage, start = tags.get("maven.launch_id", ""), tags.get("maven.stage", ""), row["start_time"]
-    label = f"{launch}/{stage}" if launch and stage else tags.get("mlflow.runName", row["run_id"])
-    return RunSummary(row["run_id"], label, stage, names[row["experiment_id"]], row["status"],
+    return RunSummary(row["run_id"], f"{launch}/{stage}", stage, names[row["experiment_id"]], row["status"],
                       part(row, "metrics."), part(row, "params."), launch, uri, tags,
                       0 if pd.isna(start) else int(start.timestamp() * 1000))  # fmt: skip

@@ -68,11 +68,10 @@ class Report(NamedTuple):
 
 
 def group_arms(runs: Sequence[RunSummary]) -> list[Arm]:
-    """One :class:`Arm` per (store, experiment, launch), in the order the runs come; a run without a launch
-    id (given by run id, not written by the tracker) is an arm of its own."""
+    """One :class:`Arm` per (store, experiment, launch), in the order the runs come."""
     groups: dict[tuple[str, str, str], list[RunSummary]] = {}
     for run in runs:
-        groups.setdefault((run.store, run.experiment, run.launch_id or run.run_id), []).append(run)
+        groups.setdefault((run.store, run.experiment, run.launch_id), []).append(run)
     arms = []
     for (store, experiment, launch), members in groups.items():
         members = sorted(members, key=lambda r: r.start_time)
