@@ -4,7 +4,6 @@ val/loss, eval scores, visual positions per image and tokens/s; optionally as Ma
 maven compare --run-dir runs/a --run-dir runs/b        # two run directories' SQLite stores, merged
 maven compare --uri http://mlflow:5000 --sweep keep-ratio --html report.html --plots plots/
 maven compare --uri http://mlflow:5000 --run-dir runs/local --experiment maven-7b --stage stage4
-maven compare --uri sqlite:///a.db --stage stage4 --metrics loss/ perf/   # + per-run table
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import sys
 from pathlib import Path
 
 from maven_dist.contract.command_line import HelpFormatter
-from maven_dist.train.tracking.compare import find_runs_in_stores, format_table, load_histories
+from maven_dist.train.tracking.compare import find_runs_in_stores, load_histories
 from maven_dist.train.tracking.report import (
     HISTORY_KEYS,
     build_report,
@@ -52,12 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--launch", action="append", default=[], help="only these launch ids (repeatable)")
     parser.add_argument("--sweep", help="only the launches tagged maven.sweep=SWEEP")
     parser.add_argument(
-        "--metrics",
-        nargs="*",
-        default=None,
-        help="also print every stage run's final metrics with these prefixes",
-    )
-    parser.add_argument(
         "--all-params", action="store_true", help="show every param, not only those that differ"
     )
     parser.add_argument("--width", type=int, default=24, help="terminal column width")
@@ -91,9 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     arms = group_arms(runs)
     report = build_report(arms, args.all_params)
     print(to_text(report, args.width))
-    if args.metrics is not None:
-        print()
-        print(format_table(runs, args.metrics, args.all_params, args.width))
 
     images = render_plots(arms) if args.plots or args.html else {}
     plots = write_plots(images, args.plots) if args.plots else []

@@ -21,8 +21,9 @@ from maven_dist.config import Config
 from maven_dist.train.metrics_file import read_metrics
 from maven_dist.train.tracking import MLflowTracker, NullTracker, build_tracker, resolve_tracking_uri
 from maven_dist.train.tracking.__main__ import main as sync_cli
-from maven_dist.train.tracking.compare import find_runs_in_stores, format_table
+from maven_dist.train.tracking.compare import find_runs_in_stores
 from maven_dist.train.tracking.record import RunRecord
+from maven_dist.train.tracking.report import build_report, group_arms
 from maven_dist.train.tracking.run_info import clip, flatten_params, resolve_launch_id
 from maven_dist.train.tracking.sync import is_synced, sync_record
 from maven_dist.train.tracking.tracker import sample_system_metrics
@@ -203,7 +204,7 @@ def test_bad_metric_values_and_calls_out_of_order_never_raise(tmp_path, empty_st
     assert "nan" in run.data.metrics
 
 
-def test_compare_runs_shows_final_metrics_and_only_params_that_differ(
+def test_compare_reads_final_metrics_and_shows_only_params_that_differ(
     tmp_path, empty_store, monkeypatch, capsys
 ):
     store = tmp_path / "shared.db"
@@ -220,16 +221,17 @@ def test_compare_runs_shows_final_metrics_and_only_params_that_differ(
 
     runs = find_runs_in_stores([f"sqlite:///{store}"], experiments=["maven-test"], stages=["stage3"])
     assert [r.label for r in runs] == ["ablation-a/stage3", "ablation-b/stage3"]
-    lines = {line.split()[0]: line.split()[1:] for line in format_table(runs).splitlines()}
-    assert lines["loss/lm"] == ["1.5", "1.25"]
-    assert lines["stage.optimizer.lr"] == ["0.001", "0.0002"]
-    assert "run_dir" in lines  # differs too (each launch has its own run directory)
-    assert "stage.optimizer.betas" not in lines and "model.llm.num_layers" not in lines
+    assert [r.metrics["loss/lm"] for r in runs] == [1.5, 1.25]
+    table = build_report(group_arms(runs)).main
+    assert list(table["stage.optimizer.lr"]) == ["0.001", "0.0002"]
+    assert "stage.optimizer.betas" not in table and "model.llm.num_layers" not in table
+    assert "run_dir" not in table and "run_dir" in build_report(group_arms(runs), all_params=True).main
 
     from maven_dist.cli.compare import main
 
-    assert main(["--uri", f"sqlite:///{store}", "--stage", "stage3", "--metrics", "loss/"]) == 0
-    assert "ablation-b/stage3" in capsys.readouterr().out
+    assert main(["--uri", f"sqlite:///{store}", "--stage", "stage3"]) == 0
+    out = capsys.readouterr().out
+    assert "ablation-a" in out and "ablation-b" in out and "stage3" in out and "stage.optimizer.lr" in out
     assert main(["--uri", f"sqlite:///{store}", "--experiment", "nope"]) == 2
 
 
