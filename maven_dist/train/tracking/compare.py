@@ -1,6 +1,6 @@
 """Stage runs of one or several MLflow stores, read with ``mlflow.search_runs`` into pandas: the stage runs
-the tracker writes (tag ``maven.run_kind=stage``; an evaluation is a stage named ``eval-<model>``).
-:func:`format_table` prints one column per run; :mod:`.report` one row per launch (arm)."""
+the tracker writes (tag ``maven.run_kind=stage``; an evaluation is a stage named ``eval-<model>``), for
+:mod:`.report`."""
 
 from __future__ import annotations
 
@@ -86,25 +86,6 @@ def store_name(uri: str) -> str:
     return (
         (f"{parsed.hostname}:{parsed.port}" if parsed.port else parsed.hostname) if parsed.hostname else uri
     )
-
-
-def format_table(runs: Sequence[RunSummary], metric_prefixes: Sequence[str] = (), all_params: bool = False,
-                 width: int = 24) -> str:  # fmt: skip
-    """Plain text, one column per run: experiment, status, the final metrics (those starting with one of
-    ``metric_prefixes``, if any), then the params that differ between the runs (all with ``all_params``)."""
-    if not runs:
-        return "no runs found"
-    one_launch = len({r.launch_id for r in runs}) == 1 and all(r.stage for r in runs)
-    params = pd.DataFrame([r.params for r in runs])
-    if not all_params:
-        params = params.loc[:, params.astype(str).nunique() > 1]  # a missing param counts as a value
-    columns = {
-        (r.stage if one_launch else r.label)[-width:]: {"experiment": r.experiment, "status": r.status}
-        | {k: f"{v:.6g}" for k, v in sorted(r.metrics.items()) if k.startswith(tuple(metric_prefixes) or "")}
-        | {k: str(v)[:width] for k, v in params.iloc[i].fillna("-").sort_index().items()}
-        for i, r in enumerate(runs)
-    }
-    return pd.DataFrame(columns).fillna("-").to_string()
 
 
 def _search(uri: str, experiments: Sequence[str]) -> tuple[pd.DataFrame, dict[str, str]]:
