@@ -9,8 +9,16 @@
 #          RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from SLURM_* (python -m
 #          maven_dist.launch.slurm_env) and execs `python -m maven_dist.train RECIPE ARGS`;
 #       3. forwards USR2 (Slurm's warning before the time limit, --signal=B:USR2@120) to the tasks;
-#          the trainer saves a checkpoint and exits with REQUEUE_EXIT_CODE (75), which this script
-#          turns into `scontrol requeue $SLURM_JOB_ID`; the requeued job resumes from that checkpoint.
+#          the trainer saves a checkpoint, rank 0 creates $MAVEN_REQUEUE_MARKER and the ranks exit with
+#          REQUEUE_EXIT_CODE (75), which this script turns into `scontrol requeue $SLURM_JOB_ID`; the
+#          requeued job resumes from that checkpoint.
+#
+# A rank that dies ends the step at once: `srun --kill-on-bad-exit=1` kills the other tasks when one exits
+# non-zero (with 0 they sat in their next collective until its timeout, 30 minutes by torch's default; the
+# trainer's own is 10, MAVEN_COLLECTIVE_TIMEOUT_S). The dead rank's traceback is the first error in the log
+# (`--label` prefixes every line with its task number); srun's own "task N: Exited with exit code" follows.
+# Because srun may then report another task's SIGKILL, a requeue after preemption is decided by the marker
+# file rank 0 writes once the checkpoint is complete, not by srun's exit code alone.
 #
 # The recipe defaults to recipes/maven-7b/STAGE.yaml; a relative recipe path is looked up in the
 # directory you submitted from, then in the repository.
@@ -137,6 +145,9 @@ maven_run() {
     "$MAVEN_PYTHON" -m maven_dist.cli prepare-demo --if-enabled "$MAVEN_RECIPE" "${MAVEN_SETS[@]}" || exit 2
 
     export MAVEN_LAUNCHER=sbatch MAVEN_REQUEUE_COUNT=$restarts
+    # Rank 0 runs on this (the batch) node: it creates the marker once a preemption checkpoint is complete.
+    export MAVEN_REQUEUE_MARKER=${TMPDIR:-/tmp}/maven-requeue-${SLURM_JOB_ID}.${restarts}
+    rm -f "$MAVEN_REQUEUE_MARKER"
     # MAVEN_TRAIN_CMD: what each task runs (default the trainer; the launcher's own plumbing test
     # swaps in a stand-in). Split on spaces.
     local -a train_cmd
@@ -146,7 +157,7 @@ maven_run() {
     trap 'usr2=1; maven_log "USR2: asking the trainer to save and stop"; [ -n "$srun_pid" ] && kill -USR2 "$srun_pid" 2>/dev/null' USR2
     # scancel / scontrol requeue send TERM to every process of the job themselves.
     trap 'term=1; maven_log "TERM: the job is being cancelled or requeued by Slurm"' TERM
-    srun --nodes="$nodes" --ntasks-per-node="$tasks" --kill-on-bad-exit=0 --label \
+    srun --nodes="$nodes" --ntasks-per-node="$tasks" --kill-on-bad-exit=1 --label \
         "$MAVEN_PYTHON" -m maven_dist.launch.slurm_env -- \
         "${train_cmd[@]}" "$MAVEN_RECIPE" "${MAVEN_ARGS[@]}" &
     srun_pid=$!
@@ -158,6 +169,10 @@ maven_run() {
     done
     wait "$srun_pid" 2>/dev/null; again=$?  # srun's own status if the last wait was interrupted
     [ "$again" -ne 127 ] && rc=$again
+    if [ -e "$MAVEN_REQUEUE_MARKER" ]; then
+        rm -f "$MAVEN_REQUEUE_MARKER"
+        rc=$MAVEN_REQUEUE_EXIT_CODE  # the checkpoint is complete, whichever task srun reported last
+    fi
     if [ "$rc" = "$MAVEN_REQUEUE_EXIT_CODE" ]; then
         if [ "$term" = 1 ] && [ "$usr2" = 0 ]; then
             maven_log "trainer saved after TERM; Slurm decides what happens to job $SLURM_JOB_ID"
@@ -170,7 +185,11 @@ maven_run() {
         scontrol requeue "$SLURM_JOB_ID" || maven_die "scontrol requeue $SLURM_JOB_ID failed" 1
         exit 0
     fi
-    if [ "$rc" = 0 ]; then maven_log "$stage finished"; else maven_log "$stage failed with exit code $rc"; fi
+    if [ "$rc" = 0 ]; then
+        maven_log "$stage finished"
+    else
+        maven_log "$stage failed with exit code $rc: the first task's traceback above (lines prefixed 'N:') is the cause; srun killed the other tasks (--kill-on-bad-exit=1)"
+    fi
     exit "$rc"
 }
 

@@ -24,6 +24,11 @@ state after a preemption signal and wants to be requeued. Chosen to stay clear o
 
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR2, signal.SIGTERM)
 
+REQUEUE_MARKER_ENV = "MAVEN_REQUEUE_MARKER"
+"""A file the launcher names (``slurm/launch.sh``) for rank 0 to create once the preemption checkpoint is on
+disk. ``srun --kill-on-bad-exit=1`` kills the other ranks as soon as the first exits 75, so srun's own exit
+code may be another rank's SIGKILL: the marker, not the code, tells the launcher to requeue."""
+
 _requested = threading.Event()
 _received: list[int] = []
 _previous: dict[int, object] = {}
@@ -63,6 +68,15 @@ def ignore_preemption_signals(signals: Iterable[signal.Signals | int] = DEFAULT_
     """
     for sig in signals:
         signal.signal(int(sig), signal.SIG_IGN)
+
+
+def mark_requeue_requested() -> None:
+    """Rank 0, after the preemption checkpoint is saved on every rank: create the launcher's marker file
+    (:data:`REQUEUE_MARKER_ENV`), where a launcher asked for one."""
+    path = os.environ.get(REQUEUE_MARKER_ENV)
+    if path:
+        with open(path, "w") as f:
+            f.write(f"{preemption_signal()}\n")
 
 
 def preemption_requested() -> bool:

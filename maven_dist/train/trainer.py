@@ -18,7 +18,12 @@ import torch
 
 from maven_dist.config import Config, save_config
 from maven_dist.contract.checkpoint_layout import write_finished
-from maven_dist.contract.preemption import REQUEUE_EXIT_CODE, install_preemption_handler, preemption_requested
+from maven_dist.contract.preemption import (
+    REQUEUE_EXIT_CODE,
+    install_preemption_handler,
+    mark_requeue_requested,
+    preemption_requested,
+)
 from maven_dist.parallel.dims import ParallelDims
 from maven_dist.parallel.distributed import DistEnv, all_reduce_max, barrier, init_distributed, print0
 from maven_dist.parallel.engine import Engine, NonFiniteGuard, NonFiniteLossError
@@ -179,6 +184,8 @@ def _train_loop(
                 print0(
                     f"[{stage.name}] preempted: checkpoint at step {state.step} saved, exiting for requeue"
                 )
+                if env.is_main:  # every rank is past the checkpoint's barriers: it is complete on disk
+                    mark_requeue_requested()
                 raise Preempted()
     finally:
         # Close the iterator now: its DataLoader workers ignore SIGTERM (so a preemption signal cannot kill

@@ -210,6 +210,27 @@ def test_plumbing_ranks_rendezvous_and_usr2_requeue(slurm: None, tiny_assets, tm
         assert (run / f"resumed{rank}").read_text() == str(saved)
 
 
+def test_plumbing_a_rank_that_dies_ends_the_job_with_its_error_first(
+    slurm: None, tiny_assets, tmp_path: Path
+) -> None:
+    """srun --kill-on-bad-exit=1: rank 1 raises at step 3 while rank 0 would count for 10 minutes; the job
+    fails within seconds, and the first error in the log is rank 1's."""
+    run = tiny_assets.link_into(tmp_path / "run")
+    env = job_env(MAVEN_TRAIN_CMD=f"{PYTHON} {__file__}", STANDIN_STEPS="1200", STANDIN_DIE_RANK="1")
+    jid = sbatch(tmp_path, "slurm/stage4.sh", f"{TINY}/stage4.yaml", "--set", f"run_dir={run}", env=env)
+    log = stage_log(tmp_path, "stage4", jid)
+    wait_until(lambda: len(list(run.glob("env*.0.json"))) == 2, 120, "both stand-in ranks to start")
+    started = time.monotonic()
+    info = wait_state(jid, ("FAILED", "COMPLETED", "CANCELLED"), 120, log)
+    assert info["JobState"] == "FAILED" and time.monotonic() - started < 60, info
+    text = log.read_text()
+    errors = [line for line in text.splitlines() if "Error" in line or "error" in line]
+    assert errors and errors[0].startswith("1:") and "stand-in rank 1 died at step 3" in text, errors[:5]
+    assert "srun: error" in text and "task 1" in text
+    # srun's TERM made rank 0 save (a stand-in's save is a file), but no checkpoint was complete: no requeue.
+    assert f"scontrol requeue {jid}" not in text and job_info(jid).get("Restarts", "0") == "0"
+
+
 def test_plumbing_submitit_local_requeue(tmp_path: Path) -> None:
     """StageJob under submitit's local executor: the time-out USR2 -> save -> requeue (exit 144) -> resume."""
     import submitit
@@ -590,11 +611,13 @@ def standin_main(argv: list[str]) -> int:
 
     Records its torch.distributed variables, counts to $STANDIN_STEPS ($STANDIN_STEP_S seconds per step,
     default 0.5) and, on a preemption signal, saves its step and exits with REQUEUE_EXIT_CODE like the
-    trainer does.
+    trainer does: every rank saves, then rank 0 marks the requeue (the trainer's checkpoint barriers are
+    files here). With $STANDIN_DIE_RANK, that rank raises at step $STANDIN_DIE_AT (a rank that dies).
     """
     from maven_dist.contract.preemption import (
         REQUEUE_EXIT_CODE,
         install_preemption_handler,
+        mark_requeue_requested,
         preemption_requested,
     )
 
@@ -619,12 +642,20 @@ def standin_main(argv: list[str]) -> int:
     if step:
         (run / f"resumed{rank}").write_text(str(step))
     steps, step_s = int(os.environ.get("STANDIN_STEPS", "20")), float(os.environ.get("STANDIN_STEP_S", "0.5"))
+    die_rank, die_at = os.environ.get("STANDIN_DIE_RANK"), int(os.environ.get("STANDIN_DIE_AT", "3"))
     while step < steps:
         time.sleep(step_s)
         step += 1
+        if die_rank == str(rank) and step == die_at:
+            raise RuntimeError(f"stand-in rank {rank} died at step {step}")
         if preemption_requested():
             state.write_text(str(step))
             (run / f"saved{rank}").write_text(str(step))
+            world = int(os.environ["WORLD_SIZE"])
+            while len(list(run.glob("saved*"))) < world:  # the checkpoint is complete on every rank
+                time.sleep(0.05)
+            if rank == 0:
+                mark_requeue_requested()
             return REQUEUE_EXIT_CODE
     state.write_text(str(step))
     return 0
