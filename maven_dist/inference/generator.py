@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from maven_dist.inference.processor import ImageInput, InputError, MavenProcessor, Prompt
-from maven_dist.model.generation import MavenForConditionalGeneration
+from maven_dist.model.generation import MavenForConditionalGeneration, resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,7 +38,7 @@ class MavenGenerator:
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise InputError(f"{model_dir} is not a directory: give a stage export or a `maven merge` output")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = str(resolve_device(device))  # "auto" and None: the GPU where there is one
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         try:
             model = MavenForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device_map=device)

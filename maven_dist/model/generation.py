@@ -98,6 +98,18 @@ class _UnifiedEmbedding(nn.Module):
         return self._maven.embed_tokens(ids)
 
 
+def resolve_device(device_map: str | torch.device | None) -> torch.device:
+    """One device for the whole model: `device_map` as given, ``auto`` (or None) the first GPU where there is
+    one, else the CPU. A model split over devices is not supported (7B and 13B fit one GPU in bf16)."""
+    if isinstance(device_map, dict):
+        raise ValueError(
+            "a device_map dict is not supported: MaVEn loads onto one device (cuda, cuda:1, cpu)"
+        )
+    if device_map in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device_map)
+
+
 class MavenForConditionalGeneration(PreTrainedModel, GenerationMixin):
     """A :class:`MavenModel` as a transformers generation model (see the module doc)."""
 
@@ -130,19 +142,19 @@ class MavenForConditionalGeneration(PreTrainedModel, GenerationMixin):
     ) -> MavenForConditionalGeneration:
         """Load a MaVEn directory (a stage export or a ``maven merge`` output). `dtype` (or the older
         ``torch_dtype``) and a single-device `device_map` are honoured; other transformers options are not."""
-        from maven_dist.model.maven import MavenModel
+        from maven_dist.model.maven import MavenModel, built_as
 
         dtype = dtype if dtype is not None else kwargs.pop("torch_dtype", None)
+        if isinstance(dtype, str):
+            dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
+        device = resolve_device(device_map)
         directory = Path(pretrained_model_name_or_path)
-        maven = MavenModel.from_pretrained(directory)
-        model = cls(MavenConfig.from_pretrained(directory), maven).eval()
-        if isinstance(dtype, str) and dtype != "auto":
-            dtype = getattr(torch, dtype)
-        if isinstance(dtype, torch.dtype):
-            model = model.to(dtype)
-        if device_map is not None and not isinstance(device_map, dict):
-            model = model.to(device_map)
-        return model
+        # Built in its dtype on its device, the weights streamed in one tensor at a time: never an fp32 copy
+        # of the whole model on the host first, and no .to(dtype) that would cast RoPE's buffers too.
+        maven = MavenModel.from_pretrained(
+            directory, construct=lambda: built_as(dtype or torch.float32, device)
+        )
+        return cls(MavenConfig.from_pretrained(directory), maven).eval()
 
     @classmethod
     def wrap(cls, maven: MavenModel) -> MavenForConditionalGeneration:

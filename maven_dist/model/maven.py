@@ -117,8 +117,9 @@ class MavenModel(MavenFrontEnd):
         check_attn_implementation(attn_implementation)
         llm_config = _with_vocab_size(llm_config, layout.text_size)
         with maybe_skip_hf_init(not init_weights):
+            # torch's default dtype: fp32, unless the caller builds in another (``built_as``).
             llm = AutoModelForCausalLM.from_config(
-                llm_config, dtype=torch.float32, attn_implementation=attn_implementation
+                llm_config, dtype=torch.get_default_dtype(), attn_implementation=attn_implementation
             )
             tower = CLIPVisionModel(tower_config)
         return cls(llm, tower, layout, spec)
@@ -440,6 +441,20 @@ def maybe_skip_hf_init(skip: bool):
 
     with no_init_weights():
         yield
+
+
+@contextlib.contextmanager
+def built_as(dtype: torch.dtype, device: str | torch.device):
+    """Construct modules in `dtype` on `device` (a ``construct`` context for ``from_pretrained``): a bf16 model
+    for a GPU is never built in fp32 on the host first (28 GB at 7B). RoPE's buffers stay fp32
+    (transformers computes them with an explicit dtype; ``apply_fp32_rope`` runs after construction anyway)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def check_attn_implementation(name: str) -> None:
