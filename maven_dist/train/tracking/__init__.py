@@ -27,9 +27,8 @@ def resolve_tracking_uri(cfg: Config) -> str:
 
 
 def build_tracker(cfg: Config, rank: int, world_size: int | None = None) -> Tracker:
-    """Rank 0: an :class:`MLflowTracker` recording into the stage directory (and syncing when
-    ``tracking.enabled``), with the flattened config, layout and versions as params; any other rank: a
-    :class:`Tracker` that does nothing. ``world_size`` defaults to ``$WORLD_SIZE``, else 1."""
+    """Rank 0: an :class:`MLflowTracker` with the flattened config, layout and versions as params, syncing
+    when ``tracking.enabled``; any other rank: a :class:`Tracker` that does nothing."""
     if rank != 0:
         return NullTracker()
     cfg.tracking.validate()
@@ -40,4 +39,5 @@ def build_tracker(cfg: Config, rank: int, world_size: int | None = None) -> Trac
     return MLflowTracker(uri=resolve_tracking_uri(cfg) if t.enabled else None, experiment=t.experiment,
                          launch_id=resolve_launch_id(cfg.run_dir), run_dir=cfg.run_dir, base_params=params,
                          resolved_config=cfg.to_dict(), sync_interval_s=t.flush_interval_s,
-                         system_metrics_interval_s=t.system_metrics_interval_s, http_timeout_s=t.http_timeout_s)  # fmt: skip
+                         system_metrics_interval_s=t.system_metrics_interval_s,
+                         http_timeout_s=t.http_timeout_s)  # fmt: skip

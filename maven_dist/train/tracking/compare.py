@@ -1,6 +1,5 @@
-"""Stage runs of one or several MLflow stores, read with ``mlflow.search_runs`` into pandas: the stage runs
-the tracker writes (tag ``maven.run_kind=stage``; an evaluation is a stage named ``eval-<model>``), for
-:mod:`.report`."""
+"""The stage runs the tracker writes (tag ``maven.run_kind=stage``; an evaluation is a stage named
+``eval-<model>``), read from one or several MLflow stores with ``mlflow.search_runs`` into pandas."""
 
 from __future__ import annotations
 
@@ -18,9 +17,9 @@ INHERITED_TAGS = ("maven.sweep", "maven.arm")
 
 @dataclass
 class RunSummary:
-    """A run: ``label`` is ``<launch id>/<stage>``, ``metrics`` the latest value of each,
-    ``store`` the tracking URI it was read from, ``start_time`` in ms since the epoch, ``history`` the
-    ``(step, value)`` points by step of the keys :func:`load_histories` loaded."""
+    """A stage run: ``label`` is ``<launch id>/<stage>``, ``metrics`` the latest value of each, ``store`` the
+    tracking URI it was read from, ``start_time`` in ms since the epoch, ``history`` the ``(step, value)``
+    points by step of the keys :func:`load_histories` loaded."""
 
     run_id: str
     label: str
@@ -41,13 +40,13 @@ class RunSummary:
 
 
 def find_runs_in_stores(uris: Sequence[str], experiments: Sequence[str] = (), stages: Sequence[str] = (),
-                        launch_ids: Sequence[str] = (), sweep: str | None = None) -> list[RunSummary]:  # fmt: skip
+                        launch_ids: Sequence[str] = (), sweep: str | None = None
+                        ) -> list[RunSummary]:  # fmt: skip
     """Stage runs of ``experiments`` (default: all active ones), store by store, then by start time.
     ``stages`` keeps those stages (and the evaluations unless it names an ``eval-*`` one), ``launch_ids``
     those launches, ``sweep`` the launches whose parent or stage runs carry ``maven.sweep=<sweep>``. Raises
     ``ValueError`` for an experiment in none of the stores."""
-    found: list[RunSummary] = []
-    missing = set(experiments)
+    found, missing = [], set(experiments)
     for uri in uris:
         frame, names = _search(uri, experiments)
         missing -= set(names.values())
@@ -60,8 +59,14 @@ def find_runs_in_stores(uris: Sequence[str], experiments: Sequence[str] = (), st
         keep = (kind == "stage") & ((stage.isin(stages) | evals) if stages else True)
         keep &= launch_id.isin(launch_ids) if launch_ids else True
         keep &= launch.isin(set(launch[sweep_tag == sweep])) if sweep is not None else True
-        parents = {launch[i]: row for i, row in frame[kind == "launch"].iterrows()}
-        found += [_summary(row, parents.get(launch[i]), names, uri) for i, row in frame[keep].iterrows()]
+        parents = {launch[i]: _prefixed(row, "tags.") for i, row in frame[kind == "launch"].iterrows()}
+        for i, row in frame[keep].iterrows():
+            tags = {k: v for k, v in parents.get(launch[i], {}).items() if k in INHERITED_TAGS}
+            start = 0 if pd.isna(row["start_time"]) else int(row["start_time"].timestamp() * 1000)
+            found.append(RunSummary(row["run_id"], f"{launch_id[i]}/{stage[i]}", stage[i],
+                                    names[row["experiment_id"]], row["status"], _prefixed(row, "metrics."),
+                                    _prefixed(row, "params."), launch_id[i], uri,
+                                    tags | _prefixed(row, "tags."), start))  # fmt: skip
     if missing:
         raise ValueError(f"no experiment named {sorted(missing)} in {', '.join(uris)}")
     return found
@@ -82,10 +87,8 @@ def store_name(uri: str) -> str:
     SQLite store, ``host:port`` of a server (never its credentials: the name goes into reports)."""
     if path := sqlite_path(uri):
         return path.parent.name if path.name == "mlflow.db" else path.name
-    parsed = urlparse(uri)
-    return (
-        (f"{parsed.hostname}:{parsed.port}" if parsed.port else parsed.hostname) if parsed.hostname else uri
-    )
+    host, port = urlparse(uri).hostname, urlparse(uri).port
+    return (f"{host}:{port}" if port else host) if host else uri
 
 
 def _search(uri: str, experiments: Sequence[str]) -> tuple[pd.DataFrame, dict[str, str]]:
@@ -94,8 +97,7 @@ def _search(uri: str, experiments: Sequence[str]) -> tuple[pd.DataFrame, dict[st
 
     client = mlflow_client(uri)  # opens (creates, migrates) a SQLite store under its lock
     found = [client.get_experiment_by_name(n) for n in experiments] or client.search_experiments()
-    names = {e.experiment_id: e.name for e in found if e is not None}
-    if not names:
+    if not (names := {e.experiment_id: e.name for e in found if e is not None}):
         return pd.DataFrame(), names
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)  # search_runs reads the process's tracking URI
@@ -105,13 +107,5 @@ def _search(uri: str, experiments: Sequence[str]) -> tuple[pd.DataFrame, dict[st
         mlflow.set_tracking_uri(previous)
 
 
-def _summary(row: pd.Series, parent: pd.Series | None, names: dict[str, str], uri: str) -> RunSummary:
-    def part(row: pd.Series, prefix: str) -> dict:
-        return {k.removeprefix(prefix): v for k, v in row.dropna().items() if k.startswith(prefix)}
-
-    tags = part(parent, "tags.") if parent is not None else {}
-    tags = {k: v for k, v in tags.items() if k in INHERITED_TAGS} | part(row, "tags.")
-    launch, stage, start = tags.get("maven.launch_id", ""), tags.get("maven.stage", ""), row["start_time"]
-    return RunSummary(row["run_id"], f"{launch}/{stage}", stage, names[row["experiment_id"]], row["status"],
-                      part(row, "metrics."), part(row, "params."), launch, uri, tags,
-                      0 if pd.isna(start) else int(start.timestamp() * 1000))  # fmt: skip
+def _prefixed(row: pd.Series, prefix: str) -> dict:
+    return {k.removeprefix(prefix): v for k, v in row.dropna().items() if k.startswith(prefix)}

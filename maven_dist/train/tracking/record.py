@@ -1,8 +1,6 @@
-"""A run's durable record on rank 0's disk, everything MLflow is told, written before it is told: in the
-record directory (a stage's directory, an evaluation's output directory) ``metrics.jsonl``
-(:mod:`maven_dist.train.metrics_file`), ``tracking/run.json`` (experiment, launch, stage, store, params, tags,
-attempts), ``tracking/artifacts/`` (copied when logged) and :mod:`.sync`'s ``tracking/synced.json``. Each
-write is done when the call returns (``run.json`` replaced atomically): a killed process lost nothing."""
+"""A run's durable record on rank 0's disk (its files: docs/experiments.md, "How a run reaches MLflow"):
+everything MLflow is told, written before it is told. Each write is done when the call returns (``run.json``
+replaced atomically), so a killed process has lost nothing it logged."""
 
 from __future__ import annotations
 
@@ -31,7 +29,7 @@ class RunRecord:
         """A new attempt of the run ``identity`` (experiment, launch_id, stage) names: the same run again if
         the record is of it (a resumed stage continues its curves), else a fresh record; an older launch's
         lines stay in ``metrics.jsonl`` but are not sent (``metrics_from``). Params keep their first value
-        (MLflow's are immutable); a change is recorded as the tag ``maven.param_changed.<key>`` = ``old -> new``."""
+        (MLflow's are immutable); a change is the tag ``maven.param_changed.<key>`` = ``old -> new``."""
         drop_torn_line(self.metrics)
         if any(self.data.get(k) != v for k, v in identity.items()):
             shutil.rmtree(self.dir / "tracking", ignore_errors=True)

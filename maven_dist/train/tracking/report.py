@@ -1,12 +1,6 @@
-"""The comparison report (``maven compare``, the sweep's report): one row per arm over stage runs from any
-number of stores, in text, Markdown, CSV and HTML with plots; and the summary a launch's parent run carries.
-An *arm* is a launch: the stage and ``eval-*`` runs of one store, experiment and ``maven.launch_id``. What
-the tables hold: docs/experiments.md ("Comparing runs"). The sweep's use::
-
-    runs = find_runs_in_stores([uri], sweep=name)
-    load_histories(runs, HISTORY_KEYS)
-    log_report(uri, parent_run_id, write_report(group_arms(runs), out_dir))
-"""
+"""The comparison report (``maven compare``, the sweep's report): one row per arm (launch) over stage runs
+from any number of stores, in text, Markdown, CSV and HTML with plots, as docs/experiments.md ("Comparing
+runs") describes; and the summary a launch's parent run carries."""
 
 from __future__ import annotations
 
@@ -31,8 +25,7 @@ from .compare import RunSummary, find_runs_in_stores, load_histories, store_name
 from .run_info import PARAM_LIMIT, clip, flatten_params
 
 TRAIN_LOSS, VAL_LOSS, TOKENS_PER_S = "loss/total", "val/loss", "perf/tokens_per_s"
-HISTORY_KEYS = (TRAIN_LOSS, VAL_LOSS, TOKENS_PER_S)
-"""The metric histories the report reads (:func:`~.compare.load_histories`)."""
+HISTORY_KEYS = (TRAIN_LOSS, VAL_LOSS, TOKENS_PER_S)  # the histories the report reads (load_histories)
 PER_LAUNCH_PARAMS = ("run_dir", "recipe_fingerprint")
 """Each launch has its own; the fingerprint differs wherever a param does (and those are the columns)."""
 SUMMARY_METRICS = ("loss/total", "val/loss", "val/loss_text", "val/loss_visual_codes", "perf/tokens_per_s",
@@ -42,8 +35,7 @@ SUMMARY_METRICS = ("loss/total", "val/loss", "val/loss_text", "val/loss_visual_c
 
 @dataclass
 class Arm:
-    """A launch's training ``stages`` (in start order) and ``evals``, named by its ``maven.arm`` tag, else
-    its launch id (plus the store, then the experiment, where two would read the same)."""
+    """A launch's training ``stages`` (in start order) and ``evals``; :func:`group_arms` names it."""
 
     label: str
     store: str
@@ -68,7 +60,8 @@ class Report(NamedTuple):
 
 
 def group_arms(runs: Sequence[RunSummary]) -> list[Arm]:
-    """One :class:`Arm` per (store, experiment, launch), in the order the runs come."""
+    """One :class:`Arm` per (store, experiment, launch), in the order the runs come, named by its
+    ``maven.arm`` tag, else its launch id (plus the store, then the experiment, where two read the same)."""
     groups: dict[tuple[str, str, str], list[RunSummary]] = {}
     for run in runs:
         groups.setdefault((run.store, run.experiment, run.launch_id), []).append(run)
@@ -105,28 +98,24 @@ def build_report(arms: Sequence[Arm], all_params: bool = False) -> Report:
             if (run := arm.stage(s)) is not None and VAL_LOSS in run.metrics:
                 final, best = final_and_best(run, VAL_LOSS)
                 per_stage[-1] |= {f"{s} {VAL_LOSS} final": final, f"{s} {VAL_LOSS} best": best}
-    return Report(
-        *(pd.DataFrame(rows, dtype=object).replace({float("nan"): None}) for rows in (main, per_stage))
-    )
+    frames = (pd.DataFrame(rows, dtype=object).replace({float("nan"): None}) for rows in (main, per_stage))
+    return Report(*frames)
 
 
 def param_columns(arms: Sequence[Arm], all_params: bool = False) -> list[tuple[str, list[str | None]]]:
-    """``(header, a value per arm)`` for every param that differs between arms (every param with
-    ``all_params``), compared stage by stage."""
+    """``(header, a value per arm)`` for each param that differs between arms (each with ``all_params``)."""
     stages, columns = stage_order(arms), []
     for key in sorted({k for a in arms for r in a.stages for k in r.params}):
-        at = {s: [r.params.get(key) for a in arms if (r := a.stage(s)) is not None] for s in stages}
+        by_arm = [{r.stage: r.params.get(key) for r in a.stages} for a in arms]
+        at = {s: [values[s] for values in by_arm if s in values] for s in stages}
         if all_params:
             where = [s for s in stages if any(v is not None for v in at[s])]
         else:
             where = [] if key in PER_LAUNCH_PARAMS else [s for s in stages if len(set(at[s])) > 1]
-        per_arm = [{r.params.get(key) for r in a.stages} for a in arms]
-        if where and all(len(values) <= 1 for values in per_arm):
-            columns.append((key, [next(iter(values), None) for values in per_arm]))
-        elif where:
-            columns += [
-                (f"{key} [{s}]", [(r := a.stage(s)) and r.params.get(key) for a in arms]) for s in where
-            ]
+        if where and all(len(set(values.values())) <= 1 for values in by_arm):
+            columns.append((key, [next(iter(values.values()), None) for values in by_arm]))
+        else:
+            columns += [(f"{key} [{s}]", [values.get(s) for values in by_arm]) for s in where]
     return columns
 
 
@@ -198,8 +187,7 @@ def to_html(report: Report, images: Mapping[str, bytes] = {}) -> str:  # noqa: B
 
 def render_plots(arms: Sequence[Arm]) -> dict[str, bytes]:
     """``{file name: PNG}``: per training stage, ``loss/total`` and ``val/loss`` of all arms overlaid (from
-    the loaded histories); a stage and metric no arm has is left out. matplotlib's object API, as in its
-    "embedding in a web application" example: pyplot's global figure state is not for a library."""
+    the loaded histories). matplotlib's object API: pyplot's global figure state is not for a library."""
     from matplotlib.figure import Figure
 
     images = {}

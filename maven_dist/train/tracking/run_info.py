@@ -26,7 +26,8 @@ SWEEP_ENV, ARM_ENV = "MAVEN_SWEEP", "MAVEN_ARM"
 _LAUNCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # goes into search filters and file names
 SLURM_TAGS = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_JOB_NAME": "slurm.job_name",
               "SLURM_JOB_NODELIST": "slurm.nodelist", "SLURM_JOB_NUM_NODES": "slurm.num_nodes",
-              "SLURM_JOB_PARTITION": "slurm.partition", "SLURM_RESTART_COUNT": "slurm.restart_count"}  # fmt: skip
+              "SLURM_JOB_PARTITION": "slurm.partition",
+              "SLURM_RESTART_COUNT": "slurm.restart_count"}  # fmt: skip
 """Tags, not params: they change on every requeue of the same stage."""
 
 

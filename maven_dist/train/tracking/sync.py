@@ -55,10 +55,8 @@ def sync_record(record: RunRecord, uri: str | None = None) -> int:
 
 def is_synced(record: RunRecord, uri: str) -> bool:
     """Whether the store at ``uri`` has all of ``record`` (from ``synced.json``: no call to the store)."""
-    state, size = (
-        _synced(record).get(uri, {}),
-        record.metrics.stat().st_size if record.metrics.is_file() else 0,
-    )
+    state = _synced(record).get(uri, {})
+    size = record.metrics.stat().st_size if record.metrics.is_file() else 0
     return state.get("digest") == _digest(record) and state.get("offset", -1) >= size
 
 

@@ -1,12 +1,8 @@
 """The tracker the trainer codes against: :class:`Tracker` does nothing (every rank but 0);
-:class:`MLflowTracker` (rank 0) writes the run's record (:mod:`.record`), then syncs it (:mod:`.sync`).
-
-No thread: a call does its work in the caller's thread before it returns, so a process that forks (rank 0
-does, for its DataLoader workers) has no tracking thread to fork under. The sync runs when a stage starts
-and ends and at most every ``sync_interval_s`` in between; while the store fails, after a pause as long as
-the outage so far (so the pauses double) of at most :data:`MAX_BACKOFF_S`, so a dead server costs one failed
-request (at worst ``http_timeout_s``) per pause.
-"""
+:class:`MLflowTracker` (rank 0) writes the run's record (:mod:`.record`), then syncs it (:mod:`.sync`). No
+thread: every call does its work before it returns, so a process that forks (rank 0 does, for its DataLoader
+workers) has none to fork under. When it syncs, and its back-off while the store fails:
+docs/experiments.md."""
 
 from __future__ import annotations
 
@@ -40,7 +36,9 @@ class Tracker:
     store. ``start_stage`` opens (on resume: reopens) the stage's run under the launch's parent run,
     ``log_dict`` attaches YAML (``.yaml``/``.yml`` names) or JSON, ``end_stage`` closes the run."""
 
-    def start_stage(self, stage_name: str, params: Mapping | None = None, tags: Mapping | None = None) -> None: ...  # fmt: skip
+    def start_stage(
+        self, stage_name: str, params: Mapping | None = None, tags: Mapping | None = None
+    ) -> None: ...
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_dict(self, data: Mapping[str, Any], name: str) -> None: ...
@@ -130,12 +128,13 @@ class MLflowTracker(Tracker):
             )
 
     def end_stage(self, status: RunStatus = "FINISHED") -> None:
-        if self._stage_open("end_stage"):
-            self._open = False
-            self.record.end_attempt(status)
-            if not self.flush():
-                logger.warning("tracking: the store lacks %s for now; the next stage sends it, or: maven sync %s",
-                               self.record.dir, self.run_dir)  # fmt: skip
+        if not self._stage_open("end_stage"):
+            return
+        self._open = False
+        self.record.end_attempt(status)
+        if not self.flush():
+            logger.warning("tracking: the store lacks %s for now; the next stage sends it, or: maven sync %s",
+                           self.record.dir, self.run_dir)  # fmt: skip
 
     def flush(self) -> bool:
         """Send the earlier runs' records, then this one; True when the store has them all."""
@@ -143,10 +142,8 @@ class MLflowTracker(Tracker):
             return True
         now = time.monotonic()
         try:
-            while self.pending:
-                sync_record(self.pending[0], self.uri)
-                self.pending.pop(0)
-            sync_record(self.record, self.uri)
+            for record in [*self.pending, self.record]:  # sending one again is cheap and harmless
+                sync_record(record, self.uri)
         except Exception as exc:  # noqa: BLE001 - whatever the store does, training goes on
             if self._down_since is None:
                 self._down_since = now
@@ -154,10 +151,10 @@ class MLflowTracker(Tracker):
                                "and keeps everything in %s, sent when the store answers (tried again within "
                                "%.0f s) or by: maven sync %s", self.uri, f"{type(exc).__name__}: {exc}"[:300],
                                self.record.dir, MAX_BACKOFF_S, self.run_dir)  # fmt: skip
-            self._next_sync = time.monotonic() + min(
-                max(self.sync_interval_s, now - self._down_since), MAX_BACKOFF_S
-            )
+            pause = max(self.sync_interval_s, now - self._down_since)  # the outage so far: pauses double
+            self._next_sync = time.monotonic() + min(pause, MAX_BACKOFF_S)
             return False
+        self.pending = []
         if self._down_since is not None:
             logger.info("MLflow tracking store %s is reachable again after %.0f s; the record is sent",
                         self.uri, now - self._down_since)  # fmt: skip
