@@ -26,7 +26,7 @@ Part = Literal["llm", "vocab_new_rows", "projector", "selector", "vision_tower"]
 View = Literal["discrete", "continuous"]
 StageName = Literal["stage1", "stage2", "stage3", "stage4"]
 STAGE_NAMES: tuple[str, ...] = get_args(StageName)
-AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "auto"]
 DataFormat = Literal["patch_labels", "discrete_alignment", "captions", "conversations"]
 
 
@@ -54,7 +54,8 @@ class LLMConfig:
     """Longest position the RoPE tables cover (random init only)."""
     attn_implementation: AttnImplementation = "sdpa"
     """Attention kernel: `sdpa` (torch's fused attention), `eager` (plain matmul-softmax, for debugging),
-    `flash_attention_2` (CUDA with the flash-attn package; local and zero3 backends only)."""
+    `flash_attention_2` (CUDA with the flash-attn package; local and zero3 backends only), `auto` (flash-attn
+    where it can run: CUDA, flash-attn installed, bf16, not 3d; else sdpa)."""
 
     def validate(self) -> None:
         if self.num_heads % self.num_kv_heads:

@@ -114,6 +114,8 @@ class MavenModel(MavenFrontEnd):
         (their weights are loaded next): faster, and required under ZeRO-3's partitioned construction,
         where HF's post-init would index into empty parameter shards. `attn_implementation` is the
         LLM's attention kernel (``model.llm.attn_implementation``)."""
+        if attn_implementation == "auto":  # a recipe's value reaching here unresolved: its GPU default
+            attn_implementation = resolve_attn_implementation("auto", "bf16", "zero3")
         check_attn_implementation(attn_implementation)
         llm_config = _with_vocab_size(llm_config, layout.text_size)
         with maybe_skip_hf_init(not init_weights):
@@ -457,11 +459,26 @@ def built_as(dtype: torch.dtype, device: str | torch.device):
         torch.set_default_dtype(previous)
 
 
+def resolve_attn_implementation(name: str, dtype: str, backend: str) -> str:
+    """``model.llm.attn_implementation`` as the model is built: ``auto`` (the GPU recipes' value) is
+    ``flash_attention_2`` where it can run (a CUDA device, the flash-attn package, bf16, not the 3D decoder,
+    which has no flash path), else ``sdpa``; any other value as it is."""
+    if name != "auto":
+        return name
+    usable = (
+        torch.cuda.is_available()
+        and importlib.util.find_spec("flash_attn") is not None
+        and dtype == "bf16"
+        and backend != "3d"
+    )
+    return "flash_attention_2" if usable else "sdpa"
+
+
 def check_attn_implementation(name: str) -> None:
     """Refuse an attention kernel this machine cannot run, before any weights are read."""
     key = f"model.llm.attn_implementation={name}"
     if name not in ("sdpa", "eager", "flash_attention_2"):
-        raise ConfigError(f"{key} is not allowed; choose one of sdpa, eager, flash_attention_2")
+        raise ConfigError(f"{key} is not allowed; choose one of sdpa, eager, flash_attention_2, auto")
     if name != "flash_attention_2":
         return
     if not torch.cuda.is_available():

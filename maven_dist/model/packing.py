@@ -61,6 +61,16 @@ def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype, additive: b
     )
 
 
+def varlen_kwargs(position_ids: torch.Tensor) -> dict:
+    """flash-attn's varlen arguments for packed position ids [1, N] (transformers' FlashAttentionKwargs):
+    the cumulative sample lengths, and the longest sample as a Python int (flash-attn takes an int)."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    (cu_q, cu_k), (max_q, _) = prepare_fa_kwargs_from_position_ids(position_ids)
+    longest = int(max_q)
+    return {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k, "max_length_q": longest, "max_length_k": longest}
+
+
 def packed_hidden_states(
     decoder: nn.Module, embeds: torch.Tensor, segment_ids: torch.Tensor, attn_implementation: str
 ) -> torch.Tensor:
@@ -68,14 +78,19 @@ def packed_hidden_states(
     `embeds` [B, T, d] with sample ids `segment_ids` [B, T] (assembled positions, -1 padding)."""
     position_ids = packed_position_ids(segment_ids)
     if attn_implementation == "flash_attention_2":
-        # transformers takes packed sequences for flash-attn's varlen kernel from position ids that fall
-        # back to 0, with no mask, in a batch of one row: the rows are laid end to end (each starts at 0).
+        # flash-attn's varlen kernel, with no mask, in a batch of one row: the rows are laid end to end (each
+        # starts at 0). The sample boundaries go in once per micro-batch (one host sync for the longest
+        # length): left to itself transformers re-derives them from the position ids in every layer
+        # (modeling_flash_attention_utils._is_packed_sequence, then prepare_fa_kwargs_from_position_ids: a
+        # nonzero() and a max() per layer, again in the recomputation).
         rows, length, width = embeds.shape
+        flat_positions = position_ids.reshape(1, rows * length)
         hidden = decoder(
             inputs_embeds=embeds.reshape(1, rows * length, width),
-            position_ids=position_ids.reshape(1, rows * length),
+            position_ids=flat_positions,
             attention_mask=None,
             use_cache=False,
+            **varlen_kwargs(flat_positions),
         ).last_hidden_state
         return hidden.reshape(rows, length, -1)
     mask = block_causal_mask(segment_ids, embeds.dtype, additive=attn_implementation == "eager")

@@ -14,6 +14,7 @@ activations (they carry no gradient) so the last stage needs nothing from the da
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -111,14 +112,21 @@ class RMSNorm(nn.Module):
         return self.weight * hidden.to(input_dtype)
 
 
+@functools.cache
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """RoPE's inverse frequencies in fp32 on `device`, as LlamaRotaryEmbedding computes them; made once per
+    device (before: rebuilt on the host and copied to the GPU in every layer call, a synchronising copy per
+    layer, twice with recomputation)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    return inv_freq.to(device)
+
+
 def rope_cos_sin(
     shape: LlamaShape, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, T, head_dim] for integer positions [B, T] exactly as LlamaRotaryEmbedding computes them."""
-    inv_freq = 1.0 / (
-        shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float) / shape.head_dim)
-    )
-    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    inv_freq = rope_inv_freq(shape.head_dim, shape.rope_theta, positions.device)
+    freqs = positions[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -46,7 +46,7 @@ from maven_dist.contract.lengths import visual_tokens_per_image
 from maven_dist.contract.vocab import VocabLayout
 from maven_dist.model import hf_layout
 from maven_dist.model.frontend import h_eos_spread
-from maven_dist.model.maven import MavenModel
+from maven_dist.model.maven import MavenModel, resolve_attn_implementation
 from maven_dist.model.parts import part_of
 from maven_dist.model.spec import MavenSpec
 from maven_dist.parallel.convert import full_name, iter_maven_dir, placement, shard_tensor, unshard_state_dict
@@ -176,7 +176,7 @@ class ThreeDEngine(DeepSpeedEngineState):
             LayerSpec(InputStage, self.shape, self.layout, self.spec, src.tower_config, self.views, tp_config)
         ]
         checkpointing = cfg.stage.gradient_checkpointing
-        attn = cfg.model.llm.attn_implementation
+        attn = resolve_attn_implementation(cfg.model.llm.attn_implementation, cfg.stage.dtype, "3d")
         specs += [
             LayerSpec(TPDecoderLayer, self.shape, tp_config, checkpointing, attn)
             for _ in range(self.num_layers)

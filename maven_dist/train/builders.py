@@ -13,7 +13,7 @@ from maven_dist.data.image_transform import ImageTransform
 from maven_dist.data.templates import CHAT_TEMPLATES
 from maven_dist.data.tokenizer import load_text_tokenizer
 from maven_dist.model import hf_layout
-from maven_dist.model.maven import MavenModel
+from maven_dist.model.maven import MavenModel, resolve_attn_implementation
 from maven_dist.model.parts import apply_trainable
 from maven_dist.model.spec import MavenSpec
 from maven_dist.parallel.dims import ParallelDims
@@ -152,7 +152,9 @@ def spec_overrides(spec: MavenSpec) -> dict:
 
 def model_builder(cfg: Config, source: ModelSource, layout: VocabLayout, spec: MavenSpec):
     """A callable `(copy_fn=None) -> MavenModel`, so a backend can construct it in its own context."""
-    attn = cfg.model.llm.attn_implementation
+    attn = resolve_attn_implementation(
+        cfg.model.llm.attn_implementation, cfg.stage.dtype, cfg.parallel.backend
+    )
     if source.kind == "base":
         return partial(
             MavenModel.from_base,
