@@ -9,7 +9,7 @@ EVAL    ?= 1               # lmms-eval next to the stack (docs/evaluation.md, "l
 LMMS_EVAL := lmms-eval==0.7.3
 comma   := ,
 
-.PHONY: setup eval-setup constraints demo sweep-demo test lint format clean
+.PHONY: setup eval-setup constraints demo sweep-demo test gpu-smoke lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,10 @@ sweep-demo: setup ## the keep-ratio ablation at toy size: 3 arms, one MLflow sto
 
 test: setup ## the whole test suite (unit, distributed, integration)
 	bash tests/run_all.sh
+
+# Not part of `test`, and no `setup` prerequisite: on a GPU machine the venv holds its CUDA torch (`make setup TORCH=`).
+gpu-smoke: ## one GPU, < 8 min: every first-day command at 7B layer shapes (bench/gpu_smoke.py); "skipped: no GPU" without one
+	bash bench/gpu_smoke.sh
 
 lint: setup
 	$(BIN)/ruff check maven_dist tools tests bench

@@ -383,6 +383,9 @@ class ParallelConfig:
     """Tensor-parallel degree (3d backend)."""
     pp: int = 1
     """Pipeline-parallel degree (3d backend)."""
+    single_process: Literal["local", "zero3"] = "local"
+    """The engine of a world of one: `local` (plain PyTorch, the reference) or `zero3` (DeepSpeed ZeRO-3 on one
+    rank, e.g. its bf16 and NCCL paths on one GPU: `make gpu-smoke`; start it with torchrun)."""
 
     def validate(self) -> None:
         for name in ("tp", "pp"):

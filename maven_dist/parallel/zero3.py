@@ -111,7 +111,7 @@ class Zero3Engine(DeepSpeedEngineState, MicroBatchEngine):
 
     def load(self, directory: Path, saved: Manifest) -> None:
         world = dist.get_world_size()
-        if saved.world_size == 1:
+        if saved.world_size == 1 and not (directory / CHECKPOINT_TAG).is_dir():
             raise LayoutMismatch(
                 f"{directory} was written by one process (the plain PyTorch engine), this run has {world} "
                 "ZeRO-3 ranks; the states do not convert. Resume with one process, or start a new stage from "

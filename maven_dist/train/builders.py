@@ -179,8 +179,8 @@ def build_engine(
     total_steps: int,
     accumulation: int,
 ) -> Engine:
-    """World of one: the plain PyTorch engine (ZeRO over one rank shards nothing). Otherwise the
-    recipe's backend."""
+    """World of one: the plain PyTorch engine (ZeRO over one rank shards nothing), unless
+    ``parallel.single_process`` asks for ZeRO-3. Otherwise the recipe's backend."""
     spec = model_spec(cfg, tokenizer)
     build = model_builder(cfg, source, layout, spec)
     if cfg.parallel.backend == "3d":
@@ -195,7 +195,7 @@ def build_engine(
             accumulation,
             spec_overrides=spec_overrides(spec),
         )
-    if env.world_size > 1:
+    if env.world_size > 1 or cfg.parallel.single_process == "zero3":
         from maven_dist.parallel.zero3 import Zero3Engine
 
         return Zero3Engine(build, cfg, dims, total_steps, accumulation)
