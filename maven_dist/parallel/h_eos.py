@@ -106,7 +106,8 @@ class HEosCache:
             saved = load_file(path)
             for codes, state in zip(saved["codes"].numpy(), saved["h_eos"], strict=True):
                 self._states[_key(codes)] = state
-        rows = np.unique(np.asarray(image_codes, dtype=np.int64).reshape(len(image_codes), -1), axis=0)
+        codes = np.asarray(image_codes, dtype=np.int64)
+        rows = np.unique(codes, axis=0) if codes.size else np.zeros((0, 1), dtype=np.int64)
         missing = [r for r in rows if _key(r) not in self._states]
         passes = -(-len(missing) // PASS_IMAGES)
         for k in range(_max_over_ranks(passes, self.device)):
