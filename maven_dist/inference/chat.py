@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         "question", nargs="?", help="answer this once and exit (default: read questions from stdin)"
     )
     p.add_argument("--image", action="append", default=[], help="an image of the first question (repeatable)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, auto, ... (default and auto: cuda when present)")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, auto, ... (default and auto: cuda when present)"
+    )
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="model precision")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
