@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--control",
         default="",
         help="image-blind controls, comma-separated: blank (a constant image), swap (another question's "
-        "images), none (no images); adds the majority baseline and the visual gain (eval/controls.py)",
+        "images), none (no images); adds the majority baseline and the visual gain (eval/controls.py) "
+        "(default: no control, the scores with images only)",
     )
     where = p.add_argument_group("tracking")
     where.add_argument(
