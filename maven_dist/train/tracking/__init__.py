@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .run_info import environment_params, flatten_params, resolve_launch_id
+from maven_dist.train.provenance import git_sha, package_versions
+
+from .run_info import flatten_params, resolve_launch_id
 from .tracker import MLflowTracker, NullTracker, RunStatus, Tracker
 
 if TYPE_CHECKING:
@@ -27,17 +29,16 @@ def resolve_tracking_uri(cfg: Config) -> str:
 
 
 def build_tracker(cfg: Config, rank: int, world_size: int | None = None) -> Tracker:
-    """Rank 0: an :class:`MLflowTracker` with the flattened config, layout and versions as params, syncing
-    when ``tracking.enabled``; any other rank: a :class:`Tracker` that does nothing."""
+    """Rank 0: an :class:`MLflowTracker` with the flattened config, layout, code and package versions as
+    params, syncing when ``tracking.enabled``; any other rank: a :class:`Tracker` that does nothing."""
     if rank != 0:
         return NullTracker()
     cfg.tracking.validate()
     t, world_size = cfg.tracking, world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    params = flatten_params(cfg.to_dict()) | environment_params(world_size)
+    params = flatten_params(cfg.to_dict()) | {f"env.version.{k}": v for k, v in package_versions().items()}
+    params |= {"parallel.world_size": str(world_size), "env.git_sha": git_sha()}
     if world_size % (model_parallel := cfg.parallel.tp * cfg.parallel.pp) == 0:
         params["parallel.dp"] = str(world_size // model_parallel)
     return MLflowTracker(uri=resolve_tracking_uri(cfg) if t.enabled else None, experiment=t.experiment,
-                         launch_id=resolve_launch_id(cfg.run_dir), run_dir=cfg.run_dir, base_params=params,
-                         resolved_config=cfg.to_dict(), sync_interval_s=t.flush_interval_s,
-                         system_metrics_interval_s=t.system_metrics_interval_s,
-                         http_timeout_s=t.http_timeout_s)  # fmt: skip
+                         launch_id=resolve_launch_id(cfg.run_dir), run_dir=cfg.run_dir, cfg=t,
+                         base_params=params, resolved_config=cfg.to_dict())  # fmt: skip

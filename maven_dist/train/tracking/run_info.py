@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from maven_dist.contract.atomic_write import write_text_atomic
-from maven_dist.train.provenance import git_sha, package_versions
+from maven_dist.train.provenance import git_sha
 
 LAUNCH_ID_ENV, LAUNCH_ID_FILE, RUN_NAME_ENV = "MAVEN_LAUNCH_ID", "launch_id", "MAVEN_RUN_NAME"
+SWEEP_ENV, ARM_ENV = "MAVEN_SWEEP", "MAVEN_ARM"  # set by `maven sweep`, tagged as maven.sweep and maven.arm
 PARAM_LIMIT, TAG_LIMIT = 6000, 8000  # MLflow's longest param and tag values
-SWEEP_ENV, ARM_ENV = "MAVEN_SWEEP", "MAVEN_ARM"
-"""Set by ``maven sweep``: tagged on the parent and every stage run as ``maven.sweep`` / ``maven.arm``;
-``RUN_NAME_ENV`` names the parent run (``maven pipeline``: the recipe; ``maven sweep``: sweep/arm)."""
 _LAUNCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # goes into search filters and file names
 SLURM_TAGS = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_JOB_NAME": "slurm.job_name",
               "SLURM_JOB_NODELIST": "slurm.nodelist", "SLURM_JOB_NUM_NODES": "slurm.num_nodes",
@@ -91,12 +89,6 @@ def _text(value: Any) -> str:
     if isinstance(value, (list, tuple, Mapping)):
         return json.dumps(value, sort_keys=True, default=str)
     return str(value)
-
-
-def environment_params(world_size: int) -> dict[str, str]:
-    """Params every stage run gets besides the config: world size, code version, package versions."""
-    versions = {f"env.version.{k}": v for k, v in package_versions().items()}
-    return {"parallel.world_size": str(world_size), "env.git_sha": git_sha()} | versions
 
 
 def environment_tags() -> dict[str, str]:

@@ -1,8 +1,7 @@
 """The tracker the trainer codes against: :class:`Tracker` does nothing (every rank but 0);
-:class:`MLflowTracker` (rank 0) writes the run's record (:mod:`.record`), then syncs it (:mod:`.sync`). No
-thread: every call does its work before it returns, so a process that forks (rank 0 does, for its DataLoader
-workers) has none to fork under. When it syncs, and its back-off while the store fails:
-docs/experiments.md."""
+:class:`MLflowTracker` (rank 0) writes the run's record, then syncs it (:mod:`.sync`). No thread: every call
+does its work before it returns, so a process that forks (rank 0 does, for its DataLoader workers) has none
+to fork under. When it syncs, and its back-off while the store fails: docs/experiments.md."""
 
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ import logging
 import os
 import posixpath
 import re
+import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -19,11 +19,11 @@ from typing import Any, Literal
 
 import yaml
 
+from maven_dist.config import TrackingConfig
 from maven_dist.train.metrics_file import append_metrics
 
-from .record import RunRecord, find_records
 from .run_info import RUN_NAME_ENV, clip_key, environment_tags, launch_tags
-from .sync import is_synced, sync_record
+from .sync import RunRecord, find_records, is_synced, sync_record
 
 logger = logging.getLogger("maven_dist.train.tracking")
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
@@ -51,19 +51,19 @@ NullTracker = Tracker
 
 class MLflowTracker(Tracker):
     """Records a process's stage runs in ``record_dir`` (default ``run_dir/<stage>``) and syncs them to the
-    store at ``uri`` (None: record only), after the records under ``run_dir`` the store lacks (earlier ones)."""
+    store at ``uri`` (None: record only), after the records under ``run_dir`` the store lacks (earlier ones).
+    ``cfg``'s intervals and timeout apply (default: no system metrics, for an evaluation logs once)."""
 
     def __init__(self, *, uri: str | None, experiment: str, launch_id: str, run_dir: str | Path,
-                 record_dir: str | Path | None = None, base_params: Mapping | None = None,
-                 resolved_config: Mapping | None = None, sync_interval_s: float = 5.0,
-                 system_metrics_interval_s: float = 0.0, http_timeout_s: float = 10.0) -> None:  # fmt: skip
+                 record_dir: str | Path | None = None, cfg: TrackingConfig | None = None,
+                 base_params: Mapping | None = None, resolved_config: Mapping | None = None) -> None:  # fmt: skip
+        self.cfg = cfg or TrackingConfig(system_metrics_interval_s=0.0)
         if uri:  # MLflow's HTTP client retries for minutes; this tracker retries on its own schedule
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(http_timeout_s))))
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(self.cfg.http_timeout_s))))
         self.uri, self.run_dir, self.record_dir = uri, Path(run_dir), record_dir
         self.identity = {"experiment": experiment, "launch_id": launch_id}
         self.base_params, self.resolved_config = dict(base_params or {}), resolved_config
-        self.sync_interval_s, self.system_metrics_interval_s = sync_interval_s, system_metrics_interval_s
         self.record: RunRecord | None = None
         self.pending: list[RunRecord] = []  # earlier runs' records the store lacks
         self._open, self._warned, self._next_sync, self._next_sample = False, set(), 0.0, 0.0
@@ -84,7 +84,7 @@ class MLflowTracker(Tracker):
                                  environment_tags() | launch_tags() | dict(tags or {}))  # fmt: skip
         if self.resolved_config is not None:
             self.log_dict(self.resolved_config, "resolved_recipe.yaml")
-        if self.system_metrics_interval_s > 0:
+        if self.cfg.system_metrics_interval_s > 0:
             sample_system_metrics()  # psutil's first cpu_percent(None) is a meaningless 0.0: prime it
         if self.uri:
             others = [r for r in find_records(self.run_dir) if r.dir != self.record.dir]
@@ -103,9 +103,9 @@ class MLflowTracker(Tracker):
                 values[name] = float(value)
             except (TypeError, ValueError):
                 self._warn(f"metric {key!r}={value!r} is not a number; skipped")
-        if self.system_metrics_interval_s > 0 and time.monotonic() >= self._next_sample:
+        if self.cfg.system_metrics_interval_s > 0 and time.monotonic() >= self._next_sample:
             values |= sample_system_metrics()
-            self._next_sample = time.monotonic() + self.system_metrics_interval_s
+            self._next_sample = time.monotonic() + self.cfg.system_metrics_interval_s
         append_metrics(self.record.metrics, int(step), values)
         if time.monotonic() >= self._next_sync:
             self.flush()
@@ -115,7 +115,7 @@ class MLflowTracker(Tracker):
         if not self._stage_open("log_artifact"):
             return
         if Path(path).is_file():
-            self._write(f"{artifact_path or '.'}/{Path(path).name}", Path(path).read_bytes())
+            shutil.copyfile(path, self._artifact(f"{artifact_path or '.'}/{Path(path).name}"))
         else:
             self._warn(f"log_artifact: {path} is not a file; skipped")
 
@@ -123,8 +123,8 @@ class MLflowTracker(Tracker):
         if self._stage_open("log_dict"):
             plain = json.loads(json.dumps(data, default=str))  # tuples to lists, paths and others to strings
             yaml_name = name.endswith((".yaml", ".yml"))
-            self._write(
-                name, (yaml.safe_dump(plain, sort_keys=False) if yaml_name else json.dumps(plain)).encode()
+            self._artifact(name).write_text(
+                yaml.safe_dump(plain, sort_keys=False) if yaml_name else json.dumps(plain)
             )
 
     def end_stage(self, status: RunStatus = "FINISHED") -> None:
@@ -151,14 +151,14 @@ class MLflowTracker(Tracker):
                                "and keeps everything in %s, sent when the store answers (tried again within "
                                "%.0f s) or by: maven sync %s", self.uri, f"{type(exc).__name__}: {exc}"[:300],
                                self.record.dir, MAX_BACKOFF_S, self.run_dir)  # fmt: skip
-            pause = max(self.sync_interval_s, now - self._down_since)  # the outage so far: pauses double
+            pause = max(self.cfg.flush_interval_s, now - self._down_since)  # the outage so far: pauses double
             self._next_sync = time.monotonic() + min(pause, MAX_BACKOFF_S)
             return False
         self.pending = []
         if self._down_since is not None:
             logger.info("MLflow tracking store %s is reachable again after %.0f s; the record is sent",
                         self.uri, now - self._down_since)  # fmt: skip
-        self._down_since, self._next_sync = None, time.monotonic() + self.sync_interval_s
+        self._down_since, self._next_sync = None, time.monotonic() + self.cfg.flush_interval_s
         return True
 
     def close(self) -> None:
@@ -166,9 +166,9 @@ class MLflowTracker(Tracker):
             self._warn("close() with a stage still open; marking it FAILED")
             self.end_stage("FAILED")
 
-    def _write(self, name: str, content: bytes) -> None:
-        (self.record.artifacts / name).parent.mkdir(parents=True, exist_ok=True)
-        (self.record.artifacts / name).write_bytes(content)
+    def _artifact(self, name: str) -> Path:
+        (path := self.record.artifacts / name).parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def _stage_open(self, what: str) -> bool:
         if not self._open:
