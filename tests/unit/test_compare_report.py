@@ -235,9 +235,7 @@ def test_log_report_attaches_the_files_to_a_run(stores, tmp_path):
 def test_arm_labels_take_the_store_where_two_arms_read_the_same():
     def run(store: str, launch: str, **tags) -> RunSummary:
         tags = {"maven.launch_id": launch, **tags}
-        return RunSummary(
-            "id-" + store, launch, "stage4", "e", "FINISHED", store=store, launch_id=launch, tags=tags
-        )
+        return RunSummary("id-" + store, "stage4", "e", "FINISHED", store=store, launch_id=launch, tags=tags)
 
     arms = group_arms(
         [

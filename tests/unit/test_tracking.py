@@ -219,7 +219,7 @@ def test_compare_reads_final_metrics_and_shows_only_params_that_differ(
         tracker.end_stage("FINISHED")
 
     runs = find_runs_in_stores([f"sqlite:///{store}"], experiments=["maven-test"], stages=["stage3"])
-    assert [r.label for r in runs] == ["ablation-a/stage3", "ablation-b/stage3"]
+    assert [(r.launch_id, r.stage) for r in runs] == [("ablation-a", "stage3"), ("ablation-b", "stage3")]
     assert [r.metrics["loss/lm"] for r in runs] == [1.5, 1.25]
     table = build_report(group_arms(runs)).main
     assert list(table["stage.optimizer.lr"]) == ["0.001", "0.0002"]

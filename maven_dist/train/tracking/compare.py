@@ -11,18 +11,15 @@ import pandas as pd
 
 from .client import mlflow_client, sqlite_path
 
-INHERITED_TAGS = ("maven.sweep", "maven.arm")
-"""Tags a stage run takes from its parent (launch) run when it does not carry them itself."""
+INHERITED_TAGS = ("maven.sweep", "maven.arm")  # a stage run takes them from its parent run if it lacks them
 
 
 @dataclass
 class RunSummary:
-    """A stage run: ``label`` is ``<launch id>/<stage>``, ``metrics`` the latest value of each, ``store`` the
-    tracking URI it was read from, ``start_time`` in ms since the epoch, ``history`` the ``(step, value)``
-    points by step of the keys :func:`load_histories` loaded."""
+    """A stage run of the store at ``store``: ``metrics`` the latest value of each, ``start_time`` in ms since
+    the epoch, ``history`` the ``(step, value)`` points by step of the keys :func:`load_histories` loaded."""
 
     run_id: str
-    label: str
     stage: str
     experiment: str
     status: str
@@ -33,10 +30,6 @@ class RunSummary:
     tags: dict[str, str] = field(default_factory=dict)
     start_time: int = 0
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-
-    @property
-    def is_eval(self) -> bool:
-        return self.stage.startswith("eval-")
 
 
 def find_runs_in_stores(uris: Sequence[str], experiments: Sequence[str] = (), stages: Sequence[str] = (),
@@ -63,9 +56,8 @@ def find_runs_in_stores(uris: Sequence[str], experiments: Sequence[str] = (), st
         for i, row in frame[keep].iterrows():
             tags = {k: v for k, v in parents.get(launch[i], {}).items() if k in INHERITED_TAGS}
             start = 0 if pd.isna(row["start_time"]) else int(row["start_time"].timestamp() * 1000)
-            found.append(RunSummary(row["run_id"], f"{launch_id[i]}/{stage[i]}", stage[i],
-                                    names[row["experiment_id"]], row["status"], _prefixed(row, "metrics."),
-                                    _prefixed(row, "params."), launch_id[i], uri,
+            found.append(RunSummary(row["run_id"], stage[i], names[row["experiment_id"]], row["status"],
+                                    _prefixed(row, "metrics."), _prefixed(row, "params."), launch_id[i], uri,
                                     tags | _prefixed(row, "tags."), start))  # fmt: skip
     if missing:
         raise ValueError(f"no experiment named {sorted(missing)} in {', '.join(uris)}")

@@ -12,7 +12,7 @@ import re
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,8 +26,7 @@ from .run_info import PARAM_LIMIT, clip, flatten_params
 
 TRAIN_LOSS, VAL_LOSS, TOKENS_PER_S = "loss/total", "val/loss", "perf/tokens_per_s"
 HISTORY_KEYS = (TRAIN_LOSS, VAL_LOSS, TOKENS_PER_S)  # the histories the report reads (load_histories)
-PER_LAUNCH_PARAMS = ("run_dir", "recipe_fingerprint")
-"""Each launch has its own; the fingerprint differs wherever a param does (and those are the columns)."""
+PER_LAUNCH_PARAMS = ("run_dir", "recipe_fingerprint")  # differ in every launch: no column unless asked for
 SUMMARY_METRICS = ("loss/total", "val/loss", "val/loss_text", "val/loss_visual_codes", "perf/tokens_per_s",
                    "perf/samples_per_s", "selector/h_eos_spread")  # fmt: skip
 """The parent run gets ``<stage>/<key>``: each stage's last value (and ``<stage>/val/loss_best``)."""
@@ -41,8 +40,8 @@ class Arm:
     store: str
     experiment: str
     launch_id: str
-    stages: list[RunSummary] = field(default_factory=list)
-    evals: list[RunSummary] = field(default_factory=list)
+    stages: list[RunSummary]
+    evals: list[RunSummary]
 
     def stage(self, name: str) -> RunSummary | None:
         return next((r for r in self.stages if r.stage == name), None)
@@ -52,8 +51,7 @@ class Arm:
 
 
 class Report(NamedTuple):
-    """One row per arm: ``main`` has the differing params, the last stage's val/loss, eval metrics, visual
-    tokens and throughput; ``per_stage`` the final and best val/loss of every stage that logged it."""
+    """One row per arm (the columns: docs/experiments.md, "Comparing runs"), and ``per_stage`` val/loss."""
 
     main: pd.DataFrame
     per_stage: pd.DataFrame
@@ -69,8 +67,8 @@ def group_arms(runs: Sequence[RunSummary]) -> list[Arm]:
     for (store, experiment, launch), members in groups.items():
         members = sorted(members, key=lambda r: r.start_time)
         label = next((r.tags["maven.arm"] for r in members if "maven.arm" in r.tags), launch)
-        stages, evals = [r for r in members if not r.is_eval], [r for r in members if r.is_eval]
-        arms.append(Arm(label, store, experiment, launch, stages, evals))
+        evals = [r for r in members if r.stage.startswith("eval-")]
+        arms.append(Arm(label, store, experiment, launch, [r for r in members if r not in evals], evals))
     for qualifier in (lambda a: store_name(a.store), lambda a: a.experiment, lambda a: a.launch_id):
         counts = pd.Series([a.label for a in arms]).value_counts()
         for arm in arms:
@@ -233,9 +231,8 @@ def log_report(uri: str, run_id: str, paths: Sequence[Path], artifact_path: str 
 
 
 def summarise_launch(uri: str, experiment: str, launch_id: str, name: str, params: Mapping[str, str]) -> None:
-    """Make a launch's parent run worth opening in the MLflow UI, whose run table compares parent runs: name
-    it ``name``, give it ``params`` (new ones: a param keeps its first value) and as metrics each stage's
-    :data:`SUMMARY_METRICS` and every ``eval/*`` of its evaluations (``maven pipeline`` does, at its end)."""
+    """Name a launch's parent run ``name``, give it the ``params`` it lacks and, as metrics, each stage's
+    :data:`SUMMARY_METRICS` and every ``eval/*`` (docs/experiments.md, "Comparing runs"; ``maven pipeline``)."""
     from mlflow.entities import Metric, Param
 
     runs = find_runs_in_stores([uri], [experiment], launch_ids=[launch_id])
