@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import re
 import signal
@@ -58,6 +57,7 @@ from maven_dist.data.shards import (
     write_shard_atomic,
 )
 from maven_dist.data.templates import ConversationError, render
+from maven_dist.data.workers import worker_context
 
 _VISUAL_TOKEN = re.compile(r"<img_\d{5}>")
 
@@ -336,8 +336,8 @@ def prepare(sources: Sequence[Path], options: PrepareOptions) -> dict:
             outputs = map(_build_shard, tasks)
             pool = None
         else:
-            # fork: workers inherit the imported modules; this process has not started tokenizers' threads.
-            pool = mp.get_context("fork").Pool(
+            # Never a fork of this process: the progress bar alone runs a monitor thread (data/workers.py).
+            pool = worker_context(["maven_dist.data.prepare"]).Pool(
                 min(options.num_workers, len(tasks)), _init_pool_worker, (options,)
             )
             outputs = pool.imap(_build_shard, tasks)
