@@ -67,8 +67,9 @@ def group_arms(runs: Sequence[RunSummary]) -> list[Arm]:
     for (store, experiment, launch), members in groups.items():
         members = sorted(members, key=lambda r: r.start_time)
         label = next((r.tags["maven.arm"] for r in members if "maven.arm" in r.tags), launch)
+        stages = [r for r in members if not r.stage.startswith("eval-")]
         evals = [r for r in members if r.stage.startswith("eval-")]
-        arms.append(Arm(label, store, experiment, launch, [r for r in members if r not in evals], evals))
+        arms.append(Arm(label, store, experiment, launch, stages, evals))
     for qualifier in (lambda a: store_name(a.store), lambda a: a.experiment, lambda a: a.launch_id):
         counts = pd.Series([a.label for a in arms]).value_counts()
         for arm in arms:
