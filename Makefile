@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0   # CPU build; GPU clusters: `make setup TORCH=` keeps their CUDA torch
-NPROC   ?= 2
+NPROC   ?= 1               # the demo on 2 cores: one process runs 2.4x the steps/s of 2 ZeRO-3 ranks (docs/experiments.md)
 RUN_DIR ?= runs/tiny
 EVAL    ?= 1               # lmms-eval next to the stack (docs/evaluation.md, "lmms-eval"); EVAL=0 leaves it out
 LMMS_EVAL := lmms-eval==0.7.3

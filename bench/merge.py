@@ -69,7 +69,7 @@ def build_checkpoint(work: Path, args) -> Path:
 
             # Stage 1's recipe builds everything a later stage reads: shards with labels and codes, base models.
             prepare_demo(
-                load_config("recipes/tiny/stage1.yaml", [f"run_dir={run_dir}", *llm_overrides(args)])
+                load_config("tests/recipes/tiny/stage1.yaml", [f"run_dir={run_dir}", *llm_overrides(args)])
             )
         cmd = [
             sys.executable,
@@ -114,7 +114,7 @@ def build_worker(run_dir: Path, overrides: list[str]) -> None:
     from maven_dist.train.trainer import TrainerState
 
     cfg = load_config(
-        "recipes/tiny/stage4.yaml",
+        "tests/recipes/tiny/stage4.yaml",
         [
             f"run_dir={run_dir}",
             "demo.enabled=false",

@@ -57,7 +57,7 @@ def stage_config(work: Path, stage: str, steps: int, init: str, seed: int = 0) -
         "data.num_workers=0",
         "tracking.enabled=false",
     ]
-    return load_config(f"recipes/tiny/{stage}.yaml", overrides)
+    return load_config(f"tests/recipes/tiny/{stage}.yaml", overrides)
 
 
 def build_eval_set(work: Path, cfg: Config, num_images: int) -> Path:

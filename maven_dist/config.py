@@ -38,8 +38,10 @@ class ConfigError(ValueError):
 class LLMConfig:
     path: str = "{run_dir}/base/llm"
     """Local HF directory of the base LLM (e.g. Vicuna-7B v1.5); `{run_dir}` is substituted."""
-    init: Literal["pretrained", "random"] = "pretrained"
-    """`pretrained` loads `path`; `random` first builds a LLaMA of the shape below and saves it to `path`."""
+    init: Literal["pretrained", "random", "synthetic"] = "pretrained"
+    """`pretrained` loads `path`; `random` first builds a LLaMA of the shape below and saves it to `path`;
+    `synthetic` (the demo) builds it and pretrains it on the synthetic world's text first
+    (maven_dist/offline/pretrain_llm.py)."""
     hidden_size: int = 4096
     """Model width (random init only)."""
     num_layers: int = 32
@@ -74,8 +76,9 @@ class LLMConfig:
 class VisionConfig:
     path: str = "{run_dir}/base/vision_tower"
     """Local HF directory of the CLIP vision tower (e.g. clip-vit-large-patch14-336)."""
-    init: Literal["pretrained", "random"] = "pretrained"
-    """`random` builds a CLIP vision tower of the shape below into `path` first."""
+    init: Literal["pretrained", "random", "synthetic"] = "pretrained"
+    """`random` builds a CLIP vision tower of the shape below into `path` first; `synthetic` (the demo) builds it
+    and pretrains it on the synthetic world's objects (maven_dist/offline/pretrain_tower.py)."""
     select_layer: int = -2
     """Hidden-state layer whose patch features are used (LLaVA-1.5: the penultimate, -2)."""
     image_size: int = 336
@@ -447,11 +450,31 @@ class DemoConfig:
     """This recipe trains on the demo assets (`maven prepare-demo` builds what is missing: synthetic images,
     tokenizer, random base models, shards, patch labels and visual codes; see maven_dist/offline/demo.py)."""
     num_images: int = 160
-    """Synthetic images to generate."""
+    """Synthetic training images to generate."""
+    questions_per_image: int = 1
+    """Question turns in each training image's conversation (maven_dist/offline/synthetic_qa.py); two-image
+    comparisons come as one more sample per image."""
+    question_kinds: list[Literal["colour", "shape", "exists", "count", "yes_no", "compare"]] = field(
+        default_factory=lambda: ["colour", "shape", "exists", "count", "yes_no", "compare"]
+    )
+    """The kinds of question the training conversations ask (the benchmarks ask every kind)."""
+    max_objects: int = 5
+    """Most objects in one synthetic image (1 to this many, training and held-out alike)."""
     image_size: int = 112
     """Side of the larger dimension of each synthetic image."""
     tokenizer_vocab_size: int = 512
     """Text vocabulary of the tokenizer trained on the synthetic texts."""
+    heldout_images: int = 48
+    """Images drawn apart from the training images (another seed) for the benchmarks `eval` scores."""
+    benchmark_questions: int = 16
+    """Questions per benchmark-format task of the synthetic benchmark set (vqav2, gqa, ..., demon)."""
+    heldout_per_kind: int = 16
+    """Questions per kind of the held-out set (task `heldout`: colour, shape, exists, count, yes_no, compare,
+    choice)."""
+    llm_steps: int = 300
+    """Pretraining steps of a `synthetic` LLM on the world's text."""
+    tower_steps: int = 600
+    """Pretraining steps of a `synthetic` vision tower on the world's objects."""
 
 
 @dataclass
@@ -466,6 +489,9 @@ class EvalConfig:
     """Questions per forward."""
     max_new_tokens: int = 32
     """Longest generated answer."""
+    controls: list[Literal["blank", "swap", "none"]] = field(default_factory=list)
+    """Image-blind controls to score as well (`maven eval --control`): the majority baseline and the visual
+    gain over each control, per task and metric (maven_dist/eval/controls.py)."""
 
     def validate(self) -> None:
         for name in ("batch_size", "max_new_tokens"):

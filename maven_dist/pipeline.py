@@ -178,6 +178,8 @@ def _evaluate(cfg, nproc: int, env: dict) -> int:
     args += ["--tracking-uri", resolve_tracking_uri(cfg), "--experiment", cfg.tracking.experiment]
     if e.tasks:
         args += ["--tasks", ",".join(e.tasks)]
+    if e.controls:
+        args += ["--control", ",".join(e.controls)]
     if e.data:
         args += ["--data", str(cfg.resolve_path(e.data))]
     if not cfg.tracking.enabled:

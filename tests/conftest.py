@@ -116,5 +116,5 @@ def tiny_assets(tmp_path_factory) -> TinyAssets:
     from maven_dist.offline.demo import prepare_demo
 
     root = tmp_path_factory.mktemp("tiny_assets")
-    prepare_demo(load_config("recipes/tiny/stage1.yaml", [f"run_dir={root}"]))
+    prepare_demo(load_config("tests/recipes/tiny/stage1.yaml", [f"run_dir={root}"]))
     return TinyAssets(root)

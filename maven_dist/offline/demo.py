@@ -1,11 +1,21 @@
-"""The demo assets: everything the tiny recipe needs, built on this machine, once (``maven prepare-demo``).
+"""The demo assets: a miniature of the real world, built on this machine once (``maven prepare-demo``).
 
-    {run_dir}/data/synthetic/        images, masks, captions.json, conversations.json, instances.json
-    {run_dir}/base/llm/              tokenizer trained on the synthetic texts + a random tiny LLaMA
-    {run_dir}/base/vision_tower/     a random tiny CLIP tower + its image processor config
+The real recipe starts from pretrained models (Vicuna knows its language, CLIP what is in a picture) and
+trains on data that asks what the benchmarks ask. The miniature mirrors that (issue 22)::
+
+    {run_dir}/data/synthetic/        training images, masks, captions.json, conversations.json (every
+                                     question kind the benchmarks ask), instances.json
+    {run_dir}/base/llm/              tokenizer trained on the synthetic texts + a tiny LLaMA: random
+                                     (``model.llm.init: random``) or pretrained on the world's text
+                                     (``synthetic``, offline/pretrain_llm.py)
+    {run_dir}/base/vision_tower/     a tiny CLIP tower: random, or pretrained on the world's objects
+                                     (``synthetic``, offline/pretrain_tower.py), + its image processor config
     {run_dir}/base/kmeans_tokenizer/ the small VQ tokenizer, k-means over the tower's pooled features
     {run_dir}/data/captions/         shards of captions.json with patch labels and visual codes
     {run_dir}/data/conversations/    shards of conversations.json with visual codes
+    {run_dir}/data/heldout/          images drawn with another seed, never trained on
+    {run_dir}/data/benchmarks/       the synthetic benchmark set on the held-out images, and the held-out
+                                     question set (task ``heldout``) that ``maven eval`` scores
 
 Each step runs the same tools a user runs on real data (tools/prepare_data.py,
 tools/make_pseudo_labels.py, tools/tokenize_images.py, as functions) and is skipped when its
@@ -19,13 +29,20 @@ Slurm job and every ``maven pipeline`` calls it, and importing them cost 8-10 s 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from maven_dist.config import Config
 
+if TYPE_CHECKING:
+    from maven_dist.offline.synthetic import SyntheticSet
+
 _DONE = ".done"
 _ALL_DONE = "demo_done.json"
+HELDOUT_SEED = 1_000_003
+"""Added to the recipe's seed for the held-out images: a stream of draws no training image comes from."""
 
 
 def demo_settings(cfg: Config) -> dict:
@@ -42,6 +59,7 @@ def _already_built(cfg: Config) -> bool:
     models = (cfg.model.llm.path, cfg.model.vision.path, cfg.model.discrete.path)
     outputs = [cfg.resolve_path(m) / "config.json" for m in models]
     outputs += [run / "data" / name / "manifest.json" for name in ("captions", "conversations")]
+    outputs.append(run / "data" / "benchmarks" / "heldout" / _DONE)
     try:
         same = json.loads((run / "data" / _ALL_DONE).read_text()) == demo_settings(cfg)
     except (OSError, ValueError):
@@ -49,39 +67,99 @@ def _already_built(cfg: Config) -> bool:
     return same and all(path.is_file() for path in outputs)
 
 
+_STARTED = [time.monotonic()]
+
+
 def log(message: str) -> None:
-    print(f"[demo] {message}", flush=True)
+    """A progress line, with the seconds since the assets began to be built (what each part takes)."""
+    print(f"[demo +{time.monotonic() - _STARTED[0]:.0f} s] {message}", flush=True)
+
+
+def _base_models(cfg: Config, world: SyntheticSet) -> None:
+    """The tokenizer and LLM, and the vision tower, each random or pretrained on the world as configured."""
+    from maven_dist.data.templates import TEMPLATES
+    from maven_dist.offline.base_models import build_random_llm, build_random_vision_tower
+    from maven_dist.offline.tokenizer_training import train_tokenizer
+
+    llm, vision = cfg.model.llm, cfg.model.vision
+    llm_dir, tower_dir = cfg.resolve_path(llm.path), cfg.resolve_path(vision.path)
+    if llm.init != "pretrained" and not (llm_dir / "config.json").is_file():
+        texts = world.captions_txt.read_text().splitlines()
+        tokenizer = train_tokenizer(texts, llm_dir, vocab_size=cfg.demo.tokenizer_vocab_size)
+        if llm.init == "random":
+            log(f"trained the tokenizer; building a random LLM in {llm_dir}")
+            build_random_llm(llm, tokenizer, llm_dir, cfg.seed)
+        else:
+            from maven_dist.offline.pretrain_llm import describe_images, pretrain_llm
+
+            log(f"trained the tokenizer; pretraining the LLM on the world's text in {llm_dir}")
+            captions = json.loads(world.captions_json.read_text())
+            chats = json.loads(world.conversations_json.read_text())
+            described = {c["image"]: c["conversations"][1]["value"] for c in captions}
+            samples = [(c["conversations"], "plain") for c in captions]
+            for chat in chats:
+                images = chat["image"] if isinstance(chat["image"], list) else [chat["image"]]
+                turns = describe_images(chat["conversations"], images, described)
+                samples += [(turns, t) for t in TEMPLATES if t != "plain"]
+            pretrain_llm(llm, tokenizer, samples, llm_dir, cfg.seed, steps=cfg.demo.llm_steps, log=log)
+    if vision.init == "random" and not (tower_dir / "config.json").is_file():
+        log(f"building a random vision tower in {tower_dir}")
+        build_random_vision_tower(vision, tower_dir, cfg.seed)
+    elif vision.init == "synthetic" and not (tower_dir / "config.json").is_file():
+        from maven_dist.offline.pretrain_tower import pretrain_vision_tower
+
+        log(f"pretraining the vision tower on the world's objects in {tower_dir}")
+        pretrain_vision_tower(vision, tower_dir, cfg.seed, steps=cfg.demo.tower_steps, log=log)
+
+
+def _benchmarks(cfg: Config) -> None:
+    """Held-out images (another seed) and the synthetic benchmarks written from them."""
+    from maven_dist.offline.synthetic import generate_synthetic
+    from maven_dist.offline.synthetic_benchmarks import write_synthetic_benchmarks
+
+    run, demo = Path(cfg.run_dir), cfg.demo
+    out = run / "data" / "benchmarks"
+    if (out / "heldout" / _DONE).exists():
+        return
+    log(f"writing the benchmarks on {demo.heldout_images} held-out images in {out}")
+    heldout = generate_synthetic(
+        run / "data" / "heldout",
+        demo.heldout_images,
+        cfg.seed + HELDOUT_SEED,
+        demo.image_size,
+        max_objects=demo.max_objects,
+    )
+    write_synthetic_benchmarks(out, heldout, cfg.seed, demo.benchmark_questions, demo.heldout_per_kind)
+    (out / "heldout" / _DONE).touch()
 
 
 def prepare_demo(cfg: Config) -> None:
     """Build whatever of the demo assets under ``cfg.run_dir`` is missing (one process)."""
     if _already_built(cfg):
         return
+    _STARTED[0] = time.monotonic()
     from maven_dist.data.prepare import PrepareOptions, prepare
-    from maven_dist.offline.base_models import build_random_llm, build_random_vision_tower
     from maven_dist.offline.discrete.kmeans import train_kmeans_tokenizer
     from maven_dist.offline.pseudo_labels.make_labels import make_patch_labels
     from maven_dist.offline.shard_jobs import tokenize_shards
-    from maven_dist.offline.synthetic import generate_synthetic
-    from maven_dist.offline.tokenizer_training import train_tokenizer
+    from maven_dist.offline.synthetic import SyntheticSet, generate_synthetic
 
-    run = Path(cfg.run_dir)
+    run, demo = Path(cfg.run_dir), cfg.demo
     synthetic_dir = run / "data" / "synthetic"
     if not (synthetic_dir / _DONE).exists():
-        log(f"generating {cfg.demo.num_images} synthetic images in {synthetic_dir}")
-        generate_synthetic(synthetic_dir, cfg.demo.num_images, cfg.seed, cfg.demo.image_size)
+        log(f"generating {demo.num_images} synthetic images in {synthetic_dir}")
+        generate_synthetic(
+            synthetic_dir,
+            demo.num_images,
+            cfg.seed,
+            demo.image_size,
+            demo.questions_per_image,
+            demo.question_kinds,
+            demo.max_objects,
+        )
         (synthetic_dir / _DONE).touch()
-
-    llm_dir = cfg.resolve_path(cfg.model.llm.path)
-    if cfg.model.llm.init == "random" and not (llm_dir / "config.json").is_file():
-        log(f"training the tokenizer and building a random LLM in {llm_dir}")
-        texts = (synthetic_dir / "captions.txt").read_text().splitlines()
-        tokenizer = train_tokenizer(texts, llm_dir, vocab_size=cfg.demo.tokenizer_vocab_size)
-        build_random_llm(cfg.model.llm, tokenizer, llm_dir, cfg.seed)
-    tower_dir = cfg.resolve_path(cfg.model.vision.path)
-    if cfg.model.vision.init == "random" and not (tower_dir / "config.json").is_file():
-        log(f"building a random vision tower in {tower_dir}")
-        build_random_vision_tower(cfg.model.vision, tower_dir, cfg.seed)
+    _base_models(cfg, SyntheticSet(synthetic_dir))
+    llm_dir, tower_dir = cfg.resolve_path(cfg.model.llm.path), cfg.resolve_path(cfg.model.vision.path)
 
     shard_sets = {
         "captions": synthetic_dir / "captions.json",
@@ -127,6 +205,8 @@ def prepare_demo(cfg: Config) -> None:
         )
     for name in shard_sets:
         tokenize_shards(run / "data" / name, "kmeans", kmeans_dir, progress=False)
+    _benchmarks(cfg)
     done = run / "data" / _ALL_DONE
     done.with_suffix(".tmp").write_text(json.dumps(demo_settings(cfg), indent=1) + "\n")
     done.with_suffix(".tmp").replace(done)
+    log("the demo assets are ready")

@@ -11,9 +11,10 @@ Layout under ``out_dir``::
     images/00000.png ...        RGB PNGs
     masks/00000.npz             ``masks`` bool [num_objects, H, W], in annotation order
     captions.json               one caption sample per image (LLaVA format)
-    conversations.json          ``questions_per_image`` single-image samples per image (some multi-turn)
-                                and a two-image comparison per pair of images: every question kind the
-                                synthetic benchmarks ask, in their phrasings (``offline/synthetic_qa.py``)
+    conversations.json          one conversation per image, ``questions_per_image`` turns about it (as
+                                LLaVA-Instruct's are multi-turn), and a two-image comparison per image
+                                and the next: every question kind the synthetic benchmarks ask, in their
+                                phrasings (``offline/synthetic_qa.py``)
     instances.json              COCO instances: images, categories (shape names), annotations
     captions.txt                every text above, one per line (tokenizer and LLM pre-training)
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from maven_dist.data.templates import LLAMA_2_SYSTEM, VICUNA_SYSTEM
 from maven_dist.offline import synthetic_qa as qa
 from maven_dist.offline.synthetic_scene import (
     COLOURS,
+    MAX_OBJECTS,
     SHAPES,
     SyntheticImage,
     SyntheticObject,
@@ -50,8 +53,6 @@ __all__ = [
 
 _NUMBERS = ("no", "one", "two", "three", "four", "five", "six")
 _PHRASINGS = (("short", 0.5), ("choice", 0.25), ("sentence", 0.25))
-_SECOND_TURN = 0.3
-"""Share of single-image samples that ask a second question about the same image (multi-turn)."""
 
 
 @dataclass
@@ -110,36 +111,51 @@ def _phrase(rng: random.Random, fact: qa.Fact) -> tuple[str, str]:
     return qa.short_answer(fact) if phrasing == "short" else qa.sentence(fact)
 
 
-def _fact(questions: qa.BalancedQuestions, images: list[SyntheticImage]) -> qa.Fact:
-    """A fact of a random kind these images can answer, each kind's answers in turn (two images: a
-    comparison). Where no kind has its next answer here, any answer the images have."""
-    rng = questions.rng
-    kinds = ("compare",) if len(images) == 2 else qa.SINGLE_IMAGE_KINDS
-    for kind in rng.sample(kinds, len(kinds)):
+def _fact(
+    questions: qa.BalancedQuestions, images: list[SyntheticImage], kinds: Sequence[str]
+) -> qa.Fact | None:
+    """A fact of the first of `kinds` these images can answer, each kind's answers in turn; None when none
+    can (yes_no has an answer for every image, compare for any two images with an object)."""
+    for kind in kinds:
         fact = questions.ask(kind, images)
         if fact is not None:
             return fact
-    facts = (qa.ask(rng, kinds[0], images, answer) for answer in qa.ANSWERS[kinds[0]])
-    return next(fact for fact in facts if fact is not None)
+    return None
 
 
-def _turns(questions: qa.BalancedQuestions, images: list[SyntheticImage]) -> list[dict[str, str]]:
-    rng = questions.rng
-    prompt, answer = _phrase(rng, _fact(questions, images))
-    turns = [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
-    if len(images) == 1 and rng.random() < _SECOND_TURN:
-        prompt, answer = _phrase(rng, _fact(questions, images))
-        turns += [
-            {"from": "human", "value": prompt.removeprefix(qa.image_prefix(1))},
-            {"from": "gpt", "value": answer},
-        ]
+def _turns(
+    questions: qa.BalancedQuestions, images: list[SyntheticImage], count: int, kinds: Sequence[str]
+) -> list[dict[str, str]]:
+    """Up to `count` questions about `images` and their answers; the image prefix only on the first. Each
+    turn asks another kind first (a conversation of ``len(kinds)`` turns asks every kind the image fits),
+    so rarer kinds (a colour question needs a shape that occurs once) are not crowded out."""
+    turns = []
+    order = questions.rng.sample(list(kinds), len(kinds))
+    for k in range(count):
+        fact = _fact(questions, images, order[k % len(order) :] + order[: k % len(order)])
+        if fact is None:
+            break
+        prompt, answer = _phrase(questions.rng, fact)
+        if turns:
+            prompt = prompt.removeprefix(qa.image_prefix(len(images)))
+        turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
     return turns
 
 
 def generate_synthetic(
-    out_dir: Path, num_images: int, seed: int, image_size: int = 112, questions_per_image: int = 1
+    out_dir: Path,
+    num_images: int,
+    seed: int,
+    image_size: int = 112,
+    questions_per_image: int = 1,
+    kinds: Sequence[str] = qa.KINDS,
+    max_objects: int = MAX_OBJECTS,
 ) -> SyntheticSet:
-    """Write the synthetic set (see module docstring) under `out_dir` and describe it."""
+    """Write the synthetic set (see module docstring) under `out_dir` and describe it; the conversations
+    ask questions of `kinds` only (``synthetic_qa.KINDS``; an image none of them fits gets none)."""
+    unknown = sorted(set(kinds) - set(qa.KINDS))
+    if unknown:
+        raise ValueError(f"unknown question kinds {unknown}; known: {', '.join(qa.KINDS)}")
     out = SyntheticSet(Path(out_dir))
     out.image_root.mkdir(parents=True, exist_ok=True)
     (out.root / "masks").mkdir(exist_ok=True)
@@ -152,7 +168,7 @@ def generate_synthetic(
             height = image_size * 3 // 4
         elif index % 3 == 2:
             width = image_size * 3 // 4
-        scene = draw_scene(rng, height, width)
+        scene = draw_scene(rng, height, width, max_objects)
         for obj, mask, segmentation in zip(scene.objects, scene.masks, scene.segmentations, strict=True):
             coco_annotations.append(
                 {
@@ -184,20 +200,19 @@ def generate_synthetic(
         for i, img in enumerate(out.images)
     ]
     questions = qa.BalancedQuestions(random.Random(seed))
-    conversations = [
-        {"id": f"qa-{i:05d}-{k}", "image": img.file_name, "conversations": _turns(questions, [img])}
-        for i, img in enumerate(out.images)
-        for k in range(questions_per_image)
-    ]
-    for i in range(num_images // 2):
-        a, b = out.images[2 * i], out.images[2 * i + 1]
-        conversations.append(
-            {
-                "id": f"mqa-{i:05d}",
-                "image": [a.file_name, b.file_name],
-                "conversations": _turns(questions, [a, b]),
-            }
-        )
+    single = [k for k in kinds if k in qa.SINGLE_IMAGE_KINDS]
+    conversations = []
+    for i, img in enumerate(out.images):
+        turns = _turns(questions, [img], questions_per_image, single)
+        if turns:
+            conversations.append({"id": f"qa-{i:05d}", "image": img.file_name, "conversations": turns})
+    for i in range(num_images if num_images > 1 and "compare" in kinds else 0):
+        pair = [out.images[i], out.images[(i + 1) % num_images]]
+        turns = _turns(questions, pair, 1, ["compare"])
+        if turns:
+            conversations.append(
+                {"id": f"mqa-{i:05d}", "image": [p.file_name for p in pair], "conversations": turns}
+            )
     instances = {
         "info": {"description": f"maven_dist synthetic shapes, seed {seed}"},
         "images": coco_images,
@@ -210,7 +225,10 @@ def generate_synthetic(
     texts = [
         t["value"].replace("<image>\n", "") for s in captions + conversations for t in s["conversations"]
     ]
-    # The templates' fixed text is part of every training sequence, so the tokenizer should learn it too.
-    texts += [VICUNA_SYSTEM, LLAMA_2_SYSTEM, "USER: ASSISTANT:", "[INST] <<SYS>> <</SYS>> [/INST]"]
+    # The templates' fixed text is part of every training sequence, so the tokenizer learns it as often as
+    # training sees it: once per conversation. Its words become single tokens, as "ASSISTANT" is one of
+    # LLaMA's, instead of being spelled out letter by letter in each of them (sequences ~2x shorter).
+    templates = [VICUNA_SYSTEM, LLAMA_2_SYSTEM, "USER: ASSISTANT:", "[INST] <<SYS>> <</SYS>> [/INST]"]
+    texts += templates * len(conversations)
     out.captions_txt.write_text("\n".join(texts) + "\n")
     return out

@@ -119,10 +119,10 @@ def _kind(rng: np.random.Generator, placed: list[tuple[str, str, float, float, f
 
 
 def _place_objects(
-    rng: np.random.Generator, height: int, width: int
+    rng: np.random.Generator, height: int, width: int, max_objects: int
 ) -> list[tuple[str, str, float, float, float]]:
-    """1 to MAX_OBJECTS non-overlapping (shape, colour, x, y, size) with a 2-pixel gap."""
-    wanted = int(rng.integers(1, MAX_OBJECTS + 1))
+    """1 to `max_objects` non-overlapping (shape, colour, x, y, size) with a 2-pixel gap."""
+    wanted = int(rng.integers(1, max_objects + 1))
     placed: list[tuple[str, str, float, float, float]] = []
     side = min(height, width)
     for _ in range(wanted * 20):
@@ -140,12 +140,12 @@ def _place_objects(
     return placed
 
 
-def draw_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
-    """Draw one scene of ``width x height`` pixels from `rng`."""
+def draw_scene(rng: np.random.Generator, height: int, width: int, max_objects: int = MAX_OBJECTS) -> Scene:
+    """Draw one scene of ``width x height`` pixels, with 1 to `max_objects` objects, from `rng`."""
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     pixels = _background(rng, background, height, width)
     scene = Scene(pixels, background, [], [], [])
-    for shape, colour, x, y, size in _place_objects(rng, height, width):
+    for shape, colour, x, y, size in _place_objects(rng, height, width, max_objects):
         segmentation, mask = _segment(shape, x, y, size, height, width)
         pixels[mask] = COLOURS[colour]
         rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))

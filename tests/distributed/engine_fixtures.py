@@ -32,7 +32,7 @@ def build_stage_setup(
     """The tiny `stage` on the base models in `base_dir` (the LLM from `llm_dir` when given), at test size."""
     llm_dir = llm_dir or base_dir / "llm"
     cfg = load_config(
-        f"recipes/tiny/{stage}.yaml",
+        f"tests/recipes/tiny/{stage}.yaml",
         [
             f"run_dir={base_dir}/run",
             f"model.llm.path={llm_dir}",

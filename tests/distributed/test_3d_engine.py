@@ -96,7 +96,7 @@ def check_planner_model_states(memory: list[dict], tp: int, pp: int) -> None:
     from maven_dist.parallel.memory_plan import _head_logits_bytes, estimate_3d_stages
     from tests.unit.test_plan import LAYOUT, TINY
 
-    cfg = load_config("recipes/tiny/stage4.yaml", TINY)
+    cfg = load_config("tests/recipes/tiny/stage4.yaml", TINY)
     estimates = estimate_3d_stages(cfg, LAYOUT, dp=1, tp=tp, pp=pp, accumulation=GLOBAL // MICRO)
     for est, stage in zip(estimates, (0, pp - 1), strict=False):
         for rank in (m for m in memory if m["stage"] == stage):

@@ -19,11 +19,11 @@ def test_trainer_stage4_tensor_parallel_matches_one_process(tiny_assets, tmp_pat
         "checkpoint.every_steps=2",
     ]
     one = tmp_path / "one"
-    run_train(1, "recipes/tiny/stage4.yaml", tiny_assets.overrides(one, "conversations") + common)
+    run_train(1, "tests/recipes/tiny/stage4.yaml", tiny_assets.overrides(one, "conversations") + common)
     tp = tmp_path / "tp2"
     run_train(
         2,
-        "recipes/tiny/stage4.yaml",
+        "tests/recipes/tiny/stage4.yaml",
         tiny_assets.overrides(tp, "conversations") + common + ["parallel.backend=3d", "parallel.tp=2"],
     )
     want = torch.tensor([r["loss/total"] for r in read_metrics(one / "stage4" / "metrics.jsonl")])

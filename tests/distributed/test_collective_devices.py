@@ -18,10 +18,10 @@ from tests.helpers.torchrun import torchrun
 
 STAGES = {
     # ZeRO-3: the micro-batch loop (non-finite check, loss mean), validation, the trainer's preemption check.
-    "zero3": ("recipes/tiny/stage4.yaml", "conversations", []),
+    "zero3": ("tests/recipes/tiny/stage4.yaml", "conversations", []),
     # 3D, pp=2, stage 3: only the projector trains, on pipeline stage 0, so stage 1 has nothing to train (the
     # group-count probe and the grid-clipped optimizer's empty-rank path); the h_eos pass's p2p and broadcast.
-    "3d": ("recipes/tiny/stage3.yaml", "captions", ["parallel.backend=3d", "parallel.pp=2"]),
+    "3d": ("tests/recipes/tiny/stage3.yaml", "captions", ["parallel.backend=3d", "parallel.pp=2"]),
 }
 EXPECTED_SITES = {
     "zero3": {"maven_dist/parallel/engine.py", "maven_dist/parallel/distributed.py"},

@@ -45,7 +45,7 @@ def three_d_run(tiny_assets, tmp_path_factory):
             batch = ["stage.micro_batch_size=4", "stage.global_batch_size=12"] if dp == 3 else []
             run_train(
                 tp * pp * dp,
-                "recipes/tiny/stage4.yaml",
+                "tests/recipes/tiny/stage4.yaml",
                 tiny_assets.overrides(run_dir, "conversations")
                 + batch
                 + [

@@ -89,7 +89,7 @@ def kill_after_checkpoint(cmd: list[str], latest: Path, step_name: str, timeout:
     ids=["stage1-1", "stage4-2", "stage4-2-packed"],
 )
 def test_sigkill_after_step5_checkpoint_resumes_exactly(tiny_assets, tmp_path, stage, nproc, packing, steps):
-    recipe = f"recipes/tiny/{stage}.yaml"
+    recipe = f"tests/recipes/tiny/{stage}.yaml"
     extra = [f"data.packing={str(packing).lower()}"]
     if packing:  # batch sizes count rows, and a packed row holds ~4.7 samples: one row per rank and step
         extra += ["stage.micro_batch_size=1", "stage.global_batch_size=2"]
@@ -118,7 +118,7 @@ def test_sigkill_after_step5_checkpoint_resumes_exactly(tiny_assets, tmp_path, s
 
 
 def test_killed_save_is_never_used_and_changed_recipe_is_refused(tiny_assets, tmp_path):
-    recipe = "recipes/tiny/stage3.yaml"
+    recipe = "tests/recipes/tiny/stage3.yaml"
     run_dir = tmp_path / "run"
     overrides = stage_overrides(tiny_assets, run_dir, "stage3") + ["stage.max_steps=5"]
     run_train(1, recipe, overrides)
@@ -151,7 +151,7 @@ def test_zero3_checkpoint_resumes_on_another_number_of_ranks(tiny_assets, tmp_pa
     (measured 1.8e-8), hence rel=1e-6. DeepSpeed 0.19's ZeRO-3 universal load alone shares one Adam
     ``step`` tensor between the optimizer's sub-groups (5 -> 15 after five steps) and gives every group
     the first group's hyperparameters; without ``Zero3Engine``'s repair the losses drifted by 6.1e-5."""
-    recipe = "recipes/tiny/stage3.yaml"
+    recipe = "tests/recipes/tiny/stage3.yaml"
     batch = ["stage.micro_batch_size=2", "stage.global_batch_size=8"]
     straight = tmp_path / "straight"
     run_train(2, recipe, stage_overrides(tiny_assets, straight, "stage3") + batch)

@@ -98,7 +98,7 @@ def test_trainer_stage4_two_ranks_match_one_process(tiny_assets, tmp_path):
         run_dir = tmp_path / f"np{nproc}"
         run_train(
             nproc,
-            "recipes/tiny/stage4.yaml",
+            "tests/recipes/tiny/stage4.yaml",
             tiny_assets.overrides(run_dir, "conversations")
             + [
                 "stage.max_steps=6",

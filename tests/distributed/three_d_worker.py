@@ -51,7 +51,7 @@ def stage_config(
 ) -> Config:
     """The tiny stage recipe at test size; the vocabulary padded to 128 * 2 so tp=2 divides it."""
     return load_config(
-        f"recipes/tiny/{stage}.yaml",
+        f"tests/recipes/tiny/{stage}.yaml",
         [
             f"run_dir={run_dir}",
             f"model.discrete.codebook_size={CODEBOOK}",

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 def pipeline(tiny_assets, run_dir, *extra: str) -> subprocess.CompletedProcess:
     sets = [*tiny_assets.overrides(run_dir), "stage.max_steps=2", "eval.enabled=false"]
-    cmd = [sys.executable, "-m", "maven_dist.pipeline", "recipes/tiny", "--stages", "stage2", *extra]
+    cmd = [sys.executable, "-m", "maven_dist.pipeline", "tests/recipes/tiny", "--stages", "stage2", *extra]
     cmd += [f"--set={s}" for s in sets]
     result = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=500)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -38,7 +38,7 @@ def test_a_rerun_reuses_the_runs_and_the_parent_summarises_the_launch(tiny_asset
     parent = parents[0]
     assert parent.data.tags["maven.launch_id"] == (run_dir / "launch_id").read_text().strip()
     assert parent.info.run_name == "tiny"
-    assert parent.data.params["recipe"] == "recipes/tiny"
+    assert parent.data.params["recipe"] == "tests/recipes/tiny"
     assert parent.data.params["model.selector.keep_ratio"] == "0.25"
     stage = stages[0].data.metrics
     assert parent.data.metrics["stage2/loss/total"] == pytest.approx(stage["loss/total"])

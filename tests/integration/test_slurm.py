@@ -25,7 +25,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
-TINY = "recipes/tiny"
+TINY = "tests/recipes/tiny"
 # Short stages (the checkpoint at step 4 is where the preemption tests interrupt), val/loss only at the end.
 STAGE_SETS = [
     "--set",

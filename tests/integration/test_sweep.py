@@ -33,7 +33,7 @@ def sweep_file(tmp_path, tiny_assets):
     being built again."""
     spec = {
         "name": "keep-ratio-test",
-        "recipe": str(REPO / "recipes" / "tiny"),
+        "recipe": str(REPO / "tests" / "recipes" / "tiny"),
         "set": ["demo.enabled=false", "stage.max_steps=8", "checkpoint.every_steps=2", "eval.tasks=[vqav2]",
                 "eval.max_new_tokens=4", "stage.init_missing=base"],
         "stages": ["stage3", "stage4"],
@@ -125,7 +125,7 @@ def test_a_killed_sweep_finishes_what_is_missing_into_the_same_runs(tiny_assets,
 
 
 def test_bad_sweep_files_are_clear_errors(tmp_path):
-    recipe = str(REPO / "recipes" / "tiny")
+    recipe = str(REPO / "tests" / "recipes" / "tiny")
     cases = {
         "unknown keys": {"name": "s", "recipe": recipe, "grid": {"seed": [1]}, "typo": 1},
         "not a recipe directory": {"name": "s", "recipe": str(tmp_path), "grid": {"seed": [1]}},

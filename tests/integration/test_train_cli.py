@@ -17,14 +17,14 @@ pytestmark = pytest.mark.timeout(900)
 def test_tiny_stage4_runs_from_scratch_and_its_loss_falls(tmp_path):
     """Nothing prepared beforehand: training says how to build the demo assets; `maven prepare-demo` does,
     then the stage trains."""
-    refused = run_train(1, "recipes/tiny/stage4.yaml", [f"run_dir={tmp_path}"], check=False)
+    refused = run_train(1, "tests/recipes/tiny/stage4.yaml", [f"run_dir={tmp_path}"], check=False)
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "maven prepare-demo" in refused.stderr and "Traceback" not in refused.stderr
-    prepare = [sys.executable, "-m", "maven_dist.cli", "prepare-demo", "recipes/tiny/stage4.yaml"]
+    prepare = [sys.executable, "-m", "maven_dist.cli", "prepare-demo", "tests/recipes/tiny/stage4.yaml"]
     subprocess.run(
         [*prepare, "--set", f"run_dir={tmp_path}"], cwd=REPO, env=cpu_env(), check=True, timeout=600
     )
-    result = run_train(1, "recipes/tiny/stage4.yaml", [f"run_dir={tmp_path}"])
+    result = run_train(1, "tests/recipes/tiny/stage4.yaml", [f"run_dir={tmp_path}"])
     assert "starting from the base models" in result.stdout + result.stderr  # init_missing=base, said aloud
     rows = read_metrics(tmp_path / "stage4" / "metrics.jsonl")
     losses = [r["loss/total"] for r in rows]
@@ -62,7 +62,7 @@ def test_a_stage_sigkilled_mid_run_then_maven_sync_gives_mlflow_every_metric_of_
         "checkpoint.every_steps=5",
         "tracking.flush_interval_s=3600",
     ]
-    command = train_command(1, "recipes/tiny/stage1.yaml", overrides)
+    command = train_command(1, "tests/recipes/tiny/stage1.yaml", overrides)
     kill_after_checkpoint(command, tmp_path / "stage1" / "checkpoints" / "latest", "step_00000005")
     local = read_metrics(tmp_path / "stage1" / "metrics.jsonl")
     assert len(local) >= 5
@@ -91,7 +91,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_assets, tmp_path):
         "stage.max_bad_steps=3",
         "tracking.enabled=false",
     ]
-    result = run_train(1, "recipes/tiny/stage3.yaml", overrides, check=False)
+    result = run_train(1, "tests/recipes/tiny/stage3.yaml", overrides, check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "3 consecutive non-finite losses" in output and "last samples" in output
@@ -100,7 +100,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_assets, tmp_path):
 
 def test_bad_override_is_a_clear_error_not_a_traceback(tmp_path):
     result = run_train(
-        1, "recipes/tiny/stage4.yaml", [f"run_dir={tmp_path}", "stage.max_stepz=3"], check=False
+        1, "tests/recipes/tiny/stage4.yaml", [f"run_dir={tmp_path}", "stage.max_stepz=3"], check=False
     )
     assert result.returncode == 2
     assert "unknown key 'stage.max_stepz'" in result.stderr and "Traceback" not in result.stderr

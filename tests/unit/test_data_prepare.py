@@ -216,15 +216,15 @@ def test_resume_skips_finished_shards_and_output_is_deterministic(corpus, tmp_pa
     sources = [synth.captions_json, synth.conversations_json]
     first = prepare(sources, _options(corpus, tmp_path / "a", max_length=1024))
     shards = list_shards(tmp_path / "a")
-    assert len(shards) == 4 and first["resumed_shards"] == 0
+    assert len(shards) == 5 and first["resumed_shards"] == 0
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in shards}
     again = prepare(sources, _options(corpus, tmp_path / "a", max_length=1024))
-    assert again["resumed_shards"] == 4
+    assert again["resumed_shards"] == 5
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in list_shards(tmp_path / "a")} == before
     # An interrupted run: one shard missing -> only it is rebuilt, identical to before.
     shards[2].unlink()
     resumed = prepare(sources, _options(corpus, tmp_path / "a", max_length=1024))
-    assert resumed["resumed_shards"] == 3
+    assert resumed["resumed_shards"] == 4
     assert shards[2].read_bytes() == before[shards[2].name][1]
     assert resumed["counts"] == first["counts"]
     # Changing an option that changes contents rebuilds everything.

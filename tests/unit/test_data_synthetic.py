@@ -71,7 +71,7 @@ def test_llava_json_matches_the_objects(synth):
         assert record["conversations"][1]["value"] == caption(image)
     conversations = json.loads(synth.conversations_json.read_text())
     pairs = [c for c in conversations if isinstance(c["image"], list)]
-    assert len(pairs) == len(synth.images) // 2
+    assert len(pairs) == len(synth.images)  # each image with the next
     by_name = {i.file_name: i for i in synth.images}
     for record in pairs:
         question, answer = (t["value"] for t in record["conversations"])
@@ -84,14 +84,14 @@ def test_llava_json_matches_the_objects(synth):
     assert len(singles) == len(synth.images)  # questions_per_image=1
     for record in singles:
         turns = record["conversations"]
-        assert turns[0]["value"].startswith("<image>\n") and len(turns) in (2, 4)
+        assert turns[0]["value"].startswith("<image>\n") and len(turns) == 2
         assert all("<image>" not in t["value"] for t in turns[1:])
     assert len({c["id"] for c in captions + conversations}) == len(captions) + len(conversations)
 
 
 def test_tokenizer_layout_roundtrip_and_determinism(synth, tmp_path):
     texts = synth.captions_txt.read_text().splitlines()
-    tok = train_tokenizer(texts, tmp_path / "tok", vocab_size=400)
+    tok = train_tokenizer(texts, tmp_path / "tok", vocab_size=600)
     loaded = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     assert [loaded.unk_token_id, loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id] == [
         0,
@@ -100,14 +100,14 @@ def test_tokenizer_layout_roundtrip_and_determinism(synth, tmp_path):
         0,
     ]
     assert loaded.convert_ids_to_tokens(list(range(3, 259))) == BYTE_TOKENS
-    assert len(loaded) <= 400
+    assert len(loaded) <= 600
     for text in ["A red circle on a striped background.", "Ünïcødé 日本語 ✓ and\ttabs\nnewlines"]:
         ids = loaded(text).input_ids
         assert ids[0] == 1 and loaded.unk_token_id not in ids
         assert loaded.decode(ids, skip_special_tokens=True) == text
     # Learned pieces make in-domain text shorter than bytes.
     assert len(loaded.encode(texts[1], add_special_tokens=False)) < len(texts[1].encode()) / 2
-    again = train_tokenizer(texts, tmp_path / "tok2", vocab_size=400)
+    again = train_tokenizer(texts, tmp_path / "tok2", vocab_size=600)
     assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == (
         tmp_path / "tok2" / "tokenizer.json"
     ).read_bytes()
@@ -131,3 +131,27 @@ def test_cli_writes_the_same_set(synth, tmp_path, monkeypatch):
         runpy.run_path(str(script), run_name="__main__")
     assert code.value.code == 0
     assert _files(tmp_path / "cli") == _files(synth.root)
+
+
+def test_every_kind_gets_its_share_of_the_training_questions(tmp_path):
+    # Issue 22: with the kind drawn afresh for every question, the kinds that cannot be asked of every image
+    # (a colour question needs a shape that occurs once) were crowded out by those that always can: 479 of
+    # 4,000 single-image questions asked a colour. Each turn of a conversation now asks another kind first.
+    synth = generate_synthetic(tmp_path, num_images=60, seed=0, image_size=64, questions_per_image=5)
+    starts = {"colour": "What colour", "shape": "What shape", "exists": "Is there", "count": "How many",
+              "yes_no": "Are there exactly"}  # fmt: skip
+    asked = dict.fromkeys(starts, 0)
+    for record in json.loads(synth.conversations_json.read_text()):
+        if isinstance(record["image"], str):
+            for turn in record["conversations"][::2]:
+                question = turn["value"].removeprefix("<image>\n")
+                asked[next(k for k, s in starts.items() if question.startswith(s))] += 1
+    assert min(asked.values()) >= 0.6 * sum(asked.values()) / len(asked), asked
+
+
+def test_the_tokenizer_learns_the_templates_words_whole(synth, tmp_path):
+    # Issue 22: trained on the texts alone, "ASSISTANT:" and the system prompt were spelled out letter by
+    # letter in every sequence; the synthetic texts now carry the templates as often as training sees them.
+    tok = train_tokenizer(synth.captions_txt.read_text().splitlines(), tmp_path / "tok", vocab_size=600)
+    for words in ("USER:", "ASSISTANT:", "A chat between a curious user"):
+        assert len(tok.encode(words, add_special_tokens=False)) == len(words.split()), words

@@ -62,7 +62,7 @@ def test_the_h_eos_input_is_bos_then_the_discrete_block_then_eos(model):
 def test_one_image_s_codes_steer_its_h_eos_and_its_kept_patches(model, stage):
     """Change image 0's codes: its h_eos and its selection change, image 1's stay, in each stage that
     runs the selector (stage 3 feeds no discrete block, yet its selection follows the codes)."""
-    views = load_config(f"recipes/tiny/{stage}.yaml").stage.views
+    views = load_config(f"tests/recipes/tiny/{stage}.yaml").stage.views
     batch = batch_of(model)
     changed = with_codes_of_image0_changed(batch)
     with torch.no_grad():

@@ -19,7 +19,7 @@ from maven_dist.launch.checks import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = str(REPO / "recipes/tiny/stage4.yaml")
+TINY = str(REPO / "tests/recipes/tiny/stage4.yaml")
 SEVEN_B = str(REPO / "recipes/maven-7b/stage4.yaml")
 CPU2 = Layout(nodes=1, tasks_per_node=2, gpus_per_node=0)
 
@@ -34,7 +34,7 @@ def test_missing_recipe_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(LaunchError, match=rf"recipe {missing} does not exist.*recipes/tiny/stage4.yaml"):
         check_launch(missing, [], CPU2, visible_gpus=0)
     with pytest.raises(LaunchError, match="it is a directory: name one stage file, e.g. .*tiny/stage4.yaml"):
-        check_launch(str(REPO / "recipes/tiny"), [], CPU2, visible_gpus=0)
+        check_launch(str(REPO / "tests/recipes/tiny"), [], CPU2, visible_gpus=0)
 
 
 def test_bad_override_is_reported_with_the_recipe() -> None:
@@ -128,14 +128,14 @@ def test_launch_check_validates_every_stage_and_names_a_missing_shard_directory(
     """Demo assets in place of a cluster's files: every stage's models, shards and columns are found; one
     stage pointed at a missing shard directory fails at once, naming it and the command that makes it."""
     ready = ["--set", f"run_dir={tiny_assets.root}", "--set", "demo.enabled=false"]
-    ok = _maven_launch_check("recipes/tiny", *ready)
+    ok = _maven_launch_check("tests/recipes/tiny", *ready)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count("ok: ") == 4
     missing = tmp_path / "shards" / "llava_665k"
-    bad = _maven_launch_check("recipes/tiny/stage4.yaml", *ready, "--set", f"data.path={missing}")
+    bad = _maven_launch_check("tests/recipes/tiny/stage4.yaml", *ready, "--set", f"data.path={missing}")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert f"data.path={missing} holds no shards" in bad.stderr and "maven prepare" in bad.stderr
     nolabels = _maven_launch_check(
-        "recipes/tiny/stage1.yaml", *ready, "--set", f"data.path={tiny_assets.root}/data/conversations"
+        "tests/recipes/tiny/stage1.yaml", *ready, "--set", f"data.path={tiny_assets.root}/data/conversations"
     )
     assert nolabels.returncode == 2 and "'patch_labels'" in nolabels.stderr, nolabels.stderr

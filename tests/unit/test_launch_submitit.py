@@ -15,7 +15,7 @@ from maven_dist.launch.checks import Layout
 from maven_dist.launch.stage_job import StageJob, run_entry
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = str(REPO / "recipes/tiny/stage4.yaml")
+TINY = str(REPO / "tests/recipes/tiny/stage4.yaml")
 
 
 def test_checkpoint_resubmits_the_same_stage_one_attempt_later() -> None:

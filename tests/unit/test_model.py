@@ -89,7 +89,7 @@ def test_continuous_tokens_are_the_projected_top_scoring_patches(tiny_base):
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3", "stage4"])
 def test_exactly_the_stage_trainable_parameters_get_gradients(tiny_base, stage):
-    cfg = load_config(f"recipes/tiny/{stage}.yaml")
+    cfg = load_config(f"tests/recipes/tiny/{stage}.yaml")
     model, _ = make_model(tiny_base)
     apply_trainable(model, cfg.stage.trainable)
     out = model(make_batch(model), views=cfg.stage.views, loss=cfg.stage.loss)

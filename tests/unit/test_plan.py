@@ -43,7 +43,7 @@ LAYOUT = VocabLayout.build(320, 64, 256)
 
 
 def test_parameter_count_is_exact():
-    cfg = load_config("recipes/tiny/stage4.yaml", TINY)
+    cfg = load_config("tests/recipes/tiny/stage4.yaml", TINY)
     llm = LlamaConfig(
         hidden_size=64,
         num_hidden_layers=2,
@@ -100,7 +100,7 @@ def test_activation_estimate_matches_measured_memory(one_rank_model_parallel):
     from maven_dist.parallel.megatron_llama import LlamaShape, TPDecoderLayer, build_tp_config
     from maven_dist.parallel.pipe_layers import OutputStage
 
-    cfg = load_config("recipes/tiny/stage4.yaml", TINY)
+    cfg = load_config("tests/recipes/tiny/stage4.yaml", TINY)
     config = build_tp_config(one_rank_model_parallel)
     shape = LlamaShape(64, 128, 2, 4, 2, 16, 1e-6, 10000.0)
     layer, head = TPDecoderLayer(shape, config), OutputStage(shape, LAYOUT, config)

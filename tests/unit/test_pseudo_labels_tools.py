@@ -97,7 +97,7 @@ def test_stage1_trains_from_labels_written_by_the_tools(tmp_path):
 
     run = tmp_path / "run"
     cfg = load_config(
-        ROOT / "recipes/tiny/stage1.yaml",
+        ROOT / "tests/recipes/tiny/stage1.yaml",
         [
             f"run_dir={run}",
             "demo.num_images=24",

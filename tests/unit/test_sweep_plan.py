@@ -13,7 +13,7 @@ from tests.helpers.torchrun import REPO
 def plan(tmp_path, grid: dict):
     spec = {
         "name": "s",
-        "recipe": str(REPO / "recipes" / "tiny"),
+        "recipe": str(REPO / "tests" / "recipes" / "tiny"),
         "shared": ["stage2", "stage1"],
         "grid": grid,
     }
