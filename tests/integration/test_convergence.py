@@ -15,6 +15,8 @@ import subprocess
 import sys
 
 import pytest
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 
 from maven_dist.config import load_config
 from maven_dist.offline.demo import prepare_demo
@@ -54,18 +56,22 @@ MIN_GAIN = 20.0
 (the blind run: 0)."""
 
 
-def colour_scores(run_dir, tmp_path) -> tuple[dict, str]:
+def colour_scores(run_dir, tmp_path) -> tuple[dict, str, Run]:
     """``maven eval`` of the run's export on the held-out questions with the blank control: the colour
-    questions' entry of visual_gain.json, and what the command printed."""
-    out = tmp_path / f"eval-{run_dir.name}"
+    questions' entry of visual_gain.json, what the command printed, and its MLflow run."""
+    out, uri = tmp_path / f"eval-{run_dir.name}", f"sqlite:///{tmp_path}/mlflow.db"
     cmd = [
         sys.executable, "-m", "maven_dist.cli", "eval", str(run_dir / "stage4" / "export"),
         "--data", str(run_dir / "data" / "benchmarks"), "--tasks", "heldout", "--control", "blank",
-        "--out", str(out), "--no-tracking", "--max-new-tokens", "4",
+        "--out", str(out), "--tracking-uri", uri, "--experiment", "convergence", "--max-new-tokens", "4",
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((out / "visual_gain.json").read_text())["heldout"]["colour/accuracy"], done.stdout
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("convergence").experiment_id])
+    run = next(r for r in runs if "eval/heldout/colour/accuracy" in r.data.metrics)  # not the launch's parent
+    scores = json.loads((out / "visual_gain.json").read_text())["heldout"]["colour/accuracy"]
+    return scores, done.stdout, run
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +114,23 @@ def assert_learned(scores: dict) -> None:
 
 def test_the_tiny_recipe_learns_to_answer_from_the_image(trained, tmp_path):
     run_dir, _ = trained["sighted"]
-    scores, printed = colour_scores(run_dir, tmp_path)
+    scores, printed, run = colour_scores(run_dir, tmp_path)
     assert_learned(scores)
     assert COLOUR_FLAG not in flagged(printed)
+    # The same numbers in MLflow: the score, the majority, the score under the control, the gain and its p.
+    key = "eval/heldout/colour/accuracy"
+    logged = {k.removeprefix(key): v for k, v in run.data.metrics.items() if k.startswith(key)}
+    blank = scores["blank"]
+    assert logged == pytest.approx({"": scores["value"], "/majority": scores["majority"], "/blank": blank["score"],
+                                    "/visual_gain_blank": blank["gain"], "/visual_gain_blank_p": blank["p_value"]})  # fmt: skip
+    assert COLOUR_FLAG not in run.data.tags["maven.eval.visual_gain_within_noise"]
 
 
 def test_the_same_run_with_the_image_cut_off_fails_those_assertions(trained, tmp_path):
     run_dir, _ = trained["blind"]
-    scores, printed = colour_scores(run_dir, tmp_path)
+    scores, printed, run = colour_scores(run_dir, tmp_path)
     with pytest.raises(AssertionError):
         assert_learned(scores)
-    assert COLOUR_FLAG in flagged(printed)  # and maven eval says so
+    # ... and maven eval says so, on its output and in MLflow.
+    assert COLOUR_FLAG in flagged(printed)
+    assert COLOUR_FLAG in run.data.tags["maven.eval.visual_gain_within_noise"]

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from maven_dist.train.metrics_file import read_metrics
 from maven_dist.train.tracking.sync import PARENT_KIND
+from tests.helpers.loss_curves import check_loss_curves
 from tests.helpers.mlflow_server import MlflowServer, wait_until
 from tests.helpers.torchrun import REPO, cpu_env, free_port
 
@@ -43,7 +44,7 @@ def test_main_job_two_ranks_survives_a_tracking_outage(server, tmp_path):
         sys.executable,
         "-m",
         "maven_dist.pipeline",
-        "recipes/tiny",
+        "tests/recipes/tiny",
         "--nproc",
         "2",
         f"--set=run_dir={run_dir}",
@@ -70,6 +71,7 @@ def test_main_job_two_ranks_survives_a_tracking_outage(server, tmp_path):
         elapsed = time.monotonic() - start
     assert code == 0, (tmp_path / "pipeline.log").read_text()[-6000:]
     assert elapsed < README_LIMIT_S, f"main job took {elapsed:.0f} s"
+    check_loss_curves(run_dir, STAGES)
     # Quiet logs (issue 17): the known third-party warnings are filtered once, not printed by every rank.
     warned = [line for line in (tmp_path / "pipeline.log").read_text().splitlines() if WARNING.search(line)]
     assert len(warned) < 20, "\n".join(warned[:40])
