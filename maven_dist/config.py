@@ -448,7 +448,8 @@ class TrackingConfig:
 class DemoConfig:
     enabled: bool = False
     """This recipe trains on the demo assets (`maven prepare-demo` builds what is missing: synthetic images,
-    tokenizer, random base models, shards, patch labels and visual codes; see maven_dist/offline/demo.py)."""
+    tokenizer, base models (random or pretrained on the world), shards, patch labels, visual codes and the
+    held-out benchmarks; see maven_dist/offline/demo.py)."""
     num_images: int = 160
     """Synthetic training images to generate."""
     questions_per_image: int = 1
