@@ -37,7 +37,7 @@ def _codes_for(data: bytes) -> list[int]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("loader")
-    synth = generate_synthetic(root / "synth", num_images=12, seed=1, image_size=48)
+    synth = generate_synthetic(root / "synth", num_images=10, seed=1, image_size=48)  # 30 samples
     train_tokenizer(synth.captions_txt.read_text().splitlines(), root / "tok", vocab_size=400)
     masks = {img.file_name: synth.masks(i).any(0) for i, img in enumerate(synth.images)}
     dirs = {}
@@ -250,7 +250,7 @@ def test_same_steps_on_any_dp_size_and_resume_across_dp_sizes(world, packing):
 def test_packed_batches_hold_each_sample_as_decoded_within_their_budgets(world):
     """Packed rows are the samples end to end, as the unpacked loader decodes them; no row is longer than
     data.max_length at the stage's positions per image, no micro-batch has more rows or images than allowed."""
-    micro, images_allowed = 3, 4
+    micro, images_allowed = 3, 6
     packed, _, _ = _loader(world, micro=micro, pack_max_images=images_allowed, **PACKED)
     plain, _, _ = _loader(world, micro=1, shuffle=False, group_by_length=False)
     decoded = {s[0]: s for b in _take(plain, plain.batches_per_epoch) for s in _split(b)}

@@ -54,7 +54,8 @@ def test_images_are_preprocessed_and_tokenised_as_training_did(exported, tiny_as
     layout = extend_tokenizer(tokenizer, cfg.model.discrete.codebook_size, cfg.model.vocab.pad_to_multiple_of)
     loader = build_loader(cfg, tokenizer, layout)
     batch = next(iter(loader))
-    rows = {r["id"]: r for r in read_shard(list_shards(cfg.resolve_path(cfg.data.path))[0]).to_pylist()}
+    shards = list_shards(cfg.resolve_path(cfg.data.path))
+    rows = {r["id"]: r for shard in shards for r in read_shard(shard).to_pylist()}
     image_root = tiny_assets.root / "data" / "synthetic" / "images"
     paths = [[image_root / p for p in rows[i]["image_paths"]] for i in batch.sample_ids]
     questions = [[rows[i]["conversations"][0]] for i in batch.sample_ids]
