@@ -353,9 +353,7 @@ def test_missing_columns_say_which_tool_to_run(world, tmp_path):
     with pytest.raises(DataError, match="maven labels"):
         _loader(world, data="bare", view="patch_labels")
     # The continuous view alone still needs the codes wherever the selector runs (h_eos comes from them) ...
-    with pytest.raises(
-        DataError, match=r"the selector computes h_eos from them\): run maven tokenize"
-    ):
+    with pytest.raises(DataError, match=r"the selector computes h_eos from them\): run maven tokenize"):
         _loader(world, data="bare", view="captions", views=("continuous",), micro=4)
     # ... and only there: at alpha = 1 every patch is kept and no selector runs.
     loader, _, _ = _loader(

@@ -23,7 +23,9 @@ from tests.helpers.models import lm_logits
 
 def export_like(tiny_assets, out, discrete: bool = True):
     """A MaVEn directory as a stage export writes it: base weights, template, discrete tokenizer."""
-    cfg = load_config("tests/recipes/tiny/stage4.yaml", tiny_assets.overrides(out.parent / "run", "conversations"))
+    cfg = load_config(
+        "tests/recipes/tiny/stage4.yaml", tiny_assets.overrides(out.parent / "run", "conversations")
+    )
     tokenizer = AutoTokenizer.from_pretrained(cfg.resolve_path(cfg.model.llm.path))
     layout = extend_tokenizer(tokenizer, cfg.model.discrete.codebook_size, cfg.model.vocab.pad_to_multiple_of)
     model = MavenModel.from_base(

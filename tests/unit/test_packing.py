@@ -186,7 +186,10 @@ def test_packing_is_refused_where_it_does_not_apply():
     with pytest.raises(ConfigError, match="data.pack_max_images"):
         load_config("tests/recipes/tiny/stage4.yaml", ["data.packing=true", "data.pack_max_images=-1"])
     base = load_config("tests/recipes/tiny/stage4.yaml")
-    assert base.fingerprint() != load_config("tests/recipes/tiny/stage4.yaml", ["data.packing=true"]).fingerprint()
+    assert (
+        base.fingerprint()
+        != load_config("tests/recipes/tiny/stage4.yaml", ["data.packing=true"]).fingerprint()
+    )
 
 
 @pytest.mark.gpu

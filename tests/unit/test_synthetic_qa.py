@@ -40,21 +40,21 @@ def _count(image: SyntheticImage, words: list[str]) -> int:
 
 
 def test_every_answer_is_true(scenes) -> None:
-    for fact, (image, *rest) in _facts(scenes, "colour"):
+    for fact, (image, *_rest) in _facts(scenes, "colour"):
         shape = fact.question.removeprefix("What colour is the ").removesuffix("?")
         (obj,) = [o for o in image.objects if o.shape == shape]
         assert fact.answer == obj.colour
-    for fact, (image, *rest) in _facts(scenes, "shape"):
+    for fact, (image, *_rest) in _facts(scenes, "shape"):
         colour = fact.question.removeprefix("What shape is the ").removesuffix(" object?")
         (obj,) = [o for o in image.objects if o.colour == colour]
         assert fact.answer == obj.shape
-    for fact, (image, *rest) in _facts(scenes, "exists"):
+    for fact, (image, *_rest) in _facts(scenes, "exists"):
         colour, shape = fact.question.split()[3:5]
         assert fact.answer == ("yes" if image.count(shape, colour) else "no")
-    for fact, (image, *rest) in _facts(scenes, "count"):
+    for fact, (image, *_rest) in _facts(scenes, "count"):
         words = fact.question.removeprefix("How many ").removesuffix(" are there?").split()
         assert fact.answer == str(_count(image, words))
-    for fact, (image, *rest) in _facts(scenes, "yes_no"):
+    for fact, (image, *_rest) in _facts(scenes, "yes_no"):
         words = fact.question.removeprefix("Are there exactly ").removesuffix(" in the image?").split()
         asked, plural = int(words[0]), words[1]
         assert fact.answer == ("yes" if image.count(plural.removesuffix("s")) == asked else "no")
@@ -88,7 +88,7 @@ def test_answers_are_balanced(scenes, kind: str, answers: tuple[str, ...]) -> No
 
 def test_exists_no_questions_share_an_attribute_with_the_image_half_the_time(scenes) -> None:
     near = []
-    for fact, (image, *rest) in _facts(scenes, "exists"):
+    for fact, (image, *_rest) in _facts(scenes, "exists"):
         if fact.answer == "no":
             colour, shape = fact.question.split()[3:5]
             near.append(any(o.colour == colour or o.shape == shape for o in image.objects))
