@@ -32,7 +32,7 @@ from maven_dist.contract.batch import Batch
 from maven_dist.contract.vocab import VocabLayout
 from maven_dist.model import hf_layout
 
-if TYPE_CHECKING:  # imported where used: transformers' import hook loads this module (maven_dist/__init__.py)
+if TYPE_CHECKING:  # imported where used: maven.py imports this module (a cycle at import time otherwise)
     from maven_dist.model.maven import MavenModel
 
 DEFAULT_VIEWS = ("discrete", "continuous")

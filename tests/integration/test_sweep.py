@@ -72,7 +72,7 @@ def test_a_killed_sweep_finishes_what_is_missing_into_the_same_runs(tiny_assets,
     try:
         deadline = time.monotonic() + 600
         # Mid-arm: the second arm's stage 4 has a checkpoint short of its end, and its run is in the store
-        # (what a SIGKILLed process had not sent yet is lost: on a loaded machine the run can come later).
+        # (the record reaches it by the next sync: on a loaded machine the run can come after the checkpoint).
         while not (latest.is_file() and latest.read_text().strip() in mid_stage
                    and stage_run_exists(root / "mlflow.db", "keep_ratio=1.0", "stage4")):  # fmt: skip
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
