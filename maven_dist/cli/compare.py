@@ -14,11 +14,12 @@ import sys
 from pathlib import Path
 
 from maven_dist.contract.command_line import HelpFormatter
-from maven_dist.train.tracking.compare import find_runs_in_stores, load_histories
 from maven_dist.train.tracking.report import (
     HISTORY_KEYS,
     build_report,
+    find_runs_in_stores,
     group_arms,
+    load_histories,
     render_plots,
     to_csv,
     to_html,

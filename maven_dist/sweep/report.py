@@ -19,8 +19,13 @@ CURVES = ("loss/total", "val/loss")
 
 def report_sweep(sweep: Sweep, root: Path) -> Path | None:
     """Write and log the report; its folder, or None when the store holds no run of the sweep yet."""
-    from maven_dist.train.tracking.compare import find_runs_in_stores, load_histories
-    from maven_dist.train.tracking.report import group_arms, log_report, write_report
+    from maven_dist.train.tracking.report import (
+        find_runs_in_stores,
+        group_arms,
+        load_histories,
+        log_report,
+        write_report,
+    )
 
     uri = tracking_uri(sweep, root)
     try:

@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 
 from maven_dist.cli.compare import main
-from maven_dist.train.tracking.compare import RunSummary, find_runs_in_stores, load_histories
 from maven_dist.train.tracking.report import (
     HISTORY_KEYS,
+    RunSummary,
     build_report,
+    find_runs_in_stores,
     group_arms,
+    load_histories,
     log_report,
     visual_tokens,
     write_report,

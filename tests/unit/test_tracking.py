@@ -21,8 +21,7 @@ from maven_dist.config import Config
 from maven_dist.train.metrics_file import read_metrics
 from maven_dist.train.tracking import MLflowTracker, NullTracker, build_tracker, resolve_tracking_uri
 from maven_dist.train.tracking.__main__ import main as sync_cli
-from maven_dist.train.tracking.compare import find_runs_in_stores
-from maven_dist.train.tracking.report import build_report, group_arms
+from maven_dist.train.tracking.report import build_report, find_runs_in_stores, group_arms
 from maven_dist.train.tracking.run_info import clip, flatten_params, resolve_launch_id
 from maven_dist.train.tracking.sync import RunRecord, is_synced, sync_record
 from maven_dist.train.tracking.tracker import sample_system_metrics
