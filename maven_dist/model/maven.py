@@ -36,7 +36,7 @@ from maven_dist.model.frontend import (
     precomputed_eos_states,
 )
 from maven_dist.model.lm_loss import UnifiedHeadLoss, labelled_rows
-from maven_dist.model.packing import packed_hidden_states
+from maven_dist.model.packing import packed_hidden_states, unpadded_hidden_states
 from maven_dist.model.rope import apply_fp32_rope
 from maven_dist.model.selector import selector_bce, selector_metrics
 from maven_dist.model.spec import MavenSpec
@@ -394,11 +394,14 @@ class MavenModel(MavenFrontEnd):
         self, batch: Batch, views: Sequence[str], eos_states: EosStates | None = None
     ) -> tuple[torch.Tensor, SequenceInputs]:
         """The LLM's last-layer (final-norm) states [B, T, d] of the assembled batch, and its inputs.
-        Packed rows run with per-sample positions and attention (``maven_dist/model/packing.py``)."""
+        Packed rows run with per-sample positions and attention, padded rows under flash-attn on their
+        real tokens only (``maven_dist/model/packing.py``)."""
         inputs = self.sequence_inputs(batch, views, eos_states or self.eos_states)
+        attn = self.llm.config._attn_implementation
         if inputs.segment_ids is not None:
-            attn = self.llm.config._attn_implementation
             return packed_hidden_states(self.llm.model, inputs.embeds, inputs.segment_ids, attn), inputs
+        if attn == "flash_attention_2":  # unpadded once here, not in every layer (issue 23, finding 5)
+            return unpadded_hidden_states(self.llm.model, inputs.embeds, inputs.attention_mask), inputs
         hidden = self.llm.model(
             inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask, use_cache=False
         ).last_hidden_state
