@@ -213,8 +213,8 @@ def _cuda() -> bool:
 
 def _log_to_mlflow(args, model_dir: Path, data: Path, out: Path, results: list) -> None:
     from maven_dist.eval.runner import within_noise
-    from maven_dist.train.tracking import TRACKING_URI_ENV, MLflowTracker, resolve_tracking_uri
-    from maven_dist.train.tracking.run_info import resolve_launch_id
+    from maven_dist.train.tracking import MLflowTracker, resolve_tracking_uri
+    from maven_dist.train.tracking.run_info import TRACKING_URI_ENV, resolve_launch_id
 
     run_dir = args.run_dir
     recipe = _run_recipe(run_dir) if run_dir else None

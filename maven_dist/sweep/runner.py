@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maven_dist.sweep.spec import Arm, Sweep
-from maven_dist.train.tracking import TRACKING_URI_ENV
-from maven_dist.train.tracking.run_info import ARM_ENV, RUN_NAME_ENV, SWEEP_ENV
+from maven_dist.train.tracking.run_info import ARM_ENV, RUN_NAME_ENV, SWEEP_ENV, TRACKING_URI_ENV
 
 ARM_FINISHED = "arm_finished.json"
 SHARED = "shared"

@@ -6,19 +6,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from maven_dist.config import Config
 from maven_dist.train.provenance import git_sha, package_versions
 
-from .run_info import flatten_params, resolve_launch_id
+from .run_info import TRACKING_URI_ENV, flatten_params, resolve_launch_id
 from .tracker import MLflowTracker, NullTracker, RunStatus, Tracker
 
-if TYPE_CHECKING:
-    from maven_dist.config import Config
-
 __all__ = ["MLflowTracker", "NullTracker", "RunStatus", "Tracker", "build_tracker", "resolve_tracking_uri"]
-TRACKING_URI_ENV = "MAVEN_TRACKING_URI"
-"""A cluster's shared tracking server for every job (slurm/env.sh; slurm/mlflow_server.sh starts one)."""
 
 
 def resolve_tracking_uri(cfg: Config) -> str:

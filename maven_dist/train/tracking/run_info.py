@@ -20,6 +20,8 @@ from maven_dist.train.provenance import git_sha
 
 LAUNCH_ID_ENV, LAUNCH_ID_FILE, RUN_NAME_ENV = "MAVEN_LAUNCH_ID", "launch_id", "MAVEN_RUN_NAME"
 SWEEP_ENV, ARM_ENV = "MAVEN_SWEEP", "MAVEN_ARM"  # set by `maven sweep`, tagged as maven.sweep and maven.arm
+TRACKING_URI_ENV = "MAVEN_TRACKING_URI"
+"""A cluster's shared tracking server for every job (slurm/env.sh; slurm/mlflow_server.sh starts one)."""
 PARAM_LIMIT, TAG_LIMIT = 6000, 8000  # MLflow's longest param and tag values
 _LAUNCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # goes into search filters and file names
 SLURM_TAGS = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_JOB_NAME": "slurm.job_name",
