@@ -450,6 +450,10 @@ class DemoConfig:
     """This recipe trains on the demo assets (`maven prepare-demo` builds what is missing: synthetic images,
     tokenizer, base models (random or pretrained on the world), shards, patch labels, visual codes and the
     held-out benchmarks; see maven_dist/offline/demo.py)."""
+    seed: int = 0
+    """The world's seed: its images, questions, base models, visual codes and benchmarks. The recipe's
+    ``seed`` (the training's: initialisation, data order) is another, so that seeds of one ablation arm
+    train on one world (``seeds:`` in a sweep file)."""
     num_images: int = 160
     """Synthetic training images to generate."""
     questions_per_image: int = 1

@@ -42,13 +42,13 @@ if TYPE_CHECKING:
 _DONE = ".done"
 _ALL_DONE = "demo_done.json"
 HELDOUT_SEED = 1_000_003
-"""Added to the recipe's seed for the held-out images: a stream of draws no training image comes from."""
+"""Added to ``demo.seed`` for the held-out images: a stream of draws no training image comes from."""
 
 
 def demo_settings(cfg: Config) -> dict:
     """The settings the assets are built from (JSON values, as the marker stores them)."""
     model = cfg.model
-    built_from = {"demo": asdict(cfg.demo), "seed": cfg.seed, "llm": asdict(model.llm),
+    built_from = {"demo": asdict(cfg.demo), "llm": asdict(model.llm),
                   "vision": asdict(model.vision), "discrete": asdict(model.discrete)}  # fmt: skip
     return json.loads(json.dumps(built_from, default=str))
 
@@ -88,7 +88,7 @@ def _base_models(cfg: Config, world: SyntheticSet) -> None:
         tokenizer = train_tokenizer(texts, llm_dir, vocab_size=cfg.demo.tokenizer_vocab_size)
         if llm.init == "random":
             log(f"trained the tokenizer; building a random LLM in {llm_dir}")
-            build_random_llm(llm, tokenizer, llm_dir, cfg.seed)
+            build_random_llm(llm, tokenizer, llm_dir, cfg.demo.seed)
         else:
             from maven_dist.offline.pretrain_llm import describe_images, pretrain_llm
 
@@ -101,15 +101,15 @@ def _base_models(cfg: Config, world: SyntheticSet) -> None:
                 images = chat["image"] if isinstance(chat["image"], list) else [chat["image"]]
                 turns = describe_images(chat["conversations"], images, described)
                 samples += [(turns, t) for t in TEMPLATES if t != "plain"]
-            pretrain_llm(llm, tokenizer, samples, llm_dir, cfg.seed, steps=cfg.demo.llm_steps, log=log)
+            pretrain_llm(llm, tokenizer, samples, llm_dir, cfg.demo.seed, steps=cfg.demo.llm_steps, log=log)
     if vision.init == "random" and not (tower_dir / "config.json").is_file():
         log(f"building a random vision tower in {tower_dir}")
-        build_random_vision_tower(vision, tower_dir, cfg.seed)
+        build_random_vision_tower(vision, tower_dir, cfg.demo.seed)
     elif vision.init == "synthetic" and not (tower_dir / "config.json").is_file():
         from maven_dist.offline.pretrain_tower import pretrain_vision_tower
 
         log(f"pretraining the vision tower on the world's objects in {tower_dir}")
-        pretrain_vision_tower(vision, tower_dir, cfg.seed, steps=cfg.demo.tower_steps, log=log)
+        pretrain_vision_tower(vision, tower_dir, cfg.demo.seed, steps=cfg.demo.tower_steps, log=log)
 
 
 def _benchmarks(cfg: Config) -> None:
@@ -125,11 +125,11 @@ def _benchmarks(cfg: Config) -> None:
     heldout = generate_synthetic(
         run / "data" / "heldout",
         demo.heldout_images,
-        cfg.seed + HELDOUT_SEED,
+        demo.seed + HELDOUT_SEED,
         demo.image_size,
         max_objects=demo.max_objects,
     )
-    write_synthetic_benchmarks(out, heldout, cfg.seed, demo.benchmark_questions, demo.heldout_per_kind)
+    write_synthetic_benchmarks(out, heldout, demo.seed, demo.benchmark_questions, demo.heldout_per_kind)
     (out / "heldout" / _DONE).touch()
 
 
@@ -151,7 +151,7 @@ def prepare_demo(cfg: Config) -> None:
         generate_synthetic(
             synthetic_dir,
             demo.num_images,
-            cfg.seed,
+            demo.seed,
             demo.image_size,
             demo.questions_per_image,
             demo.question_kinds,
@@ -201,7 +201,7 @@ def prepare_demo(cfg: Config) -> None:
             kmeans_dir,
             codebook_size=cfg.model.discrete.codebook_size,
             num_codes=cfg.model.discrete.num_codes,
-            seed=cfg.seed,
+            seed=cfg.demo.seed,
         )
     for name in shard_sets:
         tokenize_shards(run / "data" / name, "kmeans", kmeans_dir, progress=False)
