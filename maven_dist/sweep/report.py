@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from maven_dist.sweep.runner import SHARED, tracking_uri
-from maven_dist.sweep.spec import Sweep
+from maven_dist.sweep.spec import Sweep, arm_group
 
 SWEEP_KIND = "sweep"
 ARM_TAG = "maven.arm"
@@ -19,6 +19,7 @@ CURVES = ("loss/total", "val/loss")
 
 def report_sweep(sweep: Sweep, root: Path) -> Path | None:
     """Write and log the report; its folder, or None when the store holds no run of the sweep yet."""
+    from maven_dist.sweep.seeds import write_seed_summary
     from maven_dist.train.tracking.report import (
         find_runs_in_stores,
         group_arms,
@@ -41,6 +42,8 @@ def report_sweep(sweep: Sweep, root: Path) -> Path | None:
     arms = group_arms(runs)
     out = root / "report"
     paths = write_report(arms, out)
+    if any(arm_group(a.label) != a.label for a in arms):  # a seeds: sweep: each arm's mean and std too
+        paths += write_seed_summary({a.label: a.eval_metrics() for a in arms}, out)
     run_id = sweep_run(uri, sweep)
     log_report(uri, run_id, paths)
     print(

@@ -16,6 +16,9 @@
       discrete-only:
         set: [model.selector.keep_ratio=0.25]
         stage_set: {stage4: ["stage.views=[discrete]"]}
+    seeds: [0, 1, 2]                # optional: every arm once per training seed (``seed=N``), named
+                                    #   <arm>,seed=N; the report gives each arm's mean and std over them.
+                                    #   The shared stages and the demo world (demo.seed) stay one.
 
 Values are YAML scalars or lists, written into ``--set key=value`` overrides as the pipeline reads them.
 Everything that is wrong (an unknown key at the top, a grid key without values, two arms with one name, a
@@ -34,10 +37,11 @@ import yaml
 
 from maven_dist.config import STAGE_NAMES
 
-TOP_KEYS = {"name", "recipe", "experiment", "set", "stages", "shared", "grid", "arms"}
+TOP_KEYS = {"name", "recipe", "experiment", "set", "stages", "shared", "grid", "arms", "seeds"}
 ARM_KEYS = {"set", "stage_set"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,=-]{0,99}$")
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9._,=-]")
+_SEED_SUFFIX = re.compile(r",seed=-?[0-9]+$")
 
 
 class SweepError(ValueError):
@@ -102,6 +106,8 @@ def load_sweep(path: str | Path) -> Sweep:
     arms = [*_grid_arms(raw.get("grid") or {}, path), *_named_arms(raw.get("arms") or {}, path)]
     if not arms:
         raise SweepError(f"{path}: no arms; give a grid or arms")
+    if "seeds" in raw:
+        arms = _seeded(arms, raw["seeds"], path)
     names = [a.name for a in arms]
     twice = sorted({n for n in names if names.count(n) > 1} | ({"shared"} & set(names)))
     if twice:
@@ -163,6 +169,30 @@ def _named_arms(arms: dict, path: Path) -> list[Arm]:
             Arm(_name(name, path, "arm"), tuple(_strings(body.get("set", []), path, name)), stage_overrides)
         )
     return out
+
+
+def _seeded(arms: list[Arm], seeds, path: Path) -> list[Arm]:
+    """Every arm once per seed, the seed last in its name (:func:`arm_group` takes it off again)."""
+    if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds):
+        raise SweepError(f"{path}: seeds takes a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) < len(seeds):
+        raise SweepError(f"{path}: seeds {seeds} name a seed twice")
+    if any(item.startswith("seed=") for arm in arms for item in arm.overrides):
+        raise SweepError(f"{path}: an arm sets seed= itself; give the seeds in seeds: only")
+    return [
+        Arm(
+            _name(f"{arm.name},seed={seed}", path, "arm"),
+            (*arm.overrides, f"seed={seed}"),
+            arm.stage_overrides,
+        )
+        for arm in arms
+        for seed in seeds
+    ]
+
+
+def arm_group(arm: str) -> str:
+    """The arm a run belongs to, less the seed a ``seeds:`` sweep adds to its name."""
+    return _SEED_SUFFIX.sub("", arm)
 
 
 def _strings(value, path: Path, where: str) -> list[str]:
