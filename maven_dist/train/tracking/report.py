@@ -243,7 +243,7 @@ def to_csv(report: Report) -> str:
     return both.to_csv(index=False, lineterminator="\n")
 
 
-def to_html(report: Report, images: Mapping[str, bytes] = {}) -> str:  # noqa: B006 - never mutated
+def to_html(report: Report, images: Mapping[str, bytes]) -> str:
     """A self-contained page: both tables and the plots as base64 PNG. pandas escapes every cell (params and
     tags are whatever the recipe or the user put there)."""
     out = ['<!DOCTYPE html><html><head><meta charset="utf-8"><title>Run comparison</title></head><body>']
@@ -284,9 +284,9 @@ def write_plots(images: Mapping[str, bytes], directory: Path) -> list[Path]:
     return [directory / name for name in images]
 
 
-def write_report(arms: Sequence[Arm], out_dir: Path, all_params: bool = False) -> list[Path]:
+def write_report(arms: Sequence[Arm], out_dir: Path) -> list[Path]:
     """``report.html``, ``report.md``, ``report.csv`` and ``plots/*.png`` in ``out_dir``; their paths."""
-    report, images = build_report(arms, all_params), render_plots(arms)
+    report, images = build_report(arms), render_plots(arms)
     plots = write_plots(images, out_dir / "plots")
     files = {"report.html": to_html(report, images), "report.csv": to_csv(report),
              "report.md": to_markdown(report, [f"plots/{p.name}" for p in plots])}  # fmt: skip
@@ -295,11 +295,11 @@ def write_report(arms: Sequence[Arm], out_dir: Path, all_params: bool = False) -
     return [out_dir / name for name in files] + plots
 
 
-def log_report(uri: str, run_id: str, paths: Sequence[Path], artifact_path: str = "report") -> None:
-    """Attach the report's files to run ``run_id`` under ``artifact_path`` (the PNGs under ``.../plots``)."""
+def log_report(uri: str, run_id: str, paths: Sequence[Path]) -> None:
+    """Attach the report's files to run ``run_id`` under ``report/`` (the PNGs under ``report/plots``)."""
     client = mlflow_client(uri)
     for path in paths:
-        client.log_artifact(run_id, str(path), artifact_path + ("/plots" if path.suffix == ".png" else ""))
+        client.log_artifact(run_id, str(path), "report/plots" if path.suffix == ".png" else "report")
 
 
 def summarise_launch(uri: str, experiment: str, launch_id: str, name: str, params: Mapping[str, str]) -> None:

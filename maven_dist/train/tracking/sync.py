@@ -98,9 +98,8 @@ def sync_record(record: RunRecord, uri: str | None = None) -> int:
         while chunk := list(itertools.islice(lines, 100)):  # a chunk the store acknowledged is not sent again
             batch = [Metric(k, float(v), row["time_ms"], row["step"])
                      for row, _ in chunk for k, v in row.items() if k not in ("step", "time_ms")]  # fmt: skip
-            client.log_batch(
-                state["run_id"], metrics=batch, synchronous=True
-            )  # never a thread; split to limits
+            # synchronous: never a thread; MLflow splits the batch to the store's limits
+            client.log_batch(state["run_id"], metrics=batch, synchronous=True)
             state["offset"], sent = chunk[-1][1], sent + len(batch)
             write_json_atomic(record.synced_file, synced)
         if state.get("digest") != (digest := record.digest()):

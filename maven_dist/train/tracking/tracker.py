@@ -123,9 +123,8 @@ class MLflowTracker(Tracker):
         if self._stage_open("log_dict"):
             plain = json.loads(json.dumps(data, default=str))  # tuples to lists, paths and others to strings
             yaml_name = name.endswith((".yaml", ".yml"))
-            self._artifact(name).write_text(
-                yaml.safe_dump(plain, sort_keys=False) if yaml_name else json.dumps(plain)
-            )
+            text = yaml.safe_dump(plain, sort_keys=False) if yaml_name else json.dumps(plain)
+            self._artifact(name).write_text(text)
 
     def end_stage(self, status: RunStatus = "FINISHED") -> None:
         if not self._stage_open("end_stage"):
