@@ -82,11 +82,12 @@ def kill_after_checkpoint(cmd: list[str], latest: Path, step_name: str, timeout:
     "stage, nproc, packing, steps",
     [
         ("stage1", 1, False, STEPS),
-        # 2 ZeRO-3 ranks, unpacked and packed (issue 16): 7 steps resume at steps 6 and 7, enough.
-        ("stage4", 2, False, 7),
+        # 2 ZeRO-3 ranks on packed rows (issue 16): 7 steps resume at steps 6 and 7, enough. Unpacked rows
+        # on 2 ZeRO-3 ranks resume exactly in test_zero3_checkpoint_resumes_on_another_number_of_ranks
+        # (its step 6, before any update after the resume, is bitwise equal).
         ("stage4", 2, True, 7),
     ],
-    ids=["stage1-1", "stage4-2", "stage4-2-packed"],
+    ids=["stage1-1", "stage4-2-packed"],
 )
 def test_sigkill_after_step5_checkpoint_resumes_exactly(tiny_assets, tmp_path, stage, nproc, packing, steps):
     recipe = f"tests/recipes/tiny/{stage}.yaml"
