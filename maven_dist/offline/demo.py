@@ -76,40 +76,46 @@ def log(message: str) -> None:
 
 
 def _base_models(cfg: Config, world: SyntheticSet) -> None:
-    """The tokenizer and LLM, and the vision tower, each random or pretrained on the world as configured."""
+    """The tokenizer and LLM, and the vision tower, each random or pretrained on the world as configured.
+    Each is built in a temporary directory renamed into place when done: a prepare-demo killed while it
+    pretrains leaves no ``config.json`` that a rerun would take for a finished (pretrained) model."""
+    from maven_dist.contract.atomic_write import atomic_directory
     from maven_dist.data.templates import TEMPLATES
     from maven_dist.offline.base_models import build_random_llm, build_random_vision_tower
     from maven_dist.offline.tokenizer_training import train_tokenizer
 
-    llm, vision = cfg.model.llm, cfg.model.vision
+    llm, vision, seed = cfg.model.llm, cfg.model.vision, cfg.demo.seed
     llm_dir, tower_dir = cfg.resolve_path(llm.path), cfg.resolve_path(vision.path)
     if llm.init != "pretrained" and not (llm_dir / "config.json").is_file():
         texts = world.captions_txt.read_text().splitlines()
-        tokenizer = train_tokenizer(texts, llm_dir, vocab_size=cfg.demo.tokenizer_vocab_size)
-        if llm.init == "random":
-            log(f"trained the tokenizer; building a random LLM in {llm_dir}")
-            build_random_llm(llm, tokenizer, llm_dir, cfg.demo.seed)
-        else:
-            from maven_dist.offline.pretrain_llm import describe_images, pretrain_llm
+        with atomic_directory(llm_dir) as building:
+            tokenizer = train_tokenizer(texts, building, vocab_size=cfg.demo.tokenizer_vocab_size)
+            if llm.init == "random":
+                log(f"trained the tokenizer; building a random LLM in {llm_dir}")
+                build_random_llm(llm, tokenizer, building, seed)
+            else:
+                from maven_dist.offline.pretrain_llm import describe_images, pretrain_llm
 
-            log(f"trained the tokenizer; pretraining the LLM on the world's text in {llm_dir}")
-            captions = json.loads(world.captions_json.read_text())
-            chats = json.loads(world.conversations_json.read_text())
-            described = {c["image"]: c["conversations"][1]["value"] for c in captions}
-            samples = [(c["conversations"], "plain") for c in captions]
-            for chat in chats:
-                images = chat["image"] if isinstance(chat["image"], list) else [chat["image"]]
-                turns = describe_images(chat["conversations"], images, described)
-                samples += [(turns, t) for t in TEMPLATES if t != "plain"]
-            pretrain_llm(llm, tokenizer, samples, llm_dir, cfg.demo.seed, steps=cfg.demo.llm_steps, log=log)
+                log(f"trained the tokenizer; pretraining the LLM on the world's text in {llm_dir}")
+                captions = json.loads(world.captions_json.read_text())
+                chats = json.loads(world.conversations_json.read_text())
+                described = {c["image"]: c["conversations"][1]["value"] for c in captions}
+                samples = [(c["conversations"], "plain") for c in captions]
+                for chat in chats:
+                    images = chat["image"] if isinstance(chat["image"], list) else [chat["image"]]
+                    turns = describe_images(chat["conversations"], images, described)
+                    samples += [(turns, t) for t in TEMPLATES if t != "plain"]
+                pretrain_llm(llm, tokenizer, samples, building, seed, steps=cfg.demo.llm_steps, log=log)
     if vision.init == "random" and not (tower_dir / "config.json").is_file():
         log(f"building a random vision tower in {tower_dir}")
-        build_random_vision_tower(vision, tower_dir, cfg.demo.seed)
+        with atomic_directory(tower_dir) as building:
+            build_random_vision_tower(vision, building, seed)
     elif vision.init == "synthetic" and not (tower_dir / "config.json").is_file():
         from maven_dist.offline.pretrain_tower import pretrain_vision_tower
 
         log(f"pretraining the vision tower on the world's objects in {tower_dir}")
-        pretrain_vision_tower(vision, tower_dir, cfg.demo.seed, steps=cfg.demo.tower_steps, log=log)
+        with atomic_directory(tower_dir) as building:
+            pretrain_vision_tower(vision, building, seed, steps=cfg.demo.tower_steps, log=log)
 
 
 def _benchmarks(cfg: Config) -> None:
