@@ -8,12 +8,15 @@ from ``{model.llm.path}/config.json`` when it exists, else ``--text-vocab`` (Vic
 Byte counts per parameter (bf16 training, DeepSpeed's layout; fp32 runs use 4-byte weights/grads):
 
 * ZeRO-3: weights 2, gradients 2 + 4 (the bf16 gradient partition, and the fp32 copy the optimizer step
-  makes of it), optimizer 12 (fp32 master + Adam m, v; trainable), all partitioned over every GPU; plus
-  the gathered working set as DeepSpeed bounds it: up to ``stage3_max_live_parameters`` elements live and
-  a ``stage3_prefetch_bucket_size`` in flight (never more than the whole model); plus buffers: the
-  contiguous gradient bucket and its reduce-scatter output (2 x ``reduce_bucket_size`` elements) and
-  :data:`RUNTIME_BYTES` for the CUDA context, cuBLAS workspaces and NCCL's communicator buffers. The
-  knobs are read from ``zero3_settings.py``, the module the engine's DeepSpeed config is built from.
+  makes of it: ``stage3.py:_prepare_fp32_grad_for_sub_group`` flattens the partition, which copies it in
+  fp32 runs too, so they count 4 + 4), optimizer 12 (fp32 master + Adam m, v; trainable), all
+  partitioned over every GPU; plus the gathered working set as DeepSpeed bounds it: up to
+  ``stage3_max_live_parameters`` elements live and a ``stage3_prefetch_bucket_size`` in flight (never
+  more than the whole model); plus buffers: the contiguous gradient bucket and its reduce-scatter output
+  (2 x ``reduce_bucket_size`` elements) and :data:`RUNTIME_BYTES` for the CUDA context, cuBLAS
+  workspaces and NCCL's communicator buffers. The knobs are read from ``zero3_settings.py``, the module
+  the engine's DeepSpeed config is built from. ``tests/unit/test_plan.py`` holds these terms to that
+  config and to DeepSpeed's own estimator (``estimate_zero3_model_states_mem_needs``).
 * 3D: weights 2 and gradients 4 (bf16 grad + DeepSpeed's fp32 accumulation buffer) of this GPU's
   pipeline stage, tp-sharded tensors divided by tp; optimizer 12 per trainable parameter divided by
   dp (ZeRO-1). Pipeline stage 0 holds the vision tower, selector, projector and input embedding,
@@ -196,7 +199,7 @@ def _estimate(
             counts.total, zero3_settings.MAX_LIVE_PARAMETERS + buckets["stage3_prefetch_bucket_size"]
         )
         params = e * counts.total / world + e * gathered
-        grads = (g + 4 * (g == 2)) * trainable / world  # bf16: the fp32 copy at the step as well
+        grads = (g + 4) * trainable / world  # the partition, and the fp32 copy the step flattens it into
         optimizer = 12 * trainable / world
         layers = llm.num_layers * layer_activation_bytes(cfg, 1, e, rows)
         if cfg.stage.gradient_checkpointing:
