@@ -204,11 +204,11 @@ def _evaluate(cfg, nproc: int, env: dict) -> int:
 def _summarise(cfg, launch_id: str, name: str, recipe: str, order: list[str]) -> None:
     """The parent run's name, params and results (train/tracking/report.py); never fails the run."""
     from maven_dist.train.tracking import resolve_tracking_uri
-    from maven_dist.train.tracking.report import recipe_params, summarise_launch
+    from maven_dist.train.tracking.report import summarise_launch
 
     try:
-        params = recipe_params(cfg.to_dict(), recipe, order)
-        summarise_launch(resolve_tracking_uri(cfg), cfg.tracking.experiment, launch_id, name, params)
+        uri, experiment = resolve_tracking_uri(cfg), cfg.tracking.experiment
+        summarise_launch(uri, experiment, launch_id, name, cfg.to_dict(), recipe, order)
     except Exception as exc:  # noqa: BLE001 - the summary is a convenience; the runs hold everything
         print(f"[pipeline] warning: parent run not summarised ({type(exc).__name__}: {exc})", file=sys.stderr)
 

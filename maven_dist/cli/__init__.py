@@ -56,7 +56,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "maven_dist.inference.chat", "talk to a trained MaVEn: text and images in, answers out"
     ),
     "sync": Subcommand(
-        "maven_dist.train.tracking.__main__", "send a run directory's tracking records to their MLflow store"
+        "maven_dist.cli.sync", "send a run directory's tracking records to their MLflow store"
     ),
 }
 

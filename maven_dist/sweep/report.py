@@ -24,7 +24,6 @@ def report_sweep(sweep: Sweep, root: Path) -> Path | None:
         find_runs_in_stores,
         group_arms,
         load_histories,
-        log_report,
         write_report,
     )
 
@@ -50,6 +49,15 @@ def report_sweep(sweep: Sweep, root: Path) -> Path | None:
         f"[sweep] report of {len(arms)} arms: {out / 'report.html'} (also in MLflow run {run_id})", flush=True
     )
     return out
+
+
+def log_report(uri: str, run_id: str, paths: list[Path]) -> None:
+    """Attach the report's files to run ``run_id`` under ``report/`` (the PNGs under ``report/plots``)."""
+    from maven_dist.train.tracking.client import mlflow_client
+
+    client = mlflow_client(uri)
+    for path in paths:
+        client.log_artifact(run_id, str(path), "report/plots" if path.suffix == ".png" else "report")
 
 
 def sweep_run(uri: str, sweep: Sweep) -> str:

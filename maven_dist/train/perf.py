@@ -70,7 +70,9 @@ class StepMeter:
         }
         if self.peak:
             metrics["perf/mfu"] = flops / (self.peak * self.world_size)
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            metrics["memory/gpu_allocated_gb"] = torch.cuda.memory_allocated() / 2**30
+            metrics["memory/gpu_reserved_gb"] = torch.cuda.memory_reserved() / 2**30
             metrics["memory/peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self._reset()
         return metrics

@@ -124,12 +124,12 @@ def test_compare_merges_a_tracking_server_and_a_run_directory(server, tmp_path, 
     from mlflow import MlflowClient
 
     from maven_dist.cli.compare import main
+    from maven_dist.sweep.report import log_report
     from maven_dist.train.tracking.report import (
         HISTORY_KEYS,
         find_runs_in_stores,
         group_arms,
         load_histories,
-        log_report,
         write_report,
     )
     from tests.helpers.mlflow_runs import BASE_PARAMS, LaunchLog, StageLog, log_launch

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from maven_dist.cli.compare import main
+from maven_dist.sweep.report import log_report
 from maven_dist.train.tracking.report import (
     HISTORY_KEYS,
     RunSummary,
@@ -21,7 +22,6 @@ from maven_dist.train.tracking.report import (
     find_runs_in_stores,
     group_arms,
     load_histories,
-    log_report,
     visual_tokens,
     write_report,
 )

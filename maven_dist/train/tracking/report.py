@@ -99,8 +99,7 @@ def store_name(uri: str) -> str:
     SQLite store, ``host:port`` of a server (never its credentials: the name goes into reports)."""
     if path := sqlite_path(uri):
         return path.parent.name if path.name == "mlflow.db" else path.name
-    host, port = urlparse(uri).hostname, urlparse(uri).port
-    return (f"{host}:{port}" if port else host) if host else uri
+    return urlparse(uri).netloc.rpartition("@")[2] or uri  # host:port, less any user:password@
 
 
 @dataclass
@@ -295,15 +294,10 @@ def write_report(arms: Sequence[Arm], out_dir: Path) -> list[Path]:
     return [out_dir / name for name in files] + plots
 
 
-def log_report(uri: str, run_id: str, paths: Sequence[Path]) -> None:
-    """Attach the report's files to run ``run_id`` under ``report/`` (the PNGs under ``report/plots``)."""
-    client = mlflow_client(uri)
-    for path in paths:
-        client.log_artifact(run_id, str(path), "report/plots" if path.suffix == ".png" else "report")
-
-
-def summarise_launch(uri: str, experiment: str, launch_id: str, name: str, params: Mapping[str, str]) -> None:
-    """Name a launch's parent run ``name``, give it the ``params`` it lacks and, as metrics, each stage's
+def summarise_launch(uri: str, experiment: str, launch_id: str, name: str, config: Mapping, recipe: str,
+                     order: Sequence[str]) -> None:  # fmt: skip
+    """Name a launch's parent run ``name``; give it as params what it lacks of the resolved ``config`` (less
+    the per-stage keys), ``recipe`` and the stages in ``order``; and, as metrics, each stage's
     :data:`SUMMARY_METRICS` and every ``eval/*`` (docs/experiments.md, "Comparing runs"; ``maven pipeline``)."""
     from mlflow.entities import Metric, Param
 
@@ -318,17 +312,13 @@ def summarise_launch(uri: str, experiment: str, launch_id: str, name: str, param
         metrics |= {f"{run.stage}/{k}": run.metrics[k] for k in SUMMARY_METRICS if k in run.metrics}
         if VAL_LOSS in run.metrics:
             metrics[f"{run.stage}/{VAL_LOSS}_best"] = final_and_best(run, VAL_LOSS)[1]
+    params = flatten_params({k: v for k, v in config.items() if k not in ("stage", "demo")})
+    params |= {"recipe": recipe, "stages": ",".join(order)}
     client, now = mlflow_client(uri), int(time.time() * 1000)
     client.set_tag(parent, "mlflow.runName", name)
     logged = client.get_run(parent).data.params
     params = [Param(k, v) for k, v in clip(params, PARAM_LIMIT).items() if k not in logged]
     client.log_batch(parent, [Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())], params)
-
-
-def recipe_params(config: Mapping, recipe: str, order: list[str]) -> dict[str, str]:
-    """The parent run's params: the resolved config flattened, less the per-stage keys; recipe and stages."""
-    flat = flatten_params({k: v for k, v in config.items() if k not in ("stage", "demo")})
-    return flat | {"recipe": recipe, "stages": ",".join(order)}
 
 
 def _tables(report: Report) -> list[pd.DataFrame]:

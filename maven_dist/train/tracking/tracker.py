@@ -11,7 +11,6 @@ import os
 import posixpath
 import re
 import shutil
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -181,16 +180,10 @@ class MLflowTracker(Tracker):
 
 
 def sample_system_metrics() -> dict[str, float]:
-    """``system/*`` (node CPU and memory, this process's RSS) and, where torch already uses CUDA,
-    ``memory/gpu_*`` of this process's device."""
+    """``system/*``: the node's CPU and memory, this process's RSS (the trainer's perf meter logs the GPU's)."""
     import psutil
 
-    vm, gb, torch = psutil.virtual_memory(), 1024**3, sys.modules.get("torch")  # never import torch to sample
-    out = {"system/cpu_percent": psutil.cpu_percent(interval=None), "system/memory_percent": vm.percent,
-           "system/memory_used_gb": (vm.total - vm.available) / gb,
-           "system/process_rss_gb": psutil.Process().memory_info().rss / gb}  # fmt: skip
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        out |= {"memory/gpu_allocated_gb": torch.cuda.memory_allocated() / gb,
-                "memory/gpu_reserved_gb": torch.cuda.memory_reserved() / gb,
-                "memory/gpu_max_allocated_gb": torch.cuda.max_memory_allocated() / gb}  # fmt: skip
-    return out
+    vm, gb = psutil.virtual_memory(), 1024**3
+    return {"system/cpu_percent": psutil.cpu_percent(interval=None), "system/memory_percent": vm.percent,
+            "system/memory_used_gb": (vm.total - vm.available) / gb,
+            "system/process_rss_gb": psutil.Process().memory_info().rss / gb}  # fmt: skip

@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 from maven_dist.contract.command_line import HelpFormatter
-
-from .sync import sync_run_dir
+from maven_dist.train.tracking.sync import sync_run_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
