@@ -210,7 +210,7 @@ def test_merged_model_loads_in_maven_and_plain_transformers_with_training_logits
 
     from maven_dist.model.maven import MavenModel
 
-    run_dir = zero3_run(2)
+    run_dir = zero3_run(3)
     out = tmp_path / "merged"
     merge_checkpoint(run_dir, out, MergeOptions(progress=False))
     torch.set_num_threads(1)  # the workers computed with one thread: same reduction order
@@ -234,8 +234,8 @@ def test_merged_model_loads_in_maven_and_plain_transformers_with_training_logits
 
 @pytest.fixture
 def damaged(zero3_run, tmp_path):
-    """A private copy of the 2-rank run to damage."""
-    shutil.copytree(zero3_run(2) / STAGE, tmp_path / "run" / STAGE)
+    """A private copy of the 3-rank run to damage."""
+    shutil.copytree(zero3_run(3) / STAGE, tmp_path / "run" / STAGE)
     return tmp_path / "run"
 
 
@@ -255,7 +255,7 @@ def test_missing_rank_file_is_named(damaged, tmp_path):
     merge_fails(
         damaged,
         tmp_path,
-        r"lacks 1 rank file\(s\) of a 2-rank checkpoint: \['zero_pp_rank_1_mp_rank_00_optim_states.pt'\]",
+        r"lacks 1 rank file\(s\) of a 3-rank checkpoint: \['zero_pp_rank_1_mp_rank_00_optim_states.pt'\]",
     )
 
 
@@ -305,15 +305,15 @@ def test_world_size_that_does_not_match_the_files_is_refused(damaged, tmp_path):
     for kind in ("model", "optim"):
         shutil.copy(
             zero_dir(damaged) / f"zero_pp_rank_1_mp_rank_00_{kind}_states.pt",
-            zero_dir(damaged) / f"zero_pp_rank_2_mp_rank_00_{kind}_states.pt",
+            zero_dir(damaged) / f"zero_pp_rank_3_mp_rank_00_{kind}_states.pt",
         )
-    merge_fails(damaged, tmp_path, r"rank files for ranks \[2\], but the checkpoint was saved by 2 ranks")
+    merge_fails(damaged, tmp_path, r"rank files for ranks \[3\], but the checkpoint was saved by 3 ranks")
     manifest = checkpoint_of(damaged) / "manifest.json"
-    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"world_size": 3}))
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"world_size": 4}))
     merge_fails(
         damaged,
         tmp_path,
-        r"partitioned over 2 ranks, but 3 rank files are expected|saved by a run of 2 ranks",
+        r"partitioned over 3 ranks, but 4 rank files are expected|saved by a run of 3 ranks",
     )
 
 
@@ -322,13 +322,13 @@ def test_world_size_that_does_not_match_the_files_is_refused(damaged, tmp_path):
 
 @pytest.mark.distributed
 def test_bench_runs_at_tiny_size(zero3_run, tmp_path):
-    """bench/merge.py end to end on the 2-rank tiny checkpoint (the real bench needs >= 300M parameters);
+    """bench/merge.py end to end on the 3-rank tiny checkpoint (the real bench needs >= 300M parameters);
     its figures checked as every bench's are (tests/unit/test_benches.py)."""
     from bench import merge
     from bench.harness import check_figures
     from maven_dist.merge.output_files import expected_shapes
 
-    ckpt = checkpoint_of(zero3_run(2))
+    ckpt = checkpoint_of(zero3_run(3))
     summary = merge.main(
         ["--checkpoint", str(ckpt), "--work-dir", str(tmp_path), "--rounds", "1", "--min-params", "0"]
     )
