@@ -21,22 +21,39 @@ from maven_dist.config import LLMConfig, VisionConfig
 from maven_dist.data.image_transform import CLIP_MEAN, CLIP_STD
 
 
-def build_random_llm(cfg: LLMConfig, tokenizer, out_dir: Path, seed: int) -> Path:
-    """A LLaMA-architecture causal LM with the tokenizer's vocabulary, saved with the tokenizer."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+def llama_config(cfg: LLMConfig, vocab_size: int) -> LlamaConfig:
+    """The LLaMA config of ``model.llm`` with ``vocab_size`` text rows and an untied head, as Vicuna's."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=cfg.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
+
+
+def clip_vision_config(cfg: VisionConfig) -> CLIPVisionConfig:
+    """The CLIP vision config of ``model.vision``."""
+    return CLIPVisionConfig(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        projection_dim=cfg.hidden_size,
+    )
+
+
+def build_random_llm(cfg: LLMConfig, tokenizer, out_dir: Path, seed: int) -> Path:
+    """A LLaMA-architecture causal LM with the tokenizer's vocabulary, saved with the tokenizer."""
+    torch.manual_seed(seed)
+    config = llama_config(cfg, len(tokenizer))
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
     model = LlamaForCausalLM(config)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
@@ -47,15 +64,7 @@ def build_random_llm(cfg: LLMConfig, tokenizer, out_dir: Path, seed: int) -> Pat
 def build_random_vision_tower(cfg: VisionConfig, out_dir: Path, seed: int) -> Path:
     """A CLIP vision tower plus its image processor config, saved like openai/clip-vit-large-patch14-336."""
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        projection_dim=cfg.hidden_size,
-    )
+    config = clip_vision_config(cfg)
     out_dir = Path(out_dir)
     CLIPVisionModel(config).save_pretrained(out_dir)
     processor = CLIPImageProcessor(

@@ -15,6 +15,7 @@ from maven_dist.config import load_config
 from maven_dist.contract.vocab import VocabLayout
 from maven_dist.model.maven import MavenModel
 from maven_dist.model.spec import MavenSpec
+from maven_dist.offline.base_models import clip_vision_config, llama_config
 from maven_dist.parallel.memory_plan import _full_layer, _head_logits_bytes, count_params, main, plan
 from tests.helpers.memory import peak_allocated_bytes
 
@@ -159,27 +160,10 @@ def zero3_recipe(request):
     from maven_dist.parallel.memory_plan import text_vocab_size
 
     cfg = load_config(request.param)
-    llm, vis = cfg.model.llm, cfg.model.vision
     layout = VocabLayout.build(
         text_vocab_size(cfg, 32000), cfg.model.discrete.codebook_size, cfg.model.vocab.pad_to_multiple_of
     )
-    llm_config = LlamaConfig(
-        hidden_size=llm.hidden_size,
-        intermediate_size=llm.intermediate_size,
-        num_hidden_layers=llm.num_layers,
-        num_attention_heads=llm.num_heads,
-        num_key_value_heads=llm.num_kv_heads,
-        vocab_size=layout.text_size,
-        tie_word_embeddings=False,
-    )
-    tower = CLIPVisionConfig(
-        image_size=vis.image_size,
-        patch_size=vis.patch_size,
-        hidden_size=vis.hidden_size,
-        intermediate_size=vis.intermediate_size,
-        num_hidden_layers=vis.num_layers,
-        num_attention_heads=vis.num_heads,
-    )
+    llm_config, tower = llama_config(cfg.model.llm, layout.text_size), clip_vision_config(cfg.model.vision)
     spec = MavenSpec(selector_hidden_size=cfg.model.selector.hidden_size)
     with torch.device("meta"):
         model = MavenModel.from_configs(llm_config, tower, layout, spec, init_weights=False)
