@@ -337,6 +337,9 @@ class StageConfig:
     """Log metrics every this many optimizer steps."""
     eval_every: int = 0
     """Compute val/loss every this many steps (and always at the end, when the data has a validation set); 0: only at the end."""
+    val_image_control: bool = True
+    """Validate a second time with each sample's images swapped for another's: ``val/visual_gain``, how much
+    the images help predict the text (``maven_dist/train/validation.py``; stages with a language-model loss)."""
     max_bad_steps: int = 5
     """Stop after this many consecutive non-finite losses."""
 
@@ -605,6 +608,7 @@ class Config:
             d.pop(volatile)
         d["stage"].pop("log_every")
         d["stage"].pop("eval_every")  # when val/loss is computed changes nothing trained
+        d["stage"].pop("val_image_control")  # nor does the validation's control pass
         d["data"].pop("val_path")
         d["data"].pop("allow_too_long")  # a gate before training: the samples it lets through are skipped
         d["data"].pop("num_workers")  # the loader resumes exactly with any worker count

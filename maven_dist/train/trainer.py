@@ -41,6 +41,7 @@ from maven_dist.train.checkpoint import CheckpointManager
 from maven_dist.train.progress import Progress
 from maven_dist.train.provenance import git_sha, package_versions
 from maven_dist.train.tracking import Tracker, build_tracker
+from maven_dist.train.validation import blindness_warning, validate
 
 __all__ = ["NonFiniteLossError", "Preempted", "StageResult", "TrainerState", "run_stage"]
 
@@ -174,8 +175,12 @@ def _train_loop(
                 (stage.eval_every and state.step % stage.eval_every == 0) or state.step == total_steps
             ):
                 started = time.perf_counter()
-                logged |= engine.evaluate(val_loader.one_pass())
+                validated = validate(engine.evaluate, val_loader.one_pass, stage.val_image_control)
                 meter.exclude(time.perf_counter() - started)  # throughput is of training steps only
+                logged |= validated
+                warning = blindness_warning(stage.name, validated)
+                if warning:
+                    print0(warning)
             if logged:
                 tracker.log_metrics(logged, step=state.step)  # rank 0: metrics.jsonl, then MLflow
             preempted = all_reduce_max(float(preemption_requested()), engine.device) > 0

@@ -3,6 +3,7 @@ that dies in the middle of stage 3 and comes back during stage 4; then the recip
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -105,6 +106,9 @@ def test_main_job_two_ranks_survives_a_tracking_outage(server, tmp_path):
         assert (
             sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/loss")) == val
         )
+        # The validation's image control ran on 2 ZeRO-3 ranks, where the stage has a language-model loss.
+        gains = [row for row in local if "val/visual_gain" in row]
+        assert bool(gains) == (name != "stage1") and all(math.isfinite(r["val/visual_gain"]) for r in gains), name
         if name != "stage2":  # every stage that runs the selector: h_eos varies with the image (issue 12)
             spreads = [row["selector/h_eos_spread"] for row in local if "selector/h_eos_spread" in row]
             assert len(spreads) == len(local), f"{name}: h_eos spread missing at some steps"

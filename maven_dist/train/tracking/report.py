@@ -28,8 +28,8 @@ from .run_info import PARAM_LIMIT, clip, flatten_params
 TRAIN_LOSS, VAL_LOSS, TOKENS_PER_S = "loss/total", "val/loss", "perf/tokens_per_s"
 HISTORY_KEYS = (TRAIN_LOSS, VAL_LOSS, TOKENS_PER_S)  # the histories the report reads (load_histories)
 PER_LAUNCH_PARAMS = ("run_dir", "recipe_fingerprint")  # differ in every launch: no column unless asked for
-SUMMARY_METRICS = ("loss/total", "val/loss", "val/loss_text", "val/loss_visual_codes", "perf/tokens_per_s",
-                   "perf/samples_per_s", "selector/h_eos_spread")  # fmt: skip
+SUMMARY_METRICS = ("loss/total", "val/loss", "val/loss_text", "val/loss_visual_codes", "val/visual_gain",
+                   "perf/tokens_per_s", "perf/samples_per_s", "selector/h_eos_spread")  # fmt: skip
 """The parent run gets ``<stage>/<key>``: each stage's last value (and ``<stage>/val/loss_best``)."""
 INHERITED_TAGS = ("maven.sweep", "maven.arm")  # a stage run takes them from its parent run if it lacks them
 
