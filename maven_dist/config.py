@@ -481,6 +481,9 @@ class DemoConfig:
     choice)."""
     llm_steps: int = 300
     """Pretraining steps of a `synthetic` LLM on the world's text."""
+    llm_text_scenes: int = 0
+    """Scenes described in text but not drawn, added to a `synthetic` LLM's pretraining text (their captions
+    and conversations) beside the training images': the LLM reads more of its world than the images show."""
     tower_steps: int = 600
     """Pretraining steps of a `synthetic` vision tower on the world's objects."""
 

@@ -43,6 +43,8 @@ _DONE = ".done"
 _ALL_DONE = "demo_done.json"
 HELDOUT_SEED = 1_000_003
 """Added to ``demo.seed`` for the held-out images: a stream of draws no training image comes from."""
+TEXT_SEED = 2_000_003
+"""Added to ``demo.seed`` for the scenes the LLM's pretraining text describes beside the training images."""
 
 
 def demo_settings(cfg: Config) -> dict:
@@ -75,12 +77,42 @@ def log(message: str) -> None:
     print(f"[demo +{time.monotonic() - _STARTED[0]:.0f} s] {message}", flush=True)
 
 
+def _llm_corpus(cfg: Config, world: SyntheticSet) -> list[tuple[list[dict], str]]:
+    """The LLM's pretraining samples, (LLaVA turns, template) (offline/pretrain_llm.py): the training
+    images' captions and conversations, and those of ``demo.llm_text_scenes`` scenes described but not drawn
+    (another seed's); each caption in the ``plain`` format, and each caption and question conversation in
+    LLaVA-1.5's chat template with every image written out as its caption."""
+    import numpy as np
+
+    from maven_dist.offline import synthetic
+    from maven_dist.offline.pretrain_llm import describe_images
+    from maven_dist.offline.synthetic_scene import imagined_scene
+
+    demo = cfg.demo
+    captions = json.loads(world.captions_json.read_text())
+    chats = json.loads(world.conversations_json.read_text())
+    rng = np.random.default_rng(demo.seed + TEXT_SEED)
+    scenes = [
+        imagined_scene(rng, f"text-{i:06d}", demo.image_size, demo.max_objects)
+        for i in range(demo.llm_text_scenes)
+    ]
+    more_captions, more_chats = synthetic.describe_world(
+        scenes, demo.seed + TEXT_SEED, demo.questions_per_image, demo.question_kinds
+    )
+    captions, chats = captions + more_captions, chats + more_chats
+    described = {c["image"]: c["conversations"][1]["value"] for c in captions}
+    samples = [(c["conversations"], "plain") for c in captions]
+    for sample in captions + chats:
+        images = sample["image"] if isinstance(sample["image"], list) else [sample["image"]]
+        samples.append((describe_images(sample["conversations"], images, described), "vicuna_v1"))
+    return samples
+
+
 def _base_models(cfg: Config, world: SyntheticSet) -> None:
     """The tokenizer and LLM, and the vision tower, each random or pretrained on the world as configured.
     Each is built in a temporary directory renamed into place when done: a prepare-demo killed while it
     pretrains leaves no ``config.json`` that a rerun would take for a finished (pretrained) model."""
     from maven_dist.contract.atomic_write import atomic_directory
-    from maven_dist.data.templates import TEMPLATES
     from maven_dist.offline.base_models import build_random_llm, build_random_vision_tower
     from maven_dist.offline.tokenizer_training import train_tokenizer
 
@@ -94,17 +126,10 @@ def _base_models(cfg: Config, world: SyntheticSet) -> None:
                 log(f"trained the tokenizer; building a random LLM in {llm_dir}")
                 build_random_llm(llm, tokenizer, building, seed)
             else:
-                from maven_dist.offline.pretrain_llm import describe_images, pretrain_llm
+                from maven_dist.offline.pretrain_llm import pretrain_llm
 
                 log(f"trained the tokenizer; pretraining the LLM on the world's text in {llm_dir}")
-                captions = json.loads(world.captions_json.read_text())
-                chats = json.loads(world.conversations_json.read_text())
-                described = {c["image"]: c["conversations"][1]["value"] for c in captions}
-                samples = [(c["conversations"], "plain") for c in captions]
-                for chat in chats:
-                    images = chat["image"] if isinstance(chat["image"], list) else [chat["image"]]
-                    turns = describe_images(chat["conversations"], images, described)
-                    samples += [(turns, t) for t in TEMPLATES if t != "plain"]
+                samples = _llm_corpus(cfg, world)
                 pretrain_llm(llm, tokenizer, samples, building, seed, steps=cfg.demo.llm_steps, log=log)
     if vision.init == "random" and not (tower_dir / "config.json").is_file():
         log(f"building a random vision tower in {tower_dir}")

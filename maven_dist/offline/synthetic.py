@@ -142,6 +142,40 @@ def _turns(
     return turns
 
 
+def describe_world(
+    images: Sequence[SyntheticImage], seed: int, questions_per_image: int, kinds: Sequence[str] = qa.KINDS
+) -> tuple[list[dict], list[dict]]:
+    """The captions of `images` and their conversations, as LLaVA's JSON files hold them: per image, up to
+    `questions_per_image` questions of the single-image `kinds` in turn; per image and the next, a comparison
+    (when `kinds` has ``compare``). The images need not be drawn (``synthetic_scene.imagined_scene``)."""
+    captions = [
+        {
+            "id": f"cap-{i:05d}",
+            "image": img.file_name,
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe the image briefly."},
+                {"from": "gpt", "value": caption(img)},
+            ],
+        }
+        for i, img in enumerate(images)
+    ]
+    questions = qa.BalancedQuestions(random.Random(seed))
+    single = [k for k in kinds if k in qa.SINGLE_IMAGE_KINDS]
+    conversations = []
+    for i, img in enumerate(images):
+        turns = _turns(questions, [img], questions_per_image, single)
+        if turns:
+            conversations.append({"id": f"qa-{i:05d}", "image": img.file_name, "conversations": turns})
+    for i in range(len(images) if len(images) > 1 and "compare" in kinds else 0):
+        pair = [images[i], images[(i + 1) % len(images)]]
+        turns = _turns(questions, pair, 1, ["compare"])
+        if turns:
+            conversations.append(
+                {"id": f"mqa-{i:05d}", "image": [p.file_name for p in pair], "conversations": turns}
+            )
+    return captions, conversations
+
+
 def generate_synthetic(
     out_dir: Path,
     num_images: int,
@@ -188,31 +222,7 @@ def generate_synthetic(
         coco_images.append({"id": index + 1, "file_name": file_name, "width": width, "height": height})
         out.images.append(SyntheticImage(file_name, width, height, scene.background, tuple(scene.objects)))
 
-    captions = [
-        {
-            "id": f"cap-{i:05d}",
-            "image": img.file_name,
-            "conversations": [
-                {"from": "human", "value": "<image>\nDescribe the image briefly."},
-                {"from": "gpt", "value": caption(img)},
-            ],
-        }
-        for i, img in enumerate(out.images)
-    ]
-    questions = qa.BalancedQuestions(random.Random(seed))
-    single = [k for k in kinds if k in qa.SINGLE_IMAGE_KINDS]
-    conversations = []
-    for i, img in enumerate(out.images):
-        turns = _turns(questions, [img], questions_per_image, single)
-        if turns:
-            conversations.append({"id": f"qa-{i:05d}", "image": img.file_name, "conversations": turns})
-    for i in range(num_images if num_images > 1 and "compare" in kinds else 0):
-        pair = [out.images[i], out.images[(i + 1) % num_images]]
-        turns = _turns(questions, pair, 1, ["compare"])
-        if turns:
-            conversations.append(
-                {"id": f"mqa-{i:05d}", "image": [p.file_name for p in pair], "conversations": turns}
-            )
+    captions, conversations = describe_world(out.images, seed, questions_per_image, kinds)
     instances = {
         "info": {"description": f"maven_dist synthetic shapes, seed {seed}"},
         "images": coco_images,

@@ -140,6 +140,19 @@ def _place_objects(
     return placed
 
 
+def imagined_scene(
+    rng: np.random.Generator, name: str, side: int, max_objects: int = MAX_OBJECTS
+) -> SyntheticImage:
+    """A scene as :func:`draw_scene` composes one (background, 1 to `max_objects` objects), described but not
+    drawn: text about the world costs a fraction of an image (the LLM's pretraining corpus)."""
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    placed = _place_objects(rng, side, side, max_objects)
+    objects = tuple(
+        SyntheticObject(shape, colour, (x, y, size, size)) for shape, colour, x, y, size in placed
+    )
+    return SyntheticImage(name, side, side, background, objects)
+
+
 def draw_scene(rng: np.random.Generator, height: int, width: int, max_objects: int = MAX_OBJECTS) -> Scene:
     """Draw one scene of ``width x height`` pixels, with 1 to `max_objects` objects, from `rng`."""
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]

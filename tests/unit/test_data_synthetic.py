@@ -155,3 +155,21 @@ def test_the_tokenizer_learns_the_templates_words_whole(synth, tmp_path):
     tok = train_tokenizer(synth.captions_txt.read_text().splitlines(), tmp_path / "tok", vocab_size=600)
     for words in ("USER:", "ASSISTANT:", "A chat between a curious user"):
         assert len(tok.encode(words, add_special_tokens=False)) == len(words.split()), words
+
+
+def test_scenes_described_but_not_drawn_are_written_as_the_drawn_ones_are(synth):
+    """The LLM's extra pretraining text (demo.llm_text_scenes): scenes composed as drawn ones are, and
+    described by the same code that describes the drawn images."""
+    from maven_dist.offline.synthetic import describe_world
+    from maven_dist.offline.synthetic_scene import imagined_scene
+
+    rng = np.random.default_rng(0)
+    scenes = [imagined_scene(rng, f"text-{i}", 112, max_objects=3) for i in range(200)]
+    assert {len(s.objects) for s in scenes} == {1, 2, 3} and len({s.background for s in scenes}) > 1
+    captions, chats = describe_world(scenes, seed=0, questions_per_image=5)
+    assert [c["conversations"][1]["value"] for c in captions] == [caption(s) for s in scenes]
+    turns = [t for c in chats for t in c["conversations"]]
+    assert len(chats) == 2 * len(scenes) and len(turns) > 6 * len(scenes)  # 5 questions each, one comparison
+    # The drawn set's files come from the same function.
+    drawn = json.loads(synth.captions_json.read_text()), json.loads(synth.conversations_json.read_text())
+    assert describe_world(synth.images, seed=3, questions_per_image=1) == drawn
