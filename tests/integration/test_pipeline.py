@@ -52,6 +52,7 @@ def test_main_job_two_ranks_survives_a_tracking_outage(server, tmp_path):
         f"--set=run_dir={run_dir}",
         f"--set=tracking.uri={server.uri}",
         "--set=tracking.flush_interval_s=0.5",
+        "--set=stage.val_image_control=true",  # off in tests/recipes/tiny/ci.yaml
     ]
     start = time.monotonic()
     log = (tmp_path / "pipeline.log").open("w")
@@ -108,11 +109,14 @@ def test_main_job_two_ranks_survives_a_tracking_outage(server, tmp_path):
         )
         # The validation's image control ran on 2 ZeRO-3 ranks, where the stage has a language-model loss.
         gains = [row for row in local if "val/visual_gain" in row]
-        assert bool(gains) == (name != "stage1") and all(math.isfinite(r["val/visual_gain"]) for r in gains), name
+        assert bool(gains) == (name != "stage1") and all(
+            math.isfinite(r["val/visual_gain"]) for r in gains
+        ), name
         if name != "stage2":  # every stage that runs the selector: h_eos varies with the image (issue 12)
             spreads = [row["selector/h_eos_spread"] for row in local if "selector/h_eos_spread" in row]
             assert len(spreads) == len(local), f"{name}: h_eos spread missing at some steps"
-            assert min(spreads) >= 0.05, f"{name}: h_eos barely depends on the image ({min(spreads):.2e})"
+            # The defect had 2e-4; stage 4 (the LLM training) ends near 0.05 here since stage 3's lr is 3e-3.
+            assert min(spreads) >= 0.02, f"{name}: h_eos barely depends on the image ({min(spreads):.2e})"
 
     # The recipe ends with the synthetic benchmarks scored on the stage-4 export (issue 14).
     evaluation = stages["eval-stage4"]
