@@ -104,6 +104,9 @@ def run_task(
     todo = [q for q in questions if q.id not in done]
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     mine = batches[rank::world_size]
+    # Every rank must split the same `todo`: a rank that read the predictions after a faster one had begun
+    # writing its share would split fewer questions, and some would fall to no rank.
+    barrier()
     with open(task_dir / f"rank{rank:05d}.jsonl", "a") as out:
         for k, batch in enumerate(mine):
             by_id = questions_by_id(batch)
