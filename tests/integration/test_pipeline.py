@@ -53,6 +53,7 @@ def test_main_job_two_ranks_survives_a_tracking_outage(server, tmp_path):
         f"--set=tracking.uri={server.uri}",
         "--set=tracking.flush_interval_s=0.5",
         "--set=stage.val_image_control=true",  # off in tests/recipes/tiny/ci.yaml
+        "--set=stage.max_steps=12",  # 20 in tests/recipes/tiny: a checkpoint at step 10, the end at 12
     ]
     start = time.monotonic()
     log = (tmp_path / "pipeline.log").open("w")
@@ -124,8 +125,8 @@ def test_main_job_two_ranks_survives_a_tracking_outage(server, tmp_path):
     scored = {k for k in evaluation.data.metrics if k.startswith("eval/")}
     assert {"eval/vqav2/accuracy", "eval/mme/total", "eval/mmbench/circular_gen"} <= scored, scored
 
-    # The trained model runs: the README's chat command on the stage-4 export, and on a `maven merge` of the
-    # stage's 2-rank ZeRO-3 checkpoint (issue 13).
+    # The trained model runs: a `maven merge` of the stage's 2-rank ZeRO-3 checkpoint is the stage-4 export,
+    # bitwise (so it answers as the export does), and the README's chat command answers on it (issue 13).
     images = run_dir / "data" / "synthetic" / "images"
     merged = tmp_path / "merged"
     maven = [sys.executable, "-m", "maven_dist.cli"]
@@ -133,17 +134,9 @@ def test_main_job_two_ranks_survives_a_tracking_outage(server, tmp_path):
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert merge.returncode == 0, merge.stderr[-3000:]
     same_tree(merged, run_dir / "stage4" / "export")  # 2 ranks' even ZeRO-3 partitions merge bitwise
-    answers = {}
-    for model_dir in (run_dir / "stage4" / "export", merged):
-        question = [
-            "--image",
-            str(images / "00000.png"),
-            "--image",
-            str(images / "00001.png"),
-            "which image has more circles ?",
-        ]
-        out = subprocess.run([*maven, "chat", str(model_dir), "--max-new-tokens", "8", *question],
-                             cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert out.returncode == 0, out.stderr[-3000:]
-        answers[model_dir.name] = out.stdout
-    assert answers["export"] == answers["merged"] and answers["export"].endswith("\n")
+    question = ["--image", str(images / "00000.png"), "--image", str(images / "00001.png"),
+                "which image has more circles ?"]  # fmt: skip
+    out = subprocess.run([*maven, "chat", str(merged), "--max-new-tokens", "8", *question],
+                         cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.endswith("\n")
