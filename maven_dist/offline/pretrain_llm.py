@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from maven_dist.config import LLMConfig
-from maven_dist.contract.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER_ID
+from maven_dist.contract.vocab import IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER_ID
 from maven_dist.data.templates import render
 from maven_dist.offline.base_models import build_random_llm
 
@@ -51,38 +51,31 @@ def describe_images(turns: list[dict], images: Sequence[str], captions: dict[str
     return out
 
 
-def sample_tokens(sample: tuple[list[dict], str], tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one (LLaVA turns, template) sample as training renders it, image placeholders
-    removed, ending with ``</s>``: a ``plain`` sample is labelled on every token, the others on their answers
-    (IGNORE_INDEX elsewhere)."""
-    turns, template = sample
-    rendered = render(turns, template, tokenizer)
-    kept = [
-        (i, y) for i, y in zip(rendered.input_ids, rendered.labels, strict=True) if i != IMAGE_PLACEHOLDER_ID
-    ]
-    if kept[-1][0] != tokenizer.eos_token_id:
-        kept.append((tokenizer.eos_token_id, tokenizer.eos_token_id))
-    return [i for i, _ in kept], [i if template == "plain" else y for i, y in kept]
+def training_rows(samples: Sequence[tuple[list[dict], str]], tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids and labels of the (LLaVA turns, template) samples one after another, as training renders
+    them, image placeholders removed, each sample ending with ``</s>``: ``plain`` samples are labelled on
+    every token, the others on their answers (IGNORE_INDEX elsewhere)."""
+    ids, labels = [], []
+    for turns, template in samples:
+        rendered = render(turns, template, tokenizer)
+        kept = [
+            (i, y)
+            for i, y in zip(rendered.input_ids, rendered.labels, strict=True)
+            if i != IMAGE_PLACEHOLDER_ID
+        ]
+        if kept[-1][0] != tokenizer.eos_token_id:
+            kept.append((tokenizer.eos_token_id, tokenizer.eos_token_id))
+        ids += [i for i, _ in kept]
+        labels += [i if template == "plain" else y for i, y in kept]
+    return ids, labels
 
 
-def packed_rows(
-    samples: Sequence[tuple[list[dict], str]], tokenizer, block: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids and labels [rows, block]: whole samples packed into rows in order, a row padded (pad ids,
-    IGNORE_INDEX labels) where the next sample would not fit; a sample longer than `block` is cut. No
-    sample straddles two rows, so every question is trained with its caption in its context (cut at a
-    row's end, the answer could not be read from anything the next row holds)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows: list[tuple[list[int], list[int]]] = [([], [])]
-    for sample in samples:
-        ids, labels = sample_tokens(sample, tokenizer)
-        if rows[-1][0] and len(rows[-1][0]) + len(ids) > block:
-            rows.append(([], []))
-        rows[-1][0].extend(ids[:block])
-        rows[-1][1].extend(labels[:block])
-    data = [ids + [pad] * (block - len(ids)) for ids, _ in rows]
-    targets = [labels + [IGNORE_INDEX] * (block - len(labels)) for _, labels in rows]
-    return torch.tensor(data, dtype=torch.long), torch.tensor(targets, dtype=torch.long)
+def _blocks(flat: list[int], block: int) -> torch.Tensor:
+    """`flat` cut into rows of `block` ids (the tail dropped)."""
+    rows = len(flat) // block
+    if rows == 0:
+        raise ValueError(f"{len(flat)} tokens of text do not fill one block of {block}")
+    return torch.tensor(flat[: rows * block], dtype=torch.long).view(rows, block)
 
 
 def pretrain_llm(
@@ -98,14 +91,15 @@ def pretrain_llm(
     log: Callable[[str], None] = print,
 ) -> float:
     """Build the LLM of `cfg` into `out_dir` (``build_random_llm``), train it for `steps` steps on
-    `samples` ((turns, template) pairs, packed as :func:`packed_rows` says), save it back with the
+    `samples` ((turns, template) pairs, labelled as :func:`training_rows` says), save it back with the
     tokenizer; return the mean loss of the last steps."""
     from transformers import LlamaForCausalLM
 
     out_dir = Path(out_dir)
     build_random_llm(cfg, tokenizer, out_dir, seed)
     model = LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
-    data, targets = packed_rows(samples, tokenizer, block)
+    ids, labels = training_rows(samples, tokenizer)
+    data, targets = _blocks(ids, block), _blocks(labels, block)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from maven_dist.config import LLMConfig
 from maven_dist.contract.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER
-from maven_dist.offline.pretrain_llm import describe_images, packed_rows, pretrain_llm, sample_tokens
+from maven_dist.offline.pretrain_llm import describe_images, pretrain_llm, training_rows
 from maven_dist.offline.tokenizer_training import train_tokenizer
 
 
@@ -35,7 +35,7 @@ def test_the_pretrained_llm_has_learned_the_worlds_text(tmp_path):
     samples = [
         ([{"from": "human", "value": "Describe."}, {"from": "gpt", "value": t}], "plain") for t in texts
     ]
-    ids, labels = sample_tokens(samples[0], tokenizer)
+    ids, labels = training_rows(samples[:1], tokenizer)
     assert ids[-1] == tokenizer.eos_token_id and labels == ids  # a plain sample: every token learned
     llm = LLMConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
     out = tmp_path / "llm"
@@ -65,40 +65,7 @@ def test_conversations_are_learned_on_their_answers_only(tmp_path):
         ["a.png"],
         {"a.png": caption},
     )
-    ids, labels = sample_tokens((turns, "vicuna_v1"), tokenizer)
+    ids, labels = training_rows([(turns, "vicuna_v1")], tokenizer)
     learned = tokenizer.decode([i for i, y in zip(ids, labels, strict=True) if y != IGNORE_INDEX])
     assert learned.replace(" ", "") == "red</s>"
     assert "grey" in tokenizer.decode(ids)  # the caption is in the context, not learned
-
-
-def test_no_sample_is_cut_between_two_rows(tmp_path):
-    """A question must be trained with its caption in the context: rows hold whole samples, in order, padded
-    with labels that take no loss (cut between rows, the answer could not be read from the row it is in)."""
-    texts = [f"{n} red circles on a grey background . What colour are the circles ?" for n in ("One", "Two")]
-    tokenizer = train_tokenizer(texts * 20, tmp_path / "tok", vocab_size=300)
-    samples = [
-        (
-            [{"from": "human", "value": f"{t} " * (1 + k % 3)}, {"from": "gpt", "value": "red"}],
-            "vicuna_v1",
-        )
-        for k, t in enumerate(texts * 4)
-    ]
-    tokens = [sample_tokens(s, tokenizer) for s in samples]
-    block = max(len(ids) for ids, _ in tokens) + 5
-    data, targets = packed_rows(samples, tokenizer, block)
-    assert data.shape == targets.shape and data.shape[1] == block
-    pad = tokenizer.pad_token_id
-    rows = []
-    for row, target in zip(data.tolist(), targets.tolist(), strict=True):
-        used = len(row) - next((k for k, i in enumerate(reversed(row)) if i != pad), 0)
-        assert all(y == IGNORE_INDEX for y in target[used:]), "padding takes no loss"
-        rows.append((row[:used], target[:used]))
-    # Each row is whole samples one after another, and together the rows are every sample in order.
-    k = 0
-    for row_ids, row_labels in rows:
-        assert row_ids, "no empty row"
-        while row_ids:
-            ids, labels = tokens[k]
-            assert row_ids[: len(ids)] == ids and row_labels[: len(labels)] == labels, f"sample {k} was cut"
-            row_ids, row_labels, k = row_ids[len(ids) :], row_labels[len(labels) :], k + 1
-    assert k == len(samples) and len(rows) > 1
